@@ -1,0 +1,1 @@
+"""Command line of the STRUCTURE alignment pipeline: `python -m pipeline <command>`."""

@@ -1,0 +1,39 @@
+"""The typer app: loads params.yaml defaults, registers the commands, turns UserError into one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from pipeline.config import default_map, load_params
+from store.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Align two frozen unimodal encoders with few pairs (STRUCTURE, NeurIPS 2025).",
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    params: Path = typer.Option(
+        Path("params.yaml"), "--params", help="YAML file with every default; flags override it."
+    ),
+) -> None:
+    """Commands read their defaults from --params (params.yaml in the working directory)."""
+    ctx.default_map = default_map(load_params(params))
+
+
+def main() -> None:
+    from pipeline import commands  # noqa: F401  (registers the commands on `app`)
+
+    try:
+        app()  # typer handles usage errors and Ctrl-C itself; everything else propagates
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

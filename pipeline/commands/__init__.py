@@ -1,0 +1,3 @@
+"""One module per command; importing them registers them on `pipeline.app.app`."""
+
+from pipeline.commands import store  # noqa: F401

@@ -1,0 +1,26 @@
+"""The feature store: one Zarr v3 group of (N, L, D) layer embeddings plus Parquet manifests."""
+
+from store.errors import UserError
+from store.features import FeatureArray, FeatureStore, StoreEntry, array_path
+from store.manifest import (
+    PAIR_COLUMNS,
+    fingerprint,
+    image_table,
+    pair_rows,
+    read_manifest,
+    write_manifest,
+)
+
+__all__ = [
+    "PAIR_COLUMNS",
+    "FeatureArray",
+    "FeatureStore",
+    "StoreEntry",
+    "UserError",
+    "array_path",
+    "fingerprint",
+    "image_table",
+    "pair_rows",
+    "read_manifest",
+    "write_manifest",
+]

@@ -1,0 +1,102 @@
+"""Parquet manifests: one table per (dataset, split) listing the samples and the pair table.
+
+One manifest row per text (caption or class prompt), in text-feature row order:
+
+    text_row    row of this text in the text feature array (0..T-1)
+    image_row   row of its image in the image feature array, -1 for text-only sets (prompts)
+    sample_id   the image's id (shared by all captions of an image)
+    image_path  where the image comes from (a file path or a `source://index` reference)
+    caption     the text
+    label       integer class, -1 when there is none
+    label_name  class name, "" when there is none
+    skipped     the image could not be decoded and was skipped (`extract --skip-bad`)
+
+The image feature array has one row per distinct image_row; `image_table` lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from store.errors import UserError
+
+PAIR_COLUMNS = {
+    "text_row": "int64",
+    "image_row": "int64",
+    "sample_id": "string",
+    "image_path": "string",
+    "caption": "string",
+    "label": "int64",
+    "label_name": "string",
+    "skipped": "bool",
+}
+
+
+def normalise_manifest(table: pd.DataFrame) -> pd.DataFrame:
+    """Fill optional columns, fix dtypes and check the row numbering."""
+    table = table.copy()
+    defaults = {"label": -1, "label_name": "", "skipped": False, "image_path": "", "caption": ""}
+    for column, value in defaults.items():
+        if column not in table:
+            table[column] = value
+    if "text_row" not in table:
+        table["text_row"] = np.arange(len(table))
+    missing = [c for c in PAIR_COLUMNS if c not in table]
+    if missing:
+        raise UserError(f"manifest lacks columns {missing}")
+    table = table[list(PAIR_COLUMNS)].astype(PAIR_COLUMNS)
+    if not np.array_equal(table["text_row"].to_numpy(), np.arange(len(table))):
+        raise ValueError("manifest text_row must be 0..T-1 in order")
+    images = table.loc[table["image_row"] >= 0, "image_row"].unique()
+    if len(images) and not np.array_equal(np.sort(images), np.arange(len(images))):
+        raise ValueError("manifest image_row must number the images 0..I-1")
+    return table.reset_index(drop=True)
+
+
+def write_manifest(path: str | Path, table: pd.DataFrame) -> pd.DataFrame:
+    """Write atomically (temporary file, then rename) so a crash never leaves half a manifest."""
+    table = normalise_manifest(table)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return table
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no manifest at {path}; run `python -m pipeline extract` for this split")
+    return normalise_manifest(pd.read_parquet(path))
+
+
+def image_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per image, indexed and ordered by image_row."""
+    images = manifest[manifest["image_row"] >= 0]
+    images = images.drop_duplicates("image_row").sort_values("image_row")
+    return images[["image_row", "sample_id", "image_path", "label", "label_name", "skipped"]]
+
+
+def pair_rows(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(image_row, text_row) of every usable image-text pair (skipped images left out)."""
+    usable = manifest[(manifest["image_row"] >= 0) & ~manifest["skipped"]]
+    return usable["image_row"].to_numpy(), usable["text_row"].to_numpy()
+
+
+def fingerprint(manifest: pd.DataFrame, modality: str) -> str:
+    """A hash of what one modality's features are computed from (ids and paths, or texts)."""
+    if modality == "image":
+        source = image_table(manifest)[["sample_id", "image_path"]]
+    else:
+        source = manifest[["caption"]]
+    digest = hashlib.sha256()
+    for column in source.columns:
+        digest.update("\x1f".join(source[column].astype(str)).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,80 @@
+"""Small builders shared by the tests: synthetic feature stores with known contents."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from store import FeatureStore, write_manifest
+
+
+def write_features(
+    store_path: str | Path,
+    dataset: str,
+    split: str,
+    modality: str,
+    model: str,
+    values: np.ndarray,
+    layer_names: Sequence[str] | None = None,
+    block_rows: int = 64,
+    dtype: str = "float32",
+) -> None:
+    """Store an (N, L, D) array as complete features, as `extract` would."""
+    n, n_layers, dim = values.shape
+    names = list(layer_names) if layer_names else [f"layer.{i}" for i in range(n_layers)]
+    store = FeatureStore(store_path, create=True)
+    array = store.create(
+        dataset, split, modality, model, n, names, dim, dtype, block_rows,
+        {"model_id": model, "pooling": "synthetic"},
+    )
+    for block in range(array.n_blocks):
+        array.write_block(block, values[array.block_slice(block)])
+
+
+def write_pairs_manifest(
+    store_path: str | Path,
+    dataset: str,
+    split: str,
+    n_images: int,
+    captions_per_image: int = 1,
+    labels: Sequence[int] | None = None,
+    label_names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """A manifest of n_images images with captions_per_image captions each (text rows grouped
+    by image: image i has text rows i*c .. i*c + c - 1)."""
+    image_row = np.repeat(np.arange(n_images), captions_per_image)
+    label = np.asarray(labels)[image_row] if labels is not None else np.full(len(image_row), -1)
+    names = [label_names[i] if label_names is not None and i >= 0 else "" for i in label]
+    table = pd.DataFrame(
+        {
+            "image_row": image_row,
+            "sample_id": [f"img{i}" for i in image_row],
+            "image_path": [f"synthetic://{i}" for i in image_row],
+            "caption": [f"caption {t} of image {i}" for t, i in enumerate(image_row)],
+            "label": label,
+            "label_name": names,
+        }
+    )
+    return write_manifest(FeatureStore(store_path, create=True).manifest_path(dataset, split), table)
+
+
+def write_prompts_manifest(
+    store_path: str | Path, dataset: str, label_names: Sequence[str], templates: Sequence[str]
+) -> pd.DataFrame:
+    """A text-only `prompts` split: every class name in every template."""
+    rows = [(c, name, t.format(name)) for c, name in enumerate(label_names) for t in templates]
+    table = pd.DataFrame(
+        {
+            "image_row": -1,
+            "sample_id": [f"class{c}" for c, _, _ in rows],
+            "caption": [text for _, _, text in rows],
+            "label": [c for c, _, _ in rows],
+            "label_name": [name for _, name, _ in rows],
+        }
+    )
+    return write_manifest(
+        FeatureStore(store_path, create=True).manifest_path(dataset, "prompts"), table
+    )
