@@ -27,7 +27,7 @@ import pandas as pd
 import zarr
 
 from store.errors import UserError
-from store.manifest import read_manifest
+from store.manifest import fingerprint, read_manifest
 
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
@@ -133,7 +133,8 @@ class FeatureArray:
         expected = (rows.stop - rows.start, *self.shape[1:])
         if values.shape != expected:
             raise ValueError(f"block {block} has shape {values.shape}, expected {expected}")
-        cast = values.astype(self.data.dtype, copy=False)
+        with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+            cast = values.astype(self.data.dtype, copy=False)
         if np.isinf(cast).any():
             raise UserError(
                 f"features of {self.path} overflow {self.data.dtype} in rows {rows.start}-"
@@ -201,7 +202,11 @@ class FeatureStore:
     def has(self, dataset: str, split: str, modality: str, model: str) -> bool:
         return f"{array_path(dataset, split, modality, model)}/features" in self.group
 
-    def open(self, dataset: str, split: str, modality: str, model: str) -> FeatureArray:
+    def open(
+        self, dataset: str, split: str, modality: str, model: str, check_source: bool = True
+    ) -> FeatureArray:
+        """The array of (dataset, split, modality, model); refuses features whose source
+        differs from the split's manifest (stale after `extract --overwrite` of another model)."""
         path = array_path(dataset, split, modality, model)
         if f"{path}/features" not in self.group:
             raise UserError(
@@ -209,7 +214,15 @@ class FeatureStore:
                 f"{dataset}/{split}; make them with: python -m pipeline extract --model {model} "
                 f"--dataset {dataset} --split {split} --store {self.root}"
             )
-        return FeatureArray(self.group[path], path, self.root)
+        array = FeatureArray(self.group[path], path, self.root)
+        if check_source and self.manifest_path(dataset, split).is_file():
+            expected = fingerprint(self.manifest(dataset, split), modality)
+            if array.attrs.get("source_fingerprint", expected) != expected:
+                raise UserError(
+                    f"{path} was extracted from other samples than the current manifest of "
+                    f"{dataset}/{split}; extract it again with --overwrite"
+                )
+        return array
 
     def create(
         self,

@@ -78,3 +78,22 @@ def write_prompts_manifest(
     return write_manifest(
         FeatureStore(store_path, create=True).manifest_path(dataset, "prompts"), table
     )
+
+
+def run_cli(args: Sequence[str], capsys) -> tuple[int, str, str]:
+    """Run `python -m pipeline ARGS` in-process: (exit code, stdout, stderr)."""
+    import sys
+
+    from pipeline.app import main
+
+    argv = sys.argv
+    sys.argv = ["pipeline", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

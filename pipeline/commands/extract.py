@@ -1,0 +1,44 @@
+"""`python -m pipeline extract`: run a frozen encoder once and store every layer's embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.app import app
+from stages.extract import ExtractOptions, extract
+
+
+@app.command("extract")
+def extract_command(
+    model: str = typer.Option(
+        "tiny-random-vit", "--model", "-m",
+        help="Alias (dinov2, dinov2-small|base|large|giant, roberta-large, minilm, "
+        "tiny-random-vit, tiny-random-text), Hugging Face id, local directory or timm:<name>.",
+    ),
+    dataset: str = typer.Option("digits", help="Dataset name in the store."),
+    source: str = typer.Option(
+        "", help="digits | pairs:FILE | coco:ROOT | imagefolder:ROOT | torchvision:NAME "
+        "(default: the dataset name)."
+    ),
+    split: str = typer.Option("train", help="train, test, ... or `prompts` (class prompts)."),
+    store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
+    batch_size: int = typer.Option(64, min=1),
+    block_rows: int = typer.Option(512, min=1, help="Rows per store block (resume unit)."),
+    dtype: str = typer.Option("float16", help="float16 or float32."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (bf16 autocast on cuda)."),
+    num_workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    limit: int = typer.Option(0, min=0, help="Only the first N images (or texts); 0 = all."),
+    overwrite: bool = typer.Option(False, help="Replace features of another source or model."),
+    skip_bad: bool = typer.Option(False, help="Skip unreadable images (recorded in the manifest)."),
+    revision: str = typer.Option("", help="Hugging Face revision (branch, tag or commit)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow a model's own Python code."),
+) -> None:
+    """Extract every layer's pooled embedding of MODEL over one split into the store."""
+    opts = ExtractOptions(
+        batch_size=batch_size, block_rows=block_rows, dtype=dtype, device=device,
+        num_workers=num_workers, limit=limit, overwrite=overwrite, skip_bad=skip_bad,
+        revision=revision or None, trust_remote_code=trust_remote_code,
+    )
+    extract(str(store), dataset, split, source or dataset, model, opts)

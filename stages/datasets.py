@@ -1,0 +1,291 @@
+"""Data sources: each turns (source spec, split) into a manifest table and an image loader.
+
+Sources (`--source`, default: the dataset name):
+  digits                 scikit-learn's bundled 1,797 handwritten 8x8 digits, templated captions,
+                         a fixed seeded train/test split (the offline default)
+  pairs:FILE             a Parquet or CSV table with an image path column and a caption column
+                         (paths relative to the file; several rows may share an image; optional
+                         `label`, `split` columns): how users bring their own pairs
+  coco:ROOT              COCO captions: ROOT/annotations/captions_{split}2017.json, ROOT/{split}2017/
+  imagefolder:ROOT       one folder per class (ROOT/{split}/<class>/ or ROOT/<class>/): zero-shot eval
+  torchvision:NAME       a torchvision classification set (CIFAR10, STL10, Food101, ...), downloaded
+                         to ~/.cache/structure-align on the user's machine
+
+Every labelled source also has the text-only split `prompts`: each class name in every template
+of `PROMPT_TEMPLATES`, for zero-shot classification.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from store.errors import UserError
+
+PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a close-up photo of a {}.",
+    "a drawing of a {}.",
+    "a photo of the {}.",
+)
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_CAPTIONS = (
+    "a handwritten digit {word}.",
+    "the number {digit} written by hand.",
+    "a photo of the number {word}.",
+    "a small scanned image of a {word}.",
+    "handwriting that shows a {digit}.",
+)
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SEED = 0
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Source:
+    """A split of a data source: its manifest and how to load image `image_row`."""
+
+    manifest: pd.DataFrame
+    load_image: Callable[[int], Image.Image] | None
+    label_names: list[str]
+
+
+# -- digits ---------------------------------------------------------------------------------------
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices into sklearn's digits, 8x8 images, labels) of the fixed seeded split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(DIGITS_SEED).permutation(len(digits.target))
+    n_test = round(len(order) * DIGITS_TEST_FRACTION)
+    chosen = {"test": order[:n_test], "train": order[n_test:]}.get(split)
+    if chosen is None:
+        raise UserError(f"digits has splits train, test and prompts, not {split!r}")
+    chosen = np.sort(chosen)
+    return chosen, digits.images[chosen], digits.target[chosen]
+
+
+def digits_source(split: str) -> Source:
+    index, images, labels = digits_split(split)
+    rng = np.random.default_rng(DIGITS_SEED + 1)
+    templates = rng.integers(len(DIGIT_CAPTIONS), size=len(index))
+    captions = [
+        DIGIT_CAPTIONS[t].format(word=DIGIT_WORDS[y], digit=y) for t, y in zip(templates, labels)
+    ]
+    manifest = pd.DataFrame(
+        {
+            "image_row": np.arange(len(index)),
+            "sample_id": [f"digits-{i}" for i in index],
+            "image_path": [f"sklearn://digits/{i}" for i in index],
+            "caption": captions,
+            "label": labels,
+            "label_name": [DIGIT_WORDS[y] for y in labels],
+        }
+    )
+
+    def load(row: int) -> Image.Image:
+        pixels = np.uint8(np.round(images[row] * (255 / 16)))  # digits are 0..16
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+
+    return Source(manifest, load, list(DIGIT_WORDS))
+
+
+# -- files on disk ----------------------------------------------------------------------------------
+def open_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"pairs file {path} does not exist")
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path)
+        if path.suffix.lower() in {".parquet", ".pq"}:
+            return pd.read_parquet(path)
+    except Exception as err:  # pandas and pyarrow raise many types for a bad file
+        raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from err
+    raise UserError(f"pairs file {path} must be .csv or .parquet")
+
+
+def pick_column(table: pd.DataFrame, candidates: tuple[str, ...], what: str, path: Path) -> str:
+    for name in candidates:
+        if name in table.columns:
+            return name
+    raise UserError(
+        f"{path} has no {what} column (looked for {', '.join(candidates)}; "
+        f"it has {', '.join(map(str, table.columns))})"
+    )
+
+
+def pairs_source(file: str, split: str) -> Source:
+    path = Path(file).expanduser()
+    table = read_table(path)
+    image_col = pick_column(table, ("image_path", "image", "path", "file"), "image path", path)
+    caption_col = pick_column(table, ("caption", "text", "captions"), "caption", path)
+    if "split" in table.columns:
+        table = table[table["split"].astype(str) == split]
+        if table.empty:
+            raise UserError(f"{path} has no rows with split == {split!r}")
+    elif split not in ("train", "all"):
+        raise UserError(f"{path} has no `split` column, so it only has the split `train`")
+    if table[caption_col].isna().any():
+        raise UserError(f"{path} has empty captions in rows {list(table.index[table[caption_col].isna()][:5])}")
+    images = [str((path.parent / p).resolve()) for p in table[image_col].astype(str)]
+    image_row, unique = pd.factorize(pd.Series(images))
+    labels, names = (
+        pd.factorize(table["label"].astype(str), sort=True)
+        if "label" in table.columns
+        else (np.full(len(table), -1), [])
+    )
+    manifest = pd.DataFrame(
+        {
+            "image_row": image_row,
+            "sample_id": [Path(p).stem for p in unique[image_row]],
+            "image_path": images,
+            "caption": table[caption_col].astype(str).to_numpy(),
+            "label": labels,
+            "label_name": [names[y] if y >= 0 else "" for y in labels],
+        }
+    )
+    return file_source(manifest, list(unique), list(names))
+
+
+def coco_source(root: str, split: str) -> Source:
+    base = Path(root).expanduser()
+    annotations = base / "annotations" / f"captions_{split}2017.json"
+    if not annotations.is_file():
+        raise UserError(f"COCO captions file {annotations} does not exist")
+    data = json.loads(annotations.read_text())
+    files = {img["id"]: str(base / f"{split}2017" / img["file_name"]) for img in data["images"]}
+    ids = sorted(files)
+    row_of = {image_id: row for row, image_id in enumerate(ids)}
+    captions = sorted(data["annotations"], key=lambda a: (row_of[a["image_id"]], a["id"]))
+    manifest = pd.DataFrame(
+        {
+            "image_row": [row_of[a["image_id"]] for a in captions],
+            "sample_id": [str(a["image_id"]) for a in captions],
+            "image_path": [files[a["image_id"]] for a in captions],
+            "caption": [a["caption"].strip() for a in captions],
+        }
+    )
+    return file_source(manifest, [files[i] for i in ids], [])
+
+
+def imagefolder_source(root: str, split: str) -> Source:
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise UserError(f"image folder {base} does not exist")
+    if (base / split).is_dir():
+        base = base / split
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"{base} has no class folders")
+    files = [
+        (str(f), label)
+        for label, name in enumerate(classes)
+        for f in sorted((base / name).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise UserError(f"{base} has no images in its class folders")
+    manifest = pd.DataFrame(
+        {
+            "image_row": np.arange(len(files)),
+            "sample_id": [Path(f).stem for f, _ in files],
+            "image_path": [f for f, _ in files],
+            "caption": "",
+            "label": [y for _, y in files],
+            "label_name": [classes[y] for _, y in files],
+        }
+    )
+    return file_source(manifest, [f for f, _ in files], classes)
+
+
+def file_source(manifest: pd.DataFrame, image_files: list[str], label_names: list[str]) -> Source:
+    """A source whose images are files; missing files are reported together, up front."""
+    missing = [f for f in image_files if not Path(f).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"missing image files: {', '.join(missing[:3])}{more}")
+    return Source(manifest, lambda row: open_image(image_files[row]), label_names)
+
+
+def torchvision_source(name: str, split: str) -> Source:
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise UserError(f"torchvision has no dataset {name!r}")
+    root = Path("~/.cache/structure-align/torchvision").expanduser()
+    params = inspect.signature(cls).parameters
+    kwargs = {"train": split == "train"} if "train" in params else {"split": split}
+    try:
+        data = cls(root, download=True, **kwargs)
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"cannot get torchvision {name} ({split}): {str(err).splitlines()[0]}") from err
+    names = list(getattr(data, "classes", []) or getattr(data, "categories", []))
+    labels = np.array([data[i][1] for i in range(len(data))]) if not hasattr(data, "targets") else np.asarray(data.targets)
+    manifest = pd.DataFrame(
+        {
+            "image_row": np.arange(len(data)),
+            "sample_id": [f"{name}-{split}-{i}" for i in range(len(data))],
+            "image_path": [f"torchvision://{name}/{split}/{i}" for i in range(len(data))],
+            "caption": "",
+            "label": labels,
+            "label_name": [names[y] if names else str(y) for y in labels],
+        }
+    )
+    return Source(manifest, lambda row: data[row][0].convert("RGB"), names)
+
+
+def prompts_source(label_names: list[str], templates: tuple[str, ...] = PROMPT_TEMPLATES) -> Source:
+    """Text-only split: every class name in every template (zero-shot classifier prompts)."""
+    if not label_names:
+        raise UserError("this source has no class labels, so it has no `prompts` split")
+    rows = [(y, name, t.format(name)) for y, name in enumerate(label_names) for t in templates]
+    manifest = pd.DataFrame(
+        {
+            "image_row": -1,
+            "sample_id": [f"class-{y}" for y, _, _ in rows],
+            "image_path": "",
+            "caption": [text for _, _, text in rows],
+            "label": [y for y, _, _ in rows],
+            "label_name": [name for _, name, _ in rows],
+        }
+    )
+    return Source(manifest, None, list(label_names))
+
+
+def load_source(spec: str, split: str) -> Source:
+    """Resolve `--source` (see the module docstring) for one split."""
+    kind, _, arg = spec.partition(":")
+    if split == "prompts":
+        label_split = "train" if kind == "pairs" else "test"
+        return prompts_source(load_source(spec, label_split).label_names)
+    if kind == "digits":
+        return digits_source(split)
+    if not arg:
+        raise UserError(
+            f"unknown source {spec!r}; use digits, pairs:FILE, coco:ROOT, imagefolder:ROOT "
+            "or torchvision:NAME"
+        )
+    builders = {
+        "pairs": pairs_source,
+        "coco": coco_source,
+        "imagefolder": imagefolder_source,
+        "torchvision": torchvision_source,
+    }
+    if kind not in builders:
+        raise UserError(f"unknown source kind {kind!r}; use one of digits, {', '.join(builders)}")
+    return builders[kind](arg, split)

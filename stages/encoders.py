@@ -1,0 +1,287 @@
+"""Encoder registry: a model spec by name -> a frozen encoder that returns every layer's embedding.
+
+A spec is one of
+  - an alias of `ALIASES` (`dinov2` = DINOv2 ViT-L/14, `roberta-large`, `minilm`, ...),
+  - `tiny-random-vit` / `tiny-random-text`: offline encoders with RANDOM weights (tests, demo),
+  - `timm:<name>` (pretrained timm weights),
+  - any Hugging Face id (`org/name`) or a local directory in `save_pretrained` layout.
+
+Every encoder maps a batch to a (B, L, D) float32 tensor of pooled per-layer embeddings:
+  image models: the CLS token of every transformer block's output (`block.i`), then the final
+                normalised output (`final_norm`), the model's usual embedding;
+  text models:  the attention-masked mean of every hidden state, embedding output first
+                (`embeddings`, then `layer.i`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from store.errors import UserError
+
+ALIASES = {
+    "dinov2": "facebook/dinov2-large",
+    "dinov2-small": "facebook/dinov2-small",
+    "dinov2-base": "facebook/dinov2-base",
+    "dinov2-large": "facebook/dinov2-large",
+    "dinov2-giant": "facebook/dinov2-giant",
+    "roberta-large": "sentence-transformers/all-roberta-large-v1",
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Encoder:
+    """A frozen model plus the two functions that feed it: `prepare` (per sample, in DataLoader
+    workers) and `collate` (per batch), and `embed` (batch -> (B, L, D) pooled layers)."""
+
+    spec: str
+    model_id: str
+    revision: str
+    modality: str
+    pooling: str
+    layer_names: list[str]
+    dim: int
+    model: torch.nn.Module
+    prepare: Callable[[Any], Any]
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    embed: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of the architecture and every weight: a changed model is never mixed into a store."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(json.dumps(self.config, sort_keys=True, default=str).encode())
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+# -- pooling: small pure functions ------------------------------------------------------------
+def cls_token(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) token states -> (B, D) CLS; (B, C, H, W) conv maps -> (B, C) spatial mean."""
+    return hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens: (B, T, D), (B, T) -> (B, D), computed in float32."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+# -- Hugging Face ---------------------------------------------------------------------------
+def hf_image_encoder(spec: str, model, processor, revision: str) -> Encoder:
+    n_blocks = model.config.num_hidden_layers
+    dim = model.config.hidden_size
+
+    def prepare(image: Image.Image) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack(items)}
+
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(pixel_values=batch["pixel_values"], output_hidden_states=True)
+        layers = [cls_token(h) for h in out.hidden_states[1:]] + [cls_token(out.last_hidden_state)]
+        return torch.stack(layers, dim=1).float()
+
+    return Encoder(
+        spec=spec,
+        model_id=str(getattr(model, "name_or_path", "") or spec),
+        revision=revision,
+        modality="image",
+        pooling="cls",
+        layer_names=[f"block.{i}" for i in range(n_blocks)] + ["final_norm"],
+        dim=dim,
+        model=model,
+        prepare=prepare,
+        collate=collate,
+        embed=embed,
+        config=model.config.to_dict(),
+    )
+
+
+def hf_text_encoder(spec: str, model, tokenizer, revision: str) -> Encoder:
+    n_layers = model.config.num_hidden_layers
+    max_length = min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)
+    if tokenizer.pad_token is None:  # GPT-style tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def collate(texts: list[str]) -> dict[str, torch.Tensor]:
+        tokens = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"]
+        return torch.stack([masked_mean(h, mask) for h in out.hidden_states], dim=1)
+
+    return Encoder(
+        spec=spec,
+        model_id=str(getattr(model, "name_or_path", "") or spec),
+        revision=revision,
+        modality="text",
+        pooling="masked_mean",
+        layer_names=["embeddings"] + [f"layer.{i}" for i in range(n_layers)],
+        dim=model.config.hidden_size,
+        model=model,
+        prepare=str,
+        collate=collate,
+        embed=embed,
+        config=model.config.to_dict(),
+    )
+
+
+def is_image_config(config) -> bool:
+    return hasattr(config, "image_size") or hasattr(config, "num_channels")
+
+
+def download_hint(model_id: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"cannot load model {model_id!r} ({first[:200]}). Without network access, download it "
+        f"on a connected machine first (`hf download {model_id}` into the HF cache, or "
+        "`save_pretrained` to a directory) and pass that local directory as --model"
+    )
+
+
+def load_hf(spec: str, model_id: str, revision: str | None, trust_remote_code: bool) -> Encoder:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(model_id, **kwargs)
+        model = AutoModel.from_pretrained(model_id, **kwargs)
+        if is_image_config(config):
+            side = AutoImageProcessor.from_pretrained(model_id, **kwargs)
+        else:
+            side = AutoTokenizer.from_pretrained(model_id, **kwargs)
+    except OSError as err:
+        raise download_hint(model_id, err) from err
+    except ValueError as err:  # e.g. an unknown architecture that needs trust_remote_code
+        raise UserError(f"cannot load {model_id!r}: {str(err).splitlines()[0]}") from err
+    model.eval().requires_grad_(False)
+    rev = getattr(config, "_commit_hash", None) or revision or "local"
+    build = hf_image_encoder if is_image_config(config) else hf_text_encoder
+    return build(spec, model, side, rev)
+
+
+# -- timm -------------------------------------------------------------------------------------
+def load_timm(spec: str, name: str) -> Encoder:
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except OSError as err:
+        raise download_hint(f"timm/{name}", err) from err
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise UserError(f"unknown timm model {name!r}: {err}") from err
+    if not hasattr(model, "forward_intermediates"):
+        raise UserError(f"timm model {name!r} does not expose forward_intermediates")
+    model.eval().requires_grad_(False)
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    n_blocks = len(model.blocks) if hasattr(model, "blocks") else len(model.stages)
+    prefix = getattr(model, "num_prefix_tokens", 0)
+
+    def pool(tokens: torch.Tensor, prefix_tokens: torch.Tensor | None) -> torch.Tensor:
+        if prefix_tokens is not None and prefix_tokens.shape[1] > 0:
+            return prefix_tokens[:, 0]
+        return tokens.mean(1) if tokens.ndim == 3 else tokens.mean(dim=(2, 3))
+
+    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        final, blocks = model.forward_intermediates(
+            batch["pixel_values"], output_fmt="NLC", return_prefix_tokens=prefix > 0, norm=False
+        )
+        layers = [pool(*b) if isinstance(b, tuple) else pool(b, None) for b in blocks]
+        layers.append(final[:, 0] if prefix > 0 else pool(final, None))
+        return torch.stack(layers, dim=1).float()
+
+    return Encoder(
+        spec=spec,
+        model_id=f"timm/{name}",
+        revision=str(model.pretrained_cfg.get("hf_hub_id") or name),
+        modality="image",
+        pooling="cls" if prefix else "mean",
+        layer_names=[f"block.{i}" for i in range(n_blocks)] + ["final_norm"],
+        dim=model.num_features,
+        model=model,
+        prepare=lambda image: transform(image.convert("RGB")),
+        collate=lambda items: {"pixel_values": torch.stack(items)},
+        embed=embed,
+        config={"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}},
+    )
+
+
+# -- offline encoders with random weights -------------------------------------------------------
+def tiny_random_vit(spec: str) -> Encoder:
+    """A 4-block DINOv2 architecture (32 px, width 64) with seeded RANDOM weights."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4,
+        num_attention_heads=4, mlp_ratio=2,
+    )
+    torch.manual_seed(0)
+    model = Dinov2Model(config).eval().requires_grad_(False)
+    processor = BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
+    )
+    return hf_image_encoder(spec, model, processor, revision="random-init-seed-0")
+
+
+def tiny_random_text(spec: str) -> Encoder:
+    """A 4-layer BERT architecture (width 64) with seeded RANDOM weights and a byte-level
+    tokenizer (ByT5's, which needs no download)."""
+    from transformers import BertConfig, BertModel, ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)
+    return hf_text_encoder(spec, model, tokenizer, revision="random-init-seed-0")
+
+
+TINY = {"tiny-random-vit": tiny_random_vit, "tiny-random-text": tiny_random_text}
+
+
+def known_models() -> list[str]:
+    return sorted(ALIASES) + sorted(TINY)
+
+
+def load_encoder(
+    spec: str, revision: str | None = None, trust_remote_code: bool = False
+) -> Encoder:
+    """Resolve a model spec (see the module docstring) to a frozen encoder on the CPU."""
+    if spec in TINY:
+        return TINY[spec](spec)
+    if spec.startswith("timm:"):
+        return load_timm(spec, spec.removeprefix("timm:"))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_hf(spec, str(path), revision, trust_remote_code)
+    if spec.startswith(("/", "./", "../", "~")):
+        raise UserError(f"model directory {spec} does not exist")
+    if spec in ALIASES or "/" in spec:
+        return load_hf(spec, ALIASES.get(spec, spec), revision, trust_remote_code)
+    raise UserError(
+        f"unknown model {spec!r}; known: {', '.join(known_models())}; or a Hugging Face id "
+        "(org/name), a local model directory, or timm:<name>"
+    )

@@ -1,0 +1,262 @@
+"""Stage 1: run a frozen encoder once over a split and store every layer's pooled embedding.
+
+Rows are processed block by block (a block is one shard of the store); batches never cross a
+block, so a block's bytes depend only on the block, and a run that was killed and started again
+skips the blocks already marked complete and ends byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from stages.datasets import Source, load_source
+from stages.encoders import Encoder, load_encoder
+from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
+from store.manifest import normalise_manifest
+
+SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
+
+
+@dataclass
+class ExtractOptions:
+    batch_size: int = 64
+    block_rows: int = 512
+    dtype: str = "float16"
+    device: str = "auto"
+    num_workers: int = 2
+    limit: int = 0
+    overwrite: bool = False
+    skip_bad: bool = False
+    revision: str | None = None
+    trust_remote_code: bool = False
+    progress: bool = True
+
+
+class RowDataset(Dataset):
+    """Row r -> (r, prepared input or None, error message); a bad image is reported, not raised,
+    so the main process decides (stop with its name, or skip it with --skip-bad)."""
+
+    def __init__(self, fetch: Callable[[int], Any], prepare: Callable[[Any], Any], names: list[str]):
+        self.fetch, self.prepare, self.names = fetch, prepare, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, row: int) -> tuple[int, Any, str]:
+        try:
+            return row, self.prepare(self.fetch(row)), ""
+        except Exception as err:  # PIL raises many types for a corrupt file
+            return row, None, f"{type(err).__name__}: {err}"
+
+
+class BlockBatches(Sampler[list[int]]):
+    """Batches of at most batch_size rows that never cross a block boundary."""
+
+    def __init__(self, array: FeatureArray, blocks: list[int], batch_size: int):
+        self.array, self.blocks, self.batch_size = array, blocks, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for block in self.blocks:
+            rows = self.array.block_slice(block)
+            for start in range(rows.start, rows.stop, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, rows.stop)))
+
+    def __len__(self) -> int:
+        spans = [self.array.block_slice(b) for b in self.blocks]
+        return sum(-(-(s.stop - s.start) // self.batch_size) for s in spans)
+
+
+def make_collate(encoder: Encoder):
+    def collate(items: list[tuple[int, Any, str]]) -> tuple[np.ndarray, dict | None, list[str]]:
+        rows = np.array([row for row, _, _ in items])
+        errors = [err for _, _, err in items]
+        good = [value for _, value, err in items if not err]
+        return rows, (encoder.collate(good) if good else None), errors
+
+    return collate
+
+
+def limit_manifest(manifest: pd.DataFrame, limit: int) -> pd.DataFrame:
+    """The first `limit` images with all their captions (or the first `limit` texts)."""
+    if limit <= 0:
+        return manifest
+    if (manifest["image_row"] >= 0).any():
+        kept = manifest[manifest["image_row"] < limit]
+    else:
+        kept = manifest.head(limit)
+    return kept.assign(text_row=np.arange(len(kept))).reset_index(drop=True)
+
+
+def sync_manifest(
+    store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, overwrite: bool
+) -> pd.DataFrame:
+    """Write the manifest, or keep the stored one when it describes the same samples."""
+    path = store.manifest_path(dataset, split)
+    if path.is_file():
+        stored = store.manifest(dataset, split)
+        if stored[SOURCE_COLUMNS].equals(manifest[SOURCE_COLUMNS]):
+            return stored
+        if not overwrite:
+            raise UserError(
+                f"the samples of {dataset}/{split} differ from those already in the store "
+                "(another source, --limit or file contents); pass --overwrite to replace them, "
+                "or give this data another --dataset name"
+            )
+    return write_manifest(path, manifest)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+def rows_to_embed(source: Source, manifest: pd.DataFrame, modality: str):
+    """(fetch(row), row names) for the rows of the feature array of this modality."""
+    if modality == "image":
+        images = image_table(manifest)
+        if source.load_image is None or images.empty:
+            raise UserError("this split has no images (it is text-only); extract a text model")
+        return source.load_image, images["image_path"].tolist()
+    captions = manifest["caption"].tolist()
+    if not any(captions):
+        raise UserError("this split has no captions (an image folder); extract an image model")
+    return captions.__getitem__, [f"text row {i}" for i in range(len(captions))]
+
+
+def open_array(
+    store: FeatureStore, dataset: str, split: str, encoder: Encoder, n_rows: int,
+    attrs: dict[str, Any], opts: ExtractOptions,
+) -> FeatureArray:
+    """The existing array when it matches this source and model, else a new empty one."""
+    shape = (n_rows, len(encoder.layer_names), encoder.dim)
+    if store.has(dataset, split, encoder.modality, encoder.spec) and not opts.overwrite:
+        array = store.open(dataset, split, encoder.modality, encoder.spec, check_source=False)
+        wanted = {**attrs, "dtype": opts.dtype}
+        changed = [k for k in ("source_fingerprint", "model_fingerprint", "dtype")
+                   if array.attrs.get(k) != wanted[k]]
+        if array.shape != shape:
+            changed.append("shape")
+        if changed:
+            raise UserError(
+                f"{array.path} in the store was extracted with a different "
+                f"{', '.join(changed)}; pass --overwrite to replace it"
+            )
+        return array
+    return store.create(
+        dataset, split, encoder.modality, encoder.spec, n_rows, encoder.layer_names,
+        encoder.dim, opts.dtype, opts.block_rows, attrs,
+    )
+
+
+def extract(
+    store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
+) -> FeatureArray:
+    """Extract every layer of `model` over one split into the store; resumes where it stopped."""
+    source = load_source(source_spec, split)
+    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
+    encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
+    fetch, names = rows_to_embed(source, manifest, encoder.modality)
+
+    store = FeatureStore(store_path, create=True)
+    manifest = sync_manifest(store, dataset, split, manifest, opts.overwrite)
+    attrs = {
+        "model_id": encoder.model_id,
+        "revision": encoder.revision,
+        "pooling": encoder.pooling,
+        "source": source_spec,
+        "source_fingerprint": fingerprint(manifest, encoder.modality),
+        "model_fingerprint": encoder.fingerprint(),
+    }
+    array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
+    todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
+    if not todo:
+        print(f"{array.path}: already complete ({array.shape[0]} rows), nothing to do")
+        return array
+    if len(todo) < array.n_blocks:
+        leftovers = array.remove_partial_files()
+        print(f"{array.path}: resuming, {array.n_blocks - len(todo)} of {array.n_blocks} "
+              f"blocks already done" + (f", removed {leftovers} partial files" if leftovers else ""))
+
+    device = pick_device(opts.device)
+    encoder.model.to(device)
+    loader = DataLoader(
+        RowDataset(fetch, encoder.prepare, names),
+        batch_sampler=BlockBatches(array, todo, opts.batch_size),
+        num_workers=opts.num_workers,
+        collate_fn=make_collate(encoder),
+        pin_memory=device.type == "cuda",
+    )
+    n_todo = sum(array.block_slice(b).stop - array.block_slice(b).start for b in todo)
+    started = time.perf_counter()
+    run_blocks(array, encoder, loader, names, device, opts, n_todo)
+    seconds = time.perf_counter() - started
+    if opts.skip_bad and encoder.modality == "image":
+        record_skipped(store, dataset, split, manifest, array)
+    print(f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers x {encoder.dim} "
+          f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)")
+    return array
+
+
+def run_blocks(
+    array: FeatureArray, encoder: Encoder, loader: DataLoader, names: list[str],
+    device: torch.device, opts: ExtractOptions, n_todo: int,
+) -> None:
+    """The hot loop: embed batches, fill each block's buffer, write the block when it is full."""
+    n_layers, dim = len(encoder.layer_names), encoder.dim
+    buffers: dict[int, np.ndarray] = {}
+    filled: dict[int, int] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    unit = " img" if encoder.modality == "image" else " txt"
+    bar = tqdm(total=n_todo, unit=unit, desc=f"extract {encoder.spec}", disable=not opts.progress,
+               file=sys.stderr, smoothing=0.1)
+    for rows, batch, errors in loader:
+        bad = [i for i, err in enumerate(errors) if err]
+        if bad and not opts.skip_bad:
+            i = bad[0]
+            raise UserError(f"cannot read image {names[rows[i]]}: {errors[i]} "
+                            "(fix or remove it, or pass --skip-bad to skip such images)")
+        values = np.full((len(rows), n_layers, dim), np.nan, dtype=np.float32)
+        if batch is not None:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.inference_mode(), autocast:
+                out = encoder.embed(batch).float().cpu().numpy()
+            if not np.isfinite(out).all():
+                raise UserError(f"{encoder.spec} produced NaN or infinite features for rows "
+                                f"{rows[0]}-{rows[-1]}; the model or its inputs are broken")
+            values[[i for i in range(len(rows)) if i not in bad]] = out
+        block = int(rows[0]) // array.block_rows
+        span = array.block_slice(block)
+        buffer = buffers.setdefault(block, np.empty((span.stop - span.start, n_layers, dim),
+                                                    dtype=np.float32))
+        buffer[rows - span.start] = values
+        filled[block] = filled.get(block, 0) + len(rows)
+        if filled[block] == len(buffer):
+            array.write_block(block, buffers.pop(block))
+        bar.update(len(rows))
+    bar.close()
+
+
+def record_skipped(
+    store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, array: FeatureArray
+) -> None:
+    """Mark in the manifest the images whose rows hold NaN (unreadable, skipped)."""
+    nan_rows = np.flatnonzero(np.isnan(np.asarray(array.data[:, -1, 0], dtype=np.float32)))
+    skipped = manifest["image_row"].isin(nan_rows)
+    if skipped.any():
+        print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")
+    write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))
