@@ -1,0 +1,101 @@
+"""`python -m pipeline evaluate --run DIR`: zero-shot and retrieval metrics of a run;
+`python -m pipeline compare RUN...` (or `evaluate --compare RUN...`): a table of runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipeline.app import app
+from stages.evaluate import comparison_table, evaluate_run, to_markdown
+from store import FeatureStore, UserError
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file so a crash never leaves half a metrics file or table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    lines = []
+    zs, rt = metrics["zero_shot"], metrics["retrieval"]
+    if "skipped" in zs:
+        lines.append(f"zero-shot  skipped: {zs['skipped']}")
+    else:
+        lines.append(
+            f"zero-shot  top1 {zs['top1']:5.1f}  top5 {zs['top5']:5.1f}"
+            f"   ({zs['n_images']} images, {zs['n_classes']} classes)"
+        )
+    if "skipped" in rt:
+        lines.append(f"retrieval  skipped: {rt['skipped']}")
+    else:
+        i2t = "  ".join(f"R@{k} {rt[f'i2t_r{k}']:5.1f}" for k in (1, 5, 10))
+        t2i = "  ".join(f"R@{k} {rt[f't2i_r{k}']:5.1f}" for k in (1, 5, 10))
+        lines.append(f"retrieval  I2T {i2t}   ({rt['n_images']} images, {rt['n_texts']} texts)")
+        lines.append(f"           T2I {t2i}")
+    return "\n".join(lines)
+
+
+def write_comparison(
+    runs: list[Path], names: str | None, out_md: Path | None, out_csv: Path | None
+) -> None:
+    table = comparison_table(runs, [n.strip() for n in names.split(",")] if names else None)
+    markdown = to_markdown(table)
+    typer.echo(markdown, nl=False)
+    if out_md:
+        _write_text(out_md, markdown)
+        typer.echo(f"wrote {out_md}")
+    if out_csv:
+        _write_text(out_csv, table.to_csv(index=False, float_format="%.4f"))
+        typer.echo(f"wrote {out_csv}")
+
+
+NAMES_HELP = "Comma-separated row names, one per run (default: the run folder names)."
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(None, "--run", help="Run directory written by `align`."),
+    dataset: str = typer.Option(None, help="Dataset to evaluate on (default: the run's)."),
+    split: str = typer.Option("test", help="Split with the test images and captions."),
+    prompts_split: str = typer.Option("prompts", help="Text-only split with the class prompts."),
+    store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
+    out: Path = typer.Option(None, help="Metrics file (default: RUN/metrics.json)."),
+    compare: bool = typer.Option(False, "--compare", help="Compare RUNS instead (see `compare`)."),
+    runs: list[Path] = typer.Argument(None, help="Run directories, with --compare."),
+    out_md: Path = typer.Option(None, help="With --compare: Markdown table file."),
+    out_csv: Path = typer.Option(None, help="With --compare: CSV table file."),
+    names: str = typer.Option(None, help=NAMES_HELP),
+) -> None:
+    """Zero-shot top-1/top-5 and retrieval Recall@1/5/10 of a run's heads; writes metrics.json."""
+    if compare:
+        write_comparison(list(runs or []) + ([run] if run else []), names, out_md, out_csv)
+        return
+    if runs:
+        raise UserError(f"unexpected arguments {[str(r) for r in runs]}; did you mean --compare?")
+    if run is None:
+        raise UserError("give the run directory with --run DIR (or compare runs with --compare)")
+    metrics = evaluate_run(run, FeatureStore(store), dataset, split, prompts_split)
+    path = out or run / "metrics.json"
+    _write_text(path, json.dumps(metrics, indent=2) + "\n")
+    typer.echo(format_metrics(metrics))
+    typer.echo(f"wrote {path}")
+
+
+@app.command("compare")
+def compare_runs(
+    runs: list[Path] = typer.Argument(..., help="Run directories with metrics.json."),
+    out_md: Path = typer.Option(None, help="Markdown table file."),
+    out_csv: Path = typer.Option(None, help="CSV table file."),
+    names: str = typer.Option(None, help=NAMES_HELP),
+) -> None:
+    """A table of runs (head, layers, lambda, n_pairs, zero-shot, retrieval) as Markdown and CSV."""
+    write_comparison(runs, names, out_md, out_csv)

@@ -1,0 +1,360 @@
+"""Stage 3: zero-shot classification and retrieval of a trained run, from stored features.
+
+The metric functions are pure (embeddings in, percentages out) and use cosine similarity.
+Ties are broken against the query: a candidate that scores exactly as high as the relevant one
+counts as ranked above it. So collapsed (constant) embeddings score 0 instead of looking
+perfect, and a result never depends on the order of the candidates.
+
+Every metric reduces to one rank per query: the number of irrelevant candidates that score at
+least as high as the best relevant candidate. A query is a hit at K when that rank is below K.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stages.heads import load_run
+from store import FeatureStore, UserError, image_table, pair_rows
+
+ArrayLike = torch.Tensor | np.ndarray
+
+# score matrices are built this many elements at a time (64 MiB of float32)
+CHUNK_ELEMENTS = 1 << 24
+
+
+# -- pure metrics -----------------------------------------------------------------------------
+def _matrix(x: ArrayLike, what: str) -> torch.Tensor:
+    """A finite float 2-D tensor, or a UserError naming `what`."""
+    t = torch.as_tensor(np.require(x, requirements="W") if isinstance(x, np.ndarray) else x)
+    if t.ndim != 2:
+        raise UserError(f"{what} must be a 2-D (rows, dim) array, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.float()
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(dim=1).sum())
+        raise UserError(f"{what} has NaN or infinite values in {bad} of {t.shape[0]} rows")
+    return t
+
+
+def _index(x: ArrayLike, size: int, what: str, n_rows: int) -> torch.Tensor:
+    """Integer indices into range(size), one per row."""
+    t = torch.as_tensor(np.array(x)).long()  # a copy: pandas columns are read-only
+    if t.shape != (n_rows,):
+        raise UserError(f"{what} needs one entry per row ({n_rows}), got shape {tuple(t.shape)}")
+    if n_rows and (t.min() < 0 or t.max() >= size):
+        raise UserError(f"{what} must lie in 0..{size - 1}, got {int(t.min())}..{int(t.max())}")
+    return t
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def relevant_ranks(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query_group: torch.Tensor,
+    candidate_group: torch.Tensor,
+) -> torch.Tensor:
+    """For each query, how many irrelevant candidates score >= its best relevant candidate.
+
+    Candidate c is relevant to query q when candidate_group[c] == query_group[q]. Scores are
+    inner products (normalise first for cosine). Every query must have a relevant candidate.
+    """
+    q_norm, c_norm = queries.shape[0], max(candidates.shape[0], 1)
+    step = max(1, CHUNK_ELEMENTS // c_norm)
+    ranks = []
+    for start in range(0, q_norm, step):
+        scores = queries[start : start + step] @ candidates.T
+        relevant = query_group[start : start + step, None] == candidate_group[None, :]
+        best = scores.masked_fill(~relevant, -torch.inf).amax(dim=1, keepdim=True)
+        ranks.append(((scores >= best) & ~relevant).sum(dim=1))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def _recall(ranks: torch.Tensor, k: int) -> float:
+    return 100.0 * float((ranks < k).double().mean())
+
+
+def class_embeddings(text_emb: ArrayLike, prompt_labels: ArrayLike, n_classes: int) -> torch.Tensor:
+    """One unit vector per class: prompts L2-normalised, averaged over templates, renormalised."""
+    text = l2_normalise(_matrix(text_emb, "prompt embeddings"))
+    labels = _index(prompt_labels, n_classes, "prompt labels", text.shape[0])
+    counts = torch.bincount(labels, minlength=n_classes)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()[:10]
+        raise UserError(f"classes {missing} have no prompt; every class needs at least one")
+    sums = torch.zeros(n_classes, text.shape[1], dtype=text.dtype).index_add_(0, labels, text)
+    return l2_normalise(sums / counts[:, None].to(text.dtype))
+
+
+def zero_shot_accuracy(
+    image_emb: ArrayLike, class_emb: ArrayLike, labels: ArrayLike, topk: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k accuracy in percent ({"top1": .., "top5": ..}) of cosine nearest class embeddings.
+
+    With k >= the number of classes every image is a hit (100 %), as with any top-k.
+    """
+    images = l2_normalise(_matrix(image_emb, "image embeddings"))
+    classes = l2_normalise(_matrix(class_emb, "class embeddings"))
+    if images.shape[1] != classes.shape[1]:
+        raise UserError(f"image ({images.shape[1]}) and class ({classes.shape[1]}) dims differ")
+    if images.shape[0] == 0:
+        raise UserError("zero-shot accuracy needs at least one labelled image")
+    target = _index(labels, classes.shape[0], "image labels", images.shape[0])
+    ranks = relevant_ranks(images, classes, target, torch.arange(classes.shape[0]))
+    return {f"top{k}": _recall(ranks, k) for k in topk}
+
+
+def retrieval_recall(
+    image_emb: ArrayLike,
+    text_emb: ArrayLike,
+    text_to_image: ArrayLike,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Image->text and text->image Recall@K in percent ({"i2t_r1": .., "t2i_r10": ..}).
+
+    text_to_image[t] is the image of caption t; every image needs at least one caption.
+    Image->text: a hit when any of the image's captions is in the top K. Text->image: a hit
+    when the caption's one image is in the top K.
+    """
+    images = l2_normalise(_matrix(image_emb, "image embeddings"))
+    texts = l2_normalise(_matrix(text_emb, "text embeddings"))
+    if images.shape[1] != texts.shape[1]:
+        raise UserError(f"image ({images.shape[1]}) and text ({texts.shape[1]}) dims differ")
+    owner = _index(text_to_image, images.shape[0], "text_to_image", texts.shape[0])
+    uncaptioned = torch.bincount(owner, minlength=images.shape[0]) == 0
+    if images.shape[0] == 0 or uncaptioned.any():
+        raise UserError(
+            f"retrieval needs at least one caption per image; {int(uncaptioned.sum())} of "
+            f"{images.shape[0]} images have none"
+        )
+    image_ids = torch.arange(images.shape[0])
+    i2t = relevant_ranks(images, texts, image_ids, owner)
+    t2i = relevant_ranks(texts, images, owner, image_ids)
+    out = {f"i2t_r{k}": _recall(i2t, k) for k in ks}
+    out.update({f"t2i_r{k}": _recall(t2i, k) for k in ks})
+    return out
+
+
+# -- a run on stored features -----------------------------------------------------------------
+def project(head: torch.nn.Module, features: np.ndarray, what: str, batch: int = 8192):
+    """Apply a head to stored features in batches, without gradients."""
+    if _matrix(features, what).shape[0] == 0:
+        raise UserError(f"{what} has no rows")
+    head.eval()
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, features.shape[0], batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(features[start : start + batch]))
+            try:
+                outputs.append(head(chunk).float())
+            except RuntimeError as err:  # a shape mismatch: features of another model or layer
+                raise UserError(
+                    f"the head cannot take {what} (dim {features.shape[1]}): "
+                    f"{str(err).splitlines()[0]}"
+                ) from err
+    return _matrix(torch.cat(outputs), f"{what} after the head")
+
+
+def _layer(store: FeatureStore, dataset: str, split: str, modality: str, model: str, layer: str):
+    """One layer of one stored array as float32 (N, D), with the array's path for messages."""
+    array = store.open(dataset, split, modality, model)
+    return array.read_layer(layer), f"{modality} features {array.path} layer {layer}"
+
+
+def _check_rows(values: np.ndarray, expected: int, what: str) -> None:
+    if values.shape[0] != expected:
+        raise UserError(
+            f"{what} has {values.shape[0]} rows but the manifest lists {expected}; "
+            "extract this split again with --overwrite"
+        )
+
+
+def _class_names(table: pd.DataFrame) -> dict[int, str]:
+    named = table[(table["label"] >= 0) & (table["label_name"] != "")]
+    return dict(zip(named["label"].astype(int), named["label_name"].astype(str), strict=True))
+
+
+def run_summary(config: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The config fields a comparison table needs."""
+    hyper = config.get("hyperparameters") or {}
+    pick = lambda key: config.get(key, hyper.get(key))  # noqa: E731
+    return {
+        "run_dir": str(run_dir),
+        "image_model": pick("image_model"),
+        "text_model": pick("text_model"),
+        "train_dataset": pick("dataset"),
+        "image_layer": pick("image_layer"),
+        "text_layer": pick("text_layer"),
+        "head": pick("head"),
+        "lambda": pick("lambda"),
+        "levels": pick("levels"),
+        "n_pairs": pick("n_pairs"),
+        "seed": pick("seed"),
+    }
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    store: FeatureStore | str | Path,
+    dataset: str | None = None,
+    split: str = "test",
+    prompts_split: str = "prompts",
+) -> dict[str, Any]:
+    """Zero-shot and retrieval metrics (percent) of a run's heads on one split of the store.
+
+    dataset defaults to the run's training dataset. Zero-shot is skipped when the split has
+    no labels, retrieval when it has no captions; the metrics then say why.
+    """
+    config, image_head, text_head = load_run(run_dir)
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    dataset = dataset or config["dataset"]
+    image_model, text_model = config["image_model"], config["text_model"]
+    image_layer, text_layer = config["image_layer"], config["text_layer"]
+    where = f"{dataset}/{split}"
+
+    image_values, image_what = _layer(store, dataset, split, "image", image_model, image_layer)
+    manifest = store.manifest(dataset, split)
+    images = image_table(manifest)
+    _check_rows(image_values, len(images), image_what)
+    usable = images[~images["skipped"]]
+    if usable.empty:
+        raise UserError(f"{where} has no usable images (all were skipped at extraction)")
+    # rows of skipped images hold no features: they stay NaN, so any use of them fails loudly
+    rows = np.array(usable["image_row"])
+    projected = project(image_head, image_values[rows], image_what)
+    image_emb = torch.full((len(images), projected.shape[1]), torch.nan)
+    image_emb[rows] = projected
+
+    metrics: dict[str, Any] = {}
+    labelled = usable[usable["label"] >= 0]
+    if labelled.empty:
+        metrics["zero_shot"] = {"skipped": f"{where} has no labelled images"}
+    else:
+        values, what = _layer(store, dataset, prompts_split, "text", text_model, text_layer)
+        prompts = store.manifest(dataset, prompts_split)
+        _check_rows(values, len(prompts), what)
+        if (prompts["label"] < 0).any():
+            raise UserError(f"{dataset}/{prompts_split} has prompts without a class label")
+        n_classes = int(prompts["label"].max()) + 1
+        if int(labelled["label"].max()) >= n_classes:
+            raise UserError(
+                f"{where} has labels up to {int(labelled['label'].max())} but "
+                f"{dataset}/{prompts_split} has prompts for {n_classes} classes"
+            )
+        split_names, prompt_names = _class_names(labelled), _class_names(prompts)
+        clash = [c for c, n in split_names.items() if prompt_names.get(c, n) != n]
+        if clash:
+            c = clash[0]
+            raise UserError(
+                f"class {c} is {split_names[c]!r} in {where} but {prompt_names[c]!r} in "
+                f"{dataset}/{prompts_split}; extract the prompts from the same label list"
+            )
+        classes = class_embeddings(project(text_head, values, what), prompts["label"], n_classes)
+        rows = np.array(labelled["image_row"])
+        metrics["zero_shot"] = {
+            **zero_shot_accuracy(image_emb[rows], classes, labelled["label"].to_numpy()),
+            "n_images": len(rows),
+            "n_classes": n_classes,
+        }
+
+    image_rows, text_rows = pair_rows(manifest)
+    captioned = manifest["caption"].to_numpy()[text_rows] != ""
+    image_rows, text_rows = image_rows[captioned], text_rows[captioned]
+    if len(text_rows) == 0:
+        metrics["retrieval"] = {"skipped": f"{where} has no captions"}
+    else:
+        values, what = _layer(store, dataset, split, "text", text_model, text_layer)
+        _check_rows(values, len(manifest), what)
+        text_emb = project(text_head, values[text_rows], what)
+        image_ids, text_to_image = np.unique(image_rows, return_inverse=True)
+        metrics["retrieval"] = {
+            **retrieval_recall(image_emb[image_ids], text_emb, text_to_image),
+            "n_images": len(image_ids),
+            "n_texts": len(text_rows),
+        }
+
+    metrics["run"] = {
+        **run_summary(config, run_dir),
+        "eval_dataset": dataset,
+        "split": split,
+        "prompts_split": prompts_split,
+    }
+    return metrics
+
+
+# -- comparing runs ---------------------------------------------------------------------------
+COMPARE_COLUMNS = (
+    "run", "head", "layers (img/txt)", "lambda", "n_pairs", "zs top1", "zs top5",
+    "I2T R@1", "I2T R@5", "I2T R@10", "T2I R@1", "T2I R@5", "T2I R@10",
+)  # fmt: skip
+_METRIC_COLUMNS = {
+    "zs top1": ("zero_shot", "top1"),
+    "zs top5": ("zero_shot", "top5"),
+    **{f"I2T R@{k}": ("retrieval", f"i2t_r{k}") for k in (1, 5, 10)},
+    **{f"T2I R@{k}": ("retrieval", f"t2i_r{k}") for k in (1, 5, 10)},
+}
+
+
+def _read_json(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"no {path.name} in {path.parent}; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}); {hint}") from err
+
+
+def comparison_table(runs: Sequence[str | Path], names: Sequence[str] | None = None):
+    """One row per run from its metrics.json and config.json, as a DataFrame of COMPARE_COLUMNS.
+
+    Metrics that a run skipped are left empty (NaN).
+    """
+    if not runs:
+        raise UserError("give at least one run directory to compare")
+    if names and len(names) != len(runs):
+        raise UserError(f"--names has {len(names)} names for {len(runs)} runs")
+    paths = [Path(r) for r in runs]
+    labels = list(names) if names else [p.name or str(p) for p in paths]
+    if not names and len(set(labels)) < len(labels):
+        labels = [str(p) for p in paths]  # two runs share a folder name: show whole paths
+    rows = []
+    for label, path in zip(labels, paths, strict=True):
+        metrics = _read_json(
+            path / "metrics.json", f"run `python -m pipeline evaluate --run {path}` first"
+        )
+        config = _read_json(path / "config.json", "is it a run directory written by `align`?")
+        summary = run_summary(config, path)
+        row: dict[str, Any] = {
+            "run": label,
+            "head": summary["head"],
+            "layers (img/txt)": f"{summary['image_layer']}/{summary['text_layer']}",
+            "lambda": summary["lambda"],
+            "n_pairs": summary["n_pairs"],
+        }
+        for column, (section, key) in _METRIC_COLUMNS.items():
+            row[column] = (metrics.get(section) or {}).get(key, np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(COMPARE_COLUMNS))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if np.isnan(value) else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table, metrics to one decimal, skipped metrics empty."""
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
