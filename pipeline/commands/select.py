@@ -1,0 +1,53 @@
+"""`python -m pipeline select`: score every (image layer, text layer) pair by mutual kNN and
+pick the most similar one (scores.parquet, selection.json, heatmap.png in --out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.app import app
+from stages.select import run_selection, top_pairs
+from store import FeatureStore
+
+
+@app.command()
+def select(
+    image_model: str = typer.Option("tiny-random-vit", help="Image model (as given to extract)."),
+    text_model: str = typer.Option("tiny-random-text", help="Text model (as given to extract)."),
+    dataset: str = typer.Option("digits", help="Dataset whose pairs are scored."),
+    split: str = typer.Option("train", help="Split with the image-text pairs."),
+    n_samples: int = typer.Option(
+        5000, help="Pairs sampled, one per image (0: all; all when fewer)."
+    ),
+    k: str = typer.Option("rice", help="Neighbours: an integer, or rice | sqrt | sturges of n."),
+    seed: int = typer.Option(0, help="Seed of the pair sample."),
+    device: str = typer.Option("auto", help="kNN search on auto | cpu | cuda."),
+    store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
+    out: Path = typer.Option(Path("runs/select"), help="Run directory for the outputs."),
+    top: int = typer.Option(10, help="How many of the best pairs to print."),
+) -> None:
+    """Pick the layer pair whose kNN graphs agree most (mutual kNN, FAISS exact search)."""
+    selection = run_selection(
+        FeatureStore(store),
+        dataset,
+        split,
+        image_model,
+        text_model,
+        out,
+        n_samples=n_samples,
+        k=k,
+        seed=seed,
+        device=device,
+    )
+    info = selection.info
+    table = top_pairs(selection, top)
+    typer.echo(f"mutual kNN on n={info['n']} pairs of {dataset}/{split}, k={info['k']}")
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    typer.echo(
+        f"chosen: {info['image_layer']} x {info['text_layer']} = {info['score']:.4f}"
+        f"  (last pair {info['last_image_layer']} x {info['last_text_layer']} ="
+        f" {info['last_score']:.4f})"
+    )
+    typer.echo(f"wrote {out}/scores.parquet, selection.json, heatmap.png")

@@ -1,0 +1,396 @@
+"""Stage 2a: mutual-kNN layer selection against a brute-force float64 reference, end to end
+through the CLI on a synthetic store, the k rules, sampling and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import pipeline.commands  # noqa: F401  (registers the commands)
+from pipeline.app import app
+from stages.select import (
+    graph_overlap,
+    knn_graph,
+    mutual_knn_scores,
+    resolve_k,
+    resolve_layers,
+    sample_pairs,
+    search_backend,
+    search_cpu,
+)
+from store import FeatureStore, UserError
+from tests.helpers import write_features, write_pairs_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- an independent reference: float64, full similarity matrix, Python sets ------------------
+def brute_knn(x: np.ndarray, k: int) -> list[list[int]]:
+    """Neighbours of each row by (cosine desc, index asc), self excluded."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    n = len(x)
+    return [
+        sorted((j for j in range(n) if j != i), key=lambda j: (-sims[i, j], j))[:k]
+        for i in range(n)
+    ]
+
+
+def brute_mknn(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    na, nb = brute_knn(a, k), brute_knn(b, k)
+    return float(np.mean([len(set(p) & set(q)) / k for p, q in zip(na, nb, strict=True)]))
+
+
+def brute_table(image: np.ndarray, text: np.ndarray, k: int) -> np.ndarray:
+    return np.array(
+        [
+            [brute_mknn(image[:, i], text[:, j], k) for j in range(text.shape[1])]
+            for i in range(image.shape[1])
+        ]
+    )
+
+
+# -- math ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 4, "rice"])
+def test_scores_match_brute_force_on_random_input(k):
+    rng = np.random.default_rng(1)
+    n = 70
+    latent = rng.standard_normal((n, 3))
+    image = np.stack(
+        [
+            latent @ rng.standard_normal((3, 12)) * w + rng.standard_normal((n, 12))
+            for w in (0.0, 1.0, 4.0)
+        ],
+        axis=1,
+    )
+    text = np.stack(
+        [
+            latent @ rng.standard_normal((3, 7)) * w + rng.standard_normal((n, 7))
+            for w in (4.0, 0.5, 0.0, 2.0)
+        ],
+        axis=1,
+    )
+    scores = mutual_knn_scores(image, text, k, device="cpu")
+    want = brute_table(image, text, resolve_k(k, n))
+    assert scores.shape == (3, 4) and scores.dtype == np.float64
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-12)
+    assert np.ptp(scores) > 0.1  # the latent makes the pairs differ: a real test of the ranking
+
+
+def duplicated_rows(rng: np.random.Generator, n_distinct: int, dim: int) -> np.ndarray:
+    """Rows repeated and rescaled by powers of two (exact, so cosines tie exactly)."""
+    base = rng.standard_normal((n_distinct, dim))
+    copies = [base, 2.0 * base, 0.25 * base[: n_distinct // 2]]
+    x = np.concatenate(copies)
+    return x[rng.permutation(len(x))]
+
+
+def lattice_rows(n_repeats: int) -> np.ndarray:
+    """Every nonzero vector of {-1, 0, 1}^3, repeated: many exactly tied cosines."""
+    grid = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)])
+    grid = grid[np.abs(grid).sum(axis=1) > 0]
+    return np.concatenate([grid] * n_repeats).astype(np.float64)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 12])
+def test_graphs_match_brute_force_with_ties(k):
+    rng = np.random.default_rng(2)
+    for x in (
+        duplicated_rows(rng, 30, 5),
+        lattice_rows(3),
+        np.repeat(rng.standard_normal((4, 3)), 20, axis=0),
+    ):
+        graph = knn_graph(x, k, device="cpu")
+        assert graph.shape == (len(x), k)
+        # same neighbours in the same order: ties go to the lower index, self never included
+        np.testing.assert_array_equal(graph, np.array(brute_knn(x, k)))
+
+
+def test_scores_match_brute_force_with_ties():
+    rng = np.random.default_rng(3)
+    image = np.stack(
+        [lattice_rows(2), lattice_rows(2) + 0.1 * rng.standard_normal((52, 3))], axis=1
+    )
+    text = np.stack([np.repeat(rng.standard_normal((13, 4)), 4, axis=0)], axis=1)
+    for k in (2, 5, 9):
+        np.testing.assert_allclose(
+            mutual_knn_scores(image, text, k, device="cpu"), brute_table(image, text, k), atol=1e-12
+        )
+
+
+def test_identical_and_unrelated_layers():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((200, 16))
+    assert graph_overlap(knn_graph(x, 10, "cpu"), knn_graph(3 * x, 10, "cpu")) == 1.0
+    # unrelated features share about k / (n - 1) of their neighbours by chance
+    y = rng.standard_normal((200, 16))
+    chance = graph_overlap(knn_graph(x, 10, "cpu"), knn_graph(y, 10, "cpu"))
+    assert chance < 0.15
+
+
+def test_cpu_backend_is_faiss_and_cuda_needs_a_gpu():
+    assert search_backend("cpu", 10) is search_cpu
+    with pytest.raises(UserError, match="--device"):
+        search_backend("tpu", 10)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no working GPU"):
+            search_backend("cuda", 10)
+
+
+# -- k rules ----------------------------------------------------------------------------------
+def test_k_rules():
+    for n in (2, 9, 27, 100, 1000, 4999, 5000, 50000):
+        rice, sqrt, sturges = (
+            resolve_k(r, n) if resolve_k_ok(r, n) else None for r in ("rice", "sqrt", "sturges")
+        )
+        if rice is not None:  # the smallest integer >= 2 n^(1/3): checked without roots
+            assert rice**3 >= 8 * n > (rice - 1) ** 3
+        if sqrt is not None:
+            assert sqrt**2 >= n > (sqrt - 1) ** 2
+        if sturges is not None:
+            assert 2 ** (sturges - 1) >= n > 2 ** (sturges - 2)
+    # near-misses of floating point roots: exact cubes, squares and powers of two
+    assert resolve_k("rice", 27) == 2 * 3 and resolve_k("rice", 1000) == 2 * 10
+    assert resolve_k("rice", 5000) == math.ceil(2 * 5000 ** (1 / 3))
+    assert resolve_k("sqrt", 4900) == 70 and resolve_k("sqrt", 4901) == 71
+    assert resolve_k("sturges", 1024) == 11 and resolve_k("sturges", 1025) == 12
+    assert resolve_k(7, 100) == 7 and resolve_k("7", 100) == 7 and resolve_k(" RICE ", 64) == 8
+
+
+def resolve_k_ok(rule: str, n: int) -> bool:
+    try:
+        resolve_k(rule, n)
+    except UserError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "match"),
+    [
+        (10, 10, "more than 10"),
+        (0, 10, "at least 1"),
+        ("bogus", 10, "rice"),
+        ("rice", 4, "more than"),
+    ],
+)
+def test_bad_k(k, n, match):
+    with pytest.raises(UserError, match=match):
+        resolve_k(k, n)
+
+
+# -- bad input to the math --------------------------------------------------------------------
+def test_bad_arrays():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((30, 2, 4))
+    with pytest.raises(UserError, match="30 and 29 rows"):
+        mutual_knn_scores(x, x[:29], 3)
+    with pytest.raises(UserError, match="more than 30"):
+        mutual_knn_scores(x, x, 30)
+    nan = x.copy()
+    nan[7, 1, 2] = np.nan
+    with pytest.raises(UserError, match="NaN.*row 7"):
+        mutual_knn_scores(nan, x, 3)
+    zero = x.copy()
+    zero[11, 0] = 0
+    with pytest.raises(UserError, match="all zero.*row 11"):
+        mutual_knn_scores(x, zero, 3)
+
+
+# -- the stage on a synthetic store -----------------------------------------------------------
+IMAGE_LAYERS = ["block.0", "block.1", "block.2", "final_norm"]
+TEXT_LAYERS = ["embeddings", "layer.0", "layer.1", "layer.2", "layer.3"]
+PLANTED = (1, 2)  # block.1 x layer.1 share the latent; every other pair much less
+
+
+def planted_store(path: Path, n_images: int = 150, captions: int = 2, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n_images, 4))
+    image_strength = [0.2, 3.0, 0.5, 0.2]
+    text_strength = [0.0, 0.3, 3.0, 0.6, 0.3]
+    image = np.stack(
+        [
+            w * latent @ rng.standard_normal((4, 24)) + rng.standard_normal((n_images, 24))
+            for w in image_strength
+        ],
+        axis=1,
+    )
+    text_latent = np.repeat(latent, captions, axis=0)  # captions of image i: rows i*c .. i*c+c-1
+    n_texts = n_images * captions
+    text = np.stack(
+        [
+            w * text_latent @ rng.standard_normal((4, 16)) + rng.standard_normal((n_texts, 16))
+            for w in text_strength
+        ],
+        axis=1,
+    )
+    write_pairs_manifest(path, "toy", "train", n_images, captions_per_image=captions)
+    write_features(path, "toy", "train", "image", "img-model", image, IMAGE_LAYERS, block_rows=64)
+    write_features(path, "toy", "train", "text", "txt-model", text, TEXT_LAYERS, block_rows=64)
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, ["--params", "/nonexistent.yaml", *args], catch_exceptions=True)
+
+
+def select_args(store: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "select",
+        "--store",
+        str(store),
+        "--dataset",
+        "toy",
+        "--image-model",
+        "img-model",
+        "--text-model",
+        "txt-model",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_cli_finds_the_planted_pair(tmp_path):
+    store, out = tmp_path / "f.zarr", tmp_path / "sel"
+    planted_store(store)
+    result = run_cli(*select_args(store, out, "--n-samples", "120", "--seed", "3"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    info = json.loads((out / "selection.json").read_text())
+    assert (info["image_index"], info["text_index"]) == PLANTED
+    assert (info["image_layer"], info["text_layer"]) == ("block.1", "layer.1")
+    assert info["n"] == 120 and info["k"] == resolve_k("rice", 120) and info["seed"] == 3
+    assert (info["last_image_layer"], info["last_text_layer"]) == ("final_norm", "layer.3")
+    assert info["image_model"] == "img-model" and info["dataset"] == "toy"
+
+    table = pd.read_parquet(out / "scores.parquet")
+    assert list(table.columns) == [
+        "image_layer",
+        "image_index",
+        "text_layer",
+        "text_index",
+        "score",
+    ]
+    assert len(table) == len(IMAGE_LAYERS) * len(TEXT_LAYERS)
+    scores = table.pivot(index="image_index", columns="text_index", values="score").to_numpy()
+    best = scores[PLANTED]
+    assert best == info["score"] and best > 1.5 * np.delete(scores.ravel(), np.argmax(scores)).max()
+    assert info["last_score"] == scores[-1, -1]
+
+    # the same numbers from the pure function on the same sample, paired through the manifest
+    fs = FeatureStore(store)
+    image_rows, text_rows = sample_pairs(fs.manifest("toy", "train"), 120, 3)
+    image = fs.open("toy", "train", "image", "img-model").read()[image_rows]
+    text = fs.open("toy", "train", "text", "txt-model").read()[text_rows]
+    np.testing.assert_allclose(scores, brute_table(image, text, info["k"]), atol=1e-12)
+
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "block.1" in result.output and "layer.1" in result.output and "chosen" in result.output
+
+
+def test_sampling_is_seeded_and_one_caption_per_image(tmp_path):
+    planted_store(tmp_path / "f.zarr", n_images=100, captions=3)
+    manifest = FeatureStore(tmp_path / "f.zarr").manifest("toy", "train")
+    a = sample_pairs(manifest, 40, seed=5)
+    b = sample_pairs(manifest, 40, seed=5)
+    c = sample_pairs(manifest, 40, seed=6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    image_rows, text_rows = a
+    assert len(set(image_rows)) == 40 and np.all(np.diff(image_rows) > 0)
+    np.testing.assert_array_equal(text_rows // 3, image_rows)  # each caption is of its image
+    everything = sample_pairs(manifest, 10_000, seed=5)[0]
+    np.testing.assert_array_equal(everything, np.arange(100))  # all images when fewer
+    np.testing.assert_array_equal(sample_pairs(manifest, 0, seed=5)[0], np.arange(100))
+
+
+def test_cli_bad_input(tmp_path):
+    store, out = tmp_path / "f.zarr", tmp_path / "sel"
+    planted_store(store, n_images=40, captions=1)
+    cases = [
+        (["--k", "40"], "more than 40"),
+        (["--k", "many"], "rice"),
+        (["--image-model", "nope"], "no image features of nope"),
+    ]
+    for extra, match in cases:
+        result = run_cli(*select_args(store, out, *extra))
+        assert isinstance(result.exception, UserError), (extra, result.output)
+        assert match in str(result.exception)
+    # a NaN row in the store
+    bad = np.random.default_rng(0).standard_normal((40, 4, 24))
+    bad[5, 2] = np.nan
+    write_features(store, "toy", "train", "image", "nan-model", bad, IMAGE_LAYERS)
+    result = run_cli(*select_args(store, out, "--image-model", "nan-model"))
+    assert isinstance(result.exception, UserError) and "NaN" in str(result.exception)
+    # text features whose rows no longer match the manifest
+    write_features(store, "toy", "train", "text", "short", np.ones((39, 5, 16)), TEXT_LAYERS)
+    result = run_cli(*select_args(store, out, "--text-model", "short"))
+    assert isinstance(result.exception, UserError) and "row counts differ" in str(result.exception)
+    assert not out.exists()  # nothing written on bad input
+
+
+def test_cli_error_is_one_line_and_exit_2(tmp_path):
+    store = tmp_path / "f.zarr"
+    planted_store(store, n_images=20, captions=1)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "--params",
+            "/nonexistent.yaml",
+            *select_args(store, tmp_path / "sel", "--text-model", "missing"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "no text features of missing" in proc.stderr
+
+
+# -- --layers for align -------------------------------------------------------------------------
+def test_resolve_layers(tmp_path):
+    store_path, sel = tmp_path / "f.zarr", tmp_path / "sel"
+    planted_store(store_path)
+    fs = FeatureStore(store_path)
+    args = (fs, "toy", "train", "img-model", "txt-model", sel)
+    assert resolve_layers("last", *args) == ("final_norm", "layer.3")
+    assert resolve_layers("1,layer.0", *args) == ("block.1", "layer.0")
+    assert resolve_layers("-2, 4", *args) == ("block.2", "layer.3")
+    for bad, match in [
+        ("1", "IMAGE,TEXT"),
+        ("9,0", "out of range"),
+        ("block.7,0", "unknown layer"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            resolve_layers(bad, *args)
+
+    # auto: computed when absent, written to the select run dir
+    assert resolve_layers("auto", *args, n_samples=0, k=8, seed=1) == ("block.1", "layer.1")
+    info = json.loads((sel / "selection.json").read_text())
+    assert info["k"] == 8 and info["n"] == 150
+    # auto: an existing selection for these features is used as it is
+    info.update(image_layer="block.0", text_layer="embeddings")
+    (sel / "selection.json").write_text(json.dumps(info))
+    assert resolve_layers("auto", *args) == ("block.0", "embeddings")
+    # auto: a selection made for other models is replaced
+    info.update(text_model="someone-else")
+    (sel / "selection.json").write_text(json.dumps(info))
+    assert resolve_layers("auto", *args, n_samples=0, k=8) == ("block.1", "layer.1")
+    assert json.loads((sel / "selection.json").read_text())["text_model"] == "txt-model"
