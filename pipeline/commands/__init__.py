@@ -2,3 +2,4 @@
 
 from pipeline.commands import store  # noqa: F401
 from pipeline.commands import evaluate  # noqa: F401
+from pipeline.commands import select  # noqa: F401
