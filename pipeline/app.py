@@ -1,4 +1,4 @@
-"""The typer app: loads params.yaml defaults, registers the commands, turns UserError into one line."""
+"""The typer app: params.yaml defaults, the commands, and UserError as a one-line message."""
 
 from __future__ import annotations
 

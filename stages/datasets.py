@@ -6,8 +6,10 @@ Sources (`--source`, default: the dataset name):
   pairs:FILE             a Parquet or CSV table with an image path column and a caption column
                          (paths relative to the file; several rows may share an image; optional
                          `label`, `split` columns): how users bring their own pairs
-  coco:ROOT              COCO captions: ROOT/annotations/captions_{split}2017.json, ROOT/{split}2017/
-  imagefolder:ROOT       one folder per class (ROOT/{split}/<class>/ or ROOT/<class>/): zero-shot eval
+  coco:ROOT              COCO captions: ROOT/annotations/captions_{split}2017.json and
+                         images in ROOT/{split}2017/
+  imagefolder:ROOT       one folder per class (ROOT/{split}/<class>/ or ROOT/<class>/),
+                         for zero-shot evaluation
   torchvision:NAME       a torchvision classification set (CIFAR10, STL10, Food101, ...), downloaded
                          to ~/.cache/structure-align on the user's machine
 
@@ -97,7 +99,7 @@ def digits_source(split: str) -> Source:
     return Source(manifest, load, list(DIGIT_WORDS))
 
 
-# -- files on disk ----------------------------------------------------------------------------------
+# -- files on disk ------------------------------------------------------------------------
 def open_image(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
@@ -138,7 +140,9 @@ def pairs_source(file: str, split: str) -> Source:
     elif split not in ("train", "all"):
         raise UserError(f"{path} has no `split` column, so it only has the split `train`")
     if table[caption_col].isna().any():
-        raise UserError(f"{path} has empty captions in rows {list(table.index[table[caption_col].isna()][:5])}")
+        raise UserError(
+            f"{path} has empty captions in rows {list(table.index[table[caption_col].isna()][:5])}"
+        )
     images = [str((path.parent / p).resolve()) for p in table[image_col].astype(str)]
     image_row, unique = pd.factorize(pd.Series(images))
     labels, names = (
@@ -233,9 +237,15 @@ def torchvision_source(name: str, split: str) -> Source:
     try:
         data = cls(root, download=True, **kwargs)
     except (OSError, RuntimeError) as err:
-        raise UserError(f"cannot get torchvision {name} ({split}): {str(err).splitlines()[0]}") from err
+        raise UserError(
+            f"cannot get torchvision {name} ({split}): {str(err).splitlines()[0]}"
+        ) from err
     names = list(getattr(data, "classes", []) or getattr(data, "categories", []))
-    labels = np.array([data[i][1] for i in range(len(data))]) if not hasattr(data, "targets") else np.asarray(data.targets)
+    labels = (
+        np.array([data[i][1] for i in range(len(data))])
+        if not hasattr(data, "targets")
+        else np.asarray(data.targets)
+    )
     manifest = pd.DataFrame(
         {
             "image_row": np.arange(len(data)),

@@ -59,7 +59,7 @@ class Encoder:
     config: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """Hash of the architecture and every weight: a changed model is never mixed into a store."""
+        """Hash of the architecture and all weights: a changed model never mixes into a store."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(json.dumps(self.config, sort_keys=True, default=str).encode())
         for name, tensor in self.model.state_dict().items():
@@ -232,14 +232,21 @@ def tiny_random_vit(spec: str) -> Encoder:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     config = Dinov2Config(
-        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=4,
-        num_attention_heads=4, mlp_ratio=2,
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        mlp_ratio=2,
     )
     torch.manual_seed(0)
     model = Dinov2Model(config).eval().requires_grad_(False)
     processor = BitImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+        do_convert_rgb=True,
     )
     return hf_image_encoder(spec, model, processor, revision="random-init-seed-0")
 
@@ -251,8 +258,13 @@ def tiny_random_text(spec: str) -> Encoder:
 
     tokenizer = ByT5Tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = BertModel(config, add_pooling_layer=False).eval().requires_grad_(False)

@@ -46,7 +46,9 @@ class RowDataset(Dataset):
     """Row r -> (r, prepared input or None, error message); a bad image is reported, not raised,
     so the main process decides (stop with its name, or skip it with --skip-bad)."""
 
-    def __init__(self, fetch: Callable[[int], Any], prepare: Callable[[Any], Any], names: list[str]):
+    def __init__(
+        self, fetch: Callable[[int], Any], prepare: Callable[[Any], Any], names: list[str]
+    ):
         self.fetch, self.prepare, self.names = fetch, prepare, names
 
     def __len__(self) -> int:
@@ -139,16 +141,24 @@ def rows_to_embed(source: Source, manifest: pd.DataFrame, modality: str):
 
 
 def open_array(
-    store: FeatureStore, dataset: str, split: str, encoder: Encoder, n_rows: int,
-    attrs: dict[str, Any], opts: ExtractOptions,
+    store: FeatureStore,
+    dataset: str,
+    split: str,
+    encoder: Encoder,
+    n_rows: int,
+    attrs: dict[str, Any],
+    opts: ExtractOptions,
 ) -> FeatureArray:
     """The existing array when it matches this source and model, else a new empty one."""
     shape = (n_rows, len(encoder.layer_names), encoder.dim)
     if store.has(dataset, split, encoder.modality, encoder.spec) and not opts.overwrite:
         array = store.open(dataset, split, encoder.modality, encoder.spec, check_source=False)
         wanted = {**attrs, "dtype": opts.dtype}
-        changed = [k for k in ("source_fingerprint", "model_fingerprint", "dtype")
-                   if array.attrs.get(k) != wanted[k]]
+        changed = [
+            k
+            for k in ("source_fingerprint", "model_fingerprint", "dtype")
+            if array.attrs.get(k) != wanted[k]
+        ]
         if array.shape != shape:
             changed.append("shape")
         if changed:
@@ -158,8 +168,16 @@ def open_array(
             )
         return array
     return store.create(
-        dataset, split, encoder.modality, encoder.spec, n_rows, encoder.layer_names,
-        encoder.dim, opts.dtype, opts.block_rows, attrs,
+        dataset,
+        split,
+        encoder.modality,
+        encoder.spec,
+        n_rows,
+        encoder.layer_names,
+        encoder.dim,
+        opts.dtype,
+        opts.block_rows,
+        attrs,
     )
 
 
@@ -189,8 +207,10 @@ def extract(
         return array
     if len(todo) < array.n_blocks:
         leftovers = array.remove_partial_files()
-        print(f"{array.path}: resuming, {array.n_blocks - len(todo)} of {array.n_blocks} "
-              f"blocks already done" + (f", removed {leftovers} partial files" if leftovers else ""))
+        print(
+            f"{array.path}: resuming, {array.n_blocks - len(todo)} of {array.n_blocks} "
+            f"blocks already done" + (f", removed {leftovers} partial files" if leftovers else "")
+        )
 
     device = pick_device(opts.device)
     encoder.model.to(device)
@@ -207,14 +227,21 @@ def extract(
     seconds = time.perf_counter() - started
     if opts.skip_bad and encoder.modality == "image":
         record_skipped(store, dataset, split, manifest, array)
-    print(f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers x {encoder.dim} "
-          f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)")
+    print(
+        f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers x {encoder.dim} "
+        f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
+    )
     return array
 
 
 def run_blocks(
-    array: FeatureArray, encoder: Encoder, loader: DataLoader, names: list[str],
-    device: torch.device, opts: ExtractOptions, n_todo: int,
+    array: FeatureArray,
+    encoder: Encoder,
+    loader: DataLoader,
+    names: list[str],
+    device: torch.device,
+    opts: ExtractOptions,
+    n_todo: int,
 ) -> None:
     """The hot loop: embed batches, fill each block's buffer, write the block when it is full."""
     n_layers, dim = len(encoder.layer_names), encoder.dim
@@ -222,33 +249,44 @@ def run_blocks(
     filled: dict[int, int] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     unit = " img" if encoder.modality == "image" else " txt"
-    bar = tqdm(total=n_todo, unit=unit, desc=f"extract {encoder.spec}", disable=not opts.progress,
-               file=sys.stderr, smoothing=0.1)
-    for rows, batch, errors in loader:
-        bad = [i for i, err in enumerate(errors) if err]
-        if bad and not opts.skip_bad:
-            i = bad[0]
-            raise UserError(f"cannot read image {names[rows[i]]}: {errors[i]} "
-                            "(fix or remove it, or pass --skip-bad to skip such images)")
-        values = np.full((len(rows), n_layers, dim), np.nan, dtype=np.float32)
-        if batch is not None:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.inference_mode(), autocast:
-                out = encoder.embed(batch).float().cpu().numpy()
-            if not np.isfinite(out).all():
-                raise UserError(f"{encoder.spec} produced NaN or infinite features for rows "
-                                f"{rows[0]}-{rows[-1]}; the model or its inputs are broken")
-            values[[i for i in range(len(rows)) if i not in bad]] = out
-        block = int(rows[0]) // array.block_rows
-        span = array.block_slice(block)
-        buffer = buffers.setdefault(block, np.empty((span.stop - span.start, n_layers, dim),
-                                                    dtype=np.float32))
-        buffer[rows - span.start] = values
-        filled[block] = filled.get(block, 0) + len(rows)
-        if filled[block] == len(buffer):
-            array.write_block(block, buffers.pop(block))
-        bar.update(len(rows))
-    bar.close()
+    bar = tqdm(
+        total=n_todo,
+        unit=unit,
+        desc=f"extract {encoder.spec}",
+        disable=not opts.progress,
+        file=sys.stderr,
+        smoothing=0.1,
+    )
+    with bar:  # closed before any error is printed, so the error stays on a line of its own
+        for rows, batch, errors in loader:
+            bad = [i for i, err in enumerate(errors) if err]
+            if bad and not opts.skip_bad:
+                i = bad[0]
+                raise UserError(
+                    f"cannot read image {names[rows[i]]}: {errors[i]} "
+                    "(fix or remove it, or pass --skip-bad to skip such images)"
+                )
+            values = np.full((len(rows), n_layers, dim), np.nan, dtype=np.float32)
+            if batch is not None:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with torch.inference_mode(), autocast:
+                    out = encoder.embed(batch).float().cpu().numpy()
+                if not np.isfinite(out).all():
+                    raise UserError(
+                        f"{encoder.spec} produced NaN or infinite features for rows "
+                        f"{rows[0]}-{rows[-1]}; the model or its inputs are broken"
+                    )
+                values[[i for i in range(len(rows)) if i not in bad]] = out
+            block = int(rows[0]) // array.block_rows
+            span = array.block_slice(block)
+            buffer = buffers.setdefault(
+                block, np.empty((span.stop - span.start, n_layers, dim), dtype=np.float32)
+            )
+            buffer[rows - span.start] = values
+            filled[block] = filled.get(block, 0) + len(rows)
+            if filled[block] == len(buffer):
+                array.write_block(block, buffers.pop(block))
+            bar.update(len(rows))
 
 
 def record_skipped(

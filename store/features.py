@@ -183,7 +183,9 @@ class FeatureStore:
         self.root = Path(path)
         if not self.root.exists():
             if not create:
-                raise UserError(f"no feature store at {self.root} (run `python -m pipeline extract`)")
+                raise UserError(
+                    f"no feature store at {self.root} (run `python -m pipeline extract`)"
+                )
             self.group = zarr.open_group(self.root, mode="a", zarr_format=3)
             return
         if not (self.root / "zarr.json").is_file():

@@ -27,7 +27,15 @@ def write_features(
     names = list(layer_names) if layer_names else [f"layer.{i}" for i in range(n_layers)]
     store = FeatureStore(store_path, create=True)
     array = store.create(
-        dataset, split, modality, model, n, names, dim, dtype, block_rows,
+        dataset,
+        split,
+        modality,
+        model,
+        n,
+        names,
+        dim,
+        dtype,
+        block_rows,
         {"model_id": model, "pooling": "synthetic"},
     )
     for block in range(array.n_blocks):
@@ -58,7 +66,9 @@ def write_pairs_manifest(
             "label_name": names,
         }
     )
-    return write_manifest(FeatureStore(store_path, create=True).manifest_path(dataset, split), table)
+    return write_manifest(
+        FeatureStore(store_path, create=True).manifest_path(dataset, split), table
+    )
 
 
 def write_prompts_manifest(
@@ -97,3 +107,11 @@ def run_cli(args: Sequence[str], capsys) -> tuple[int, str, str]:
         sys.argv = argv
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def one_line_error(stderr: str) -> str:
+    """The single `error: ...` line of a failed command (progress bars may precede it)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]

@@ -13,14 +13,17 @@ from stages.extract import ExtractOptions, extract
 @app.command("extract")
 def extract_command(
     model: str = typer.Option(
-        "tiny-random-vit", "--model", "-m",
+        "tiny-random-vit",
+        "--model",
+        "-m",
         help="Alias (dinov2, dinov2-small|base|large|giant, roberta-large, minilm, "
         "tiny-random-vit, tiny-random-text), Hugging Face id, local directory or timm:<name>.",
     ),
     dataset: str = typer.Option("digits", help="Dataset name in the store."),
     source: str = typer.Option(
-        "", help="digits | pairs:FILE | coco:ROOT | imagefolder:ROOT | torchvision:NAME "
-        "(default: the dataset name)."
+        "",
+        help="digits | pairs:FILE | coco:ROOT | imagefolder:ROOT | torchvision:NAME "
+        "(default: the dataset name).",
     ),
     split: str = typer.Option("train", help="train, test, ... or `prompts` (class prompts)."),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
@@ -37,8 +40,15 @@ def extract_command(
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
     opts = ExtractOptions(
-        batch_size=batch_size, block_rows=block_rows, dtype=dtype, device=device,
-        num_workers=num_workers, limit=limit, overwrite=overwrite, skip_bad=skip_bad,
-        revision=revision or None, trust_remote_code=trust_remote_code,
+        batch_size=batch_size,
+        block_rows=block_rows,
+        dtype=dtype,
+        device=device,
+        num_workers=num_workers,
+        limit=limit,
+        overwrite=overwrite,
+        skip_bad=skip_bad,
+        revision=revision or None,
+        trust_remote_code=trust_remote_code,
     )
     extract(str(store), dataset, split, source or dataset, model, opts)

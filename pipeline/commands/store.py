@@ -31,8 +31,15 @@ def ls(store: Path = typer.Option(Path("features.zarr"), help="Feature store pat
     header = ("dataset", "split", "modality", "model", "N", "L", "D", "dtype", "size", "state")
     rows = [
         (
-            e.dataset, e.split, e.modality, e.model, str(e.n), str(e.layers), str(e.dim),
-            e.dtype, human_bytes(e.bytes),
+            e.dataset,
+            e.split,
+            e.modality,
+            e.model,
+            str(e.n),
+            str(e.layers),
+            str(e.dim),
+            e.dtype,
+            human_bytes(e.bytes),
             "complete" if e.complete else f"partial {e.blocks_done}/{e.blocks} blocks",
         )
         for e in entries
