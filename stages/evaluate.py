@@ -1,12 +1,17 @@
 """Stage 3: zero-shot classification and retrieval of a trained run, from stored features.
 
 The metric functions are pure (embeddings in, percentages out) and use cosine similarity.
-Ties are broken against the query: a candidate that scores exactly as high as the relevant one
-counts as ranked above it. So collapsed (constant) embeddings score 0 instead of looking
-perfect, and a result never depends on the order of the candidates.
 
-Every metric reduces to one rank per query: the number of irrelevant candidates that score at
-least as high as the best relevant candidate. A query is a hit at K when that rank is below K.
+Ties: a query's hit at K is its expected value when tied scores are ordered uniformly at
+random, computed exactly (no sampling), so a result never depends on the order of the
+candidates and never credits a tie to the query. Collapsed (constant) embeddings score
+chance, not 100 %; identical texts (digits' templated captions repeat across images) share
+the credit of a tie instead of all winning or all losing it.
+
+For one query, with s* the score of its best relevant candidate: g irrelevant candidates
+score above s*, e irrelevant and r relevant ones score exactly s*. The first relevant item
+of the tied block lands behind X of its e irrelevant items, P(X >= m) = C(e, m) / C(e + r, m),
+so P(hit at K) = P(g + X < K) = 1 - C(e, K - g) / C(e + r, K - g) (0 when g >= K).
 """
 
 from __future__ import annotations
@@ -57,30 +62,53 @@ def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def relevant_ranks(
+def tie_counts(
     queries: torch.Tensor,
     candidates: torch.Tensor,
     query_group: torch.Tensor,
     candidate_group: torch.Tensor,
-) -> torch.Tensor:
-    """For each query, how many irrelevant candidates score >= its best relevant candidate.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query (g, e, r): irrelevant candidates scoring above its best relevant one,
+    irrelevant ones tied with it, and relevant ones tied with it (r >= 1).
 
     Candidate c is relevant to query q when candidate_group[c] == query_group[q]. Scores are
     inner products (normalise first for cosine). Every query must have a relevant candidate.
     """
-    q_norm, c_norm = queries.shape[0], max(candidates.shape[0], 1)
-    step = max(1, CHUNK_ELEMENTS // c_norm)
-    ranks = []
-    for start in range(0, q_norm, step):
+    step = max(1, CHUNK_ELEMENTS // max(candidates.shape[0], 1))
+    counts = []
+    for start in range(0, queries.shape[0], step):
         scores = queries[start : start + step] @ candidates.T
         relevant = query_group[start : start + step, None] == candidate_group[None, :]
         best = scores.masked_fill(~relevant, -torch.inf).amax(dim=1, keepdim=True)
-        ranks.append(((scores >= best) & ~relevant).sum(dim=1))
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        tied = scores == best
+        counts.append(
+            torch.stack(
+                [
+                    ((scores > best) & ~relevant).sum(1),
+                    (tied & ~relevant).sum(1),
+                    (tied & relevant).sum(1),
+                ]
+            )
+        )
+    g, e, r = torch.cat(counts, dim=1) if counts else torch.zeros(3, 0, dtype=torch.long)
+    return g, e, r
 
 
-def _recall(ranks: torch.Tensor, k: int) -> float:
-    return 100.0 * float((ranks < k).double().mean())
+def hit_probability(g: torch.Tensor, e: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor:
+    """P(some relevant candidate is in the top k) with ties in random order (float64)."""
+    g, e, r = g.double(), e.double(), r.double()
+    m = torch.minimum((k - g).clamp(min=0), e)  # irrelevant tied items that still fit before
+    # log C(e, m) - log C(e + r, m); lgamma is exact enough for counts up to millions
+    log_ratio = (
+        torch.lgamma(e + 1) - torch.lgamma(e - m + 1) - torch.lgamma(e + r + 1)
+        + torch.lgamma(e + r - m + 1)
+    )  # fmt: skip
+    miss = torch.where(k - g > e, 0.0, torch.exp(log_ratio))  # the whole tie fits: a hit
+    return torch.where(g >= k, 0.0, 1.0 - miss)
+
+
+def _recall(counts: tuple[torch.Tensor, ...], k: int) -> float:
+    return 100.0 * float(hit_probability(*counts, k).mean())
 
 
 def class_embeddings(text_emb: ArrayLike, prompt_labels: ArrayLike, n_classes: int) -> torch.Tensor:
@@ -109,8 +137,8 @@ def zero_shot_accuracy(
     if images.shape[0] == 0:
         raise UserError("zero-shot accuracy needs at least one labelled image")
     target = _index(labels, classes.shape[0], "image labels", images.shape[0])
-    ranks = relevant_ranks(images, classes, target, torch.arange(classes.shape[0]))
-    return {f"top{k}": _recall(ranks, k) for k in topk}
+    counts = tie_counts(images, classes, target, torch.arange(classes.shape[0]))
+    return {f"top{k}": _recall(counts, k) for k in topk}
 
 
 def retrieval_recall(
@@ -137,8 +165,8 @@ def retrieval_recall(
             f"{images.shape[0]} images have none"
         )
     image_ids = torch.arange(images.shape[0])
-    i2t = relevant_ranks(images, texts, image_ids, owner)
-    t2i = relevant_ranks(texts, images, owner, image_ids)
+    i2t = tie_counts(images, texts, image_ids, owner)
+    t2i = tie_counts(texts, images, owner, image_ids)
     out = {f"i2t_r{k}": _recall(i2t, k) for k in ks}
     out.update({f"t2i_r{k}": _recall(t2i, k) for k in ks})
     return out
@@ -183,23 +211,15 @@ def _class_names(table: pd.DataFrame) -> dict[int, str]:
     return dict(zip(named["label"].astype(int), named["label_name"].astype(str), strict=True))
 
 
+RUN_FIELDS = (
+    "image_model", "text_model", "dataset", "image_layer", "text_layer", "head",
+    "lambda", "levels", "temperature", "n_pairs", "n_train", "seed",
+)  # fmt: skip
+
+
 def run_summary(config: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """The config fields a comparison table needs."""
-    hyper = config.get("hyperparameters") or {}
-    pick = lambda key: config.get(key, hyper.get(key))  # noqa: E731
-    return {
-        "run_dir": str(run_dir),
-        "image_model": pick("image_model"),
-        "text_model": pick("text_model"),
-        "train_dataset": pick("dataset"),
-        "image_layer": pick("image_layer"),
-        "text_layer": pick("text_layer"),
-        "head": pick("head"),
-        "lambda": pick("lambda"),
-        "levels": pick("levels"),
-        "n_pairs": pick("n_pairs"),
-        "seed": pick("seed"),
-    }
+    """The fields of an align run's config.json that a comparison needs (None when absent)."""
+    return {"run_dir": str(run_dir), **{key: config.get(key) for key in RUN_FIELDS}}
 
 
 def evaluate_run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -28,18 +29,22 @@ from tests.helpers import write_features, write_pairs_manifest, write_prompts_ma
 IMG, TXT = "fake-img", "fake-txt"
 
 
-# -- an independent float64 reference: sort every row, find the first relevant position -------
-def ref_ranks(queries, candidates, relevant):
-    """Rank of the best relevant candidate with ties broken against it (stable sort on -score,
-    relevant candidates placed after irrelevant ones of equal score)."""
+# -- an independent float64 reference: enumerate every order of the tied candidates ----------
+def ref_hit_rates(queries, candidates, relevant, ks):
+    """Recall@K in percent: per query, the fraction of all orders of its tied block (the
+    candidates scoring exactly as its best relevant one) that put a relevant one in the top K."""
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     c = candidates / np.linalg.norm(candidates, axis=1, keepdims=True)
     scores = q.astype(np.float64) @ c.astype(np.float64).T
-    ranks = []
-    for s, rel in zip(scores, relevant, strict=True):
-        order = np.lexsort((rel, -s))  # primary: score descending; ties: irrelevant first
-        ranks.append(int(np.flatnonzero(rel[order])[0]))
-    return np.array(ranks)
+    hits = np.zeros((len(scores), len(ks)))
+    for i, (s, rel) in enumerate(zip(scores, relevant, strict=True)):
+        best = s[rel].max()
+        above = int((s > best).sum())
+        block = rel[s == best]
+        orders = list(itertools.permutations(block))
+        first = np.array([above + list(order).index(True) for order in orders])
+        hits[i] = [np.mean(first < k) for k in ks]
+    return {k: 100 * hits[:, j].mean() for j, k in enumerate(ks)}
 
 
 def test_perfect_alignment_gives_100():
@@ -80,36 +85,46 @@ def test_multi_caption_relevance_and_ties():
     owner = np.repeat(np.arange(3), 3)
     out = retrieval_recall(images, texts, owner, ks=(1, 2, 3))
     assert out["i2t_r1"] == 100.0  # any one caption of the image in the top 1 is a hit
-    # decoy captions tie (score 0) with all three images: ties count against them
-    assert out["t2i_r1"] == pytest.approx(100 / 3)
-    assert out["t2i_r2"] == pytest.approx(100 / 3)
+    # a decoy ties (score 0) with its image and 2 others: P(hit@1) = 1/3, P(hit@2) = 2/3
+    assert out["t2i_r1"] == pytest.approx(100 * (3 + 6 / 3) / 9)
+    assert out["t2i_r2"] == pytest.approx(100 * (3 + 6 * 2 / 3) / 9)
     assert out["t2i_r3"] == 100.0
 
 
-def test_constant_embeddings_score_zero():
+def test_constant_embeddings_score_chance():
     ones = np.ones((8, 4))
-    out = retrieval_recall(ones, ones, np.arange(8), ks=(1, 7, 8))
-    assert out["i2t_r1"] == out["t2i_r1"] == 0.0
-    assert out["t2i_r7"] == 0.0 and out["t2i_r8"] == 100.0
-    acc = zero_shot_accuracy(ones, np.ones((3, 4)), np.zeros(8, dtype=int), topk=(1, 3))
-    assert acc == {"top1": 0.0, "top3": 100.0}
+    out = retrieval_recall(ones, ones, np.arange(8), ks=(1, 3, 8))
+    assert out["i2t_r1"] == out["t2i_r1"] == pytest.approx(100 / 8)
+    assert out["t2i_r3"] == pytest.approx(300 / 8) and out["t2i_r8"] == 100.0
+    acc = zero_shot_accuracy(ones, np.ones((3, 4)), np.zeros(8, dtype=int), topk=(1, 2, 3))
+    assert acc == pytest.approx({"top1": 100 / 3, "top2": 200 / 3, "top3": 100.0})
+    # 2 relevant among 6 tied candidates: P(hit@1) = 2/6, P(hit@2) = 1 - C(4,2)/C(6,2) = 9/15
+    out = retrieval_recall(np.ones((3, 4)), np.ones((6, 4)), np.repeat(np.arange(3), 2), (1, 2))
+    assert out["i2t_r1"] == pytest.approx(100 * 2 / 6) and out["i2t_r2"] == pytest.approx(60.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ranks_match_float64_reference(seed):
+def test_recall_matches_float64_reference(seed):
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(40, 8)).astype(np.float32)
     owner = rng.integers(0, 40, size=120)
     owner[:40] = np.arange(40)  # every image has a caption
     texts = (images[owner] + rng.normal(size=(120, 8))).astype(np.float32)
-    texts[5] = texts[6]  # an exact duplicate caption: a tie
+    texts[50:54] = texts[5]  # duplicated captions (of other images): ties
+    images[30:33] = images[7]  # duplicated images: ties the other way
     ks = (1, 5, 10)
     got = retrieval_recall(images, texts, owner, ks)
-    i2t = ref_ranks(images, texts, owner[None, :] == np.arange(40)[:, None])
-    t2i = ref_ranks(texts, images, np.arange(40)[None, :] == owner[:, None])
+    i2t = ref_hit_rates(images, texts, owner[None, :] == np.arange(40)[:, None], ks)
+    t2i = ref_hit_rates(texts, images, np.arange(40)[None, :] == owner[:, None], ks)
     for k in ks:
-        assert got[f"i2t_r{k}"] == pytest.approx(100 * np.mean(i2t < k), abs=1e-9)
-        assert got[f"t2i_r{k}"] == pytest.approx(100 * np.mean(t2i < k), abs=1e-9)
+        assert got[f"i2t_r{k}"] == pytest.approx(i2t[k], abs=1e-9)
+        assert got[f"t2i_r{k}"] == pytest.approx(t2i[k], abs=1e-9)
+    classes = images[:6] + rng.normal(size=(6, 8)).astype(np.float32)
+    classes[4] = classes[2]  # two classes with one embedding
+    labels = rng.integers(0, 6, size=40)
+    acc = zero_shot_accuracy(images, classes, labels, topk=(1, 2, 5))
+    want = ref_hit_rates(images, classes, np.arange(6)[None, :] == labels[:, None], (1, 2, 5))
+    assert [acc["top1"], acc["top2"], acc["top5"]] == pytest.approx(list(want.values()))
 
 
 def test_chance_level_on_random_embeddings():
