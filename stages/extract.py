@@ -28,6 +28,13 @@ SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "l
 
 
 @dataclass
+class ExtractResult:
+    array: FeatureArray
+    rows: int  # rows embedded by this run (0 when it was already complete)
+    seconds: float  # time in the embedding loop (model loading excluded)
+
+
+@dataclass
 class ExtractOptions:
     batch_size: int = 64
     block_rows: int = 512
@@ -183,7 +190,7 @@ def open_array(
 
 def extract(
     store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
-) -> FeatureArray:
+) -> ExtractResult:
     """Extract every layer of `model` over one split into the store; resumes where it stopped."""
     source = load_source(source_spec, split)
     manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
@@ -204,7 +211,7 @@ def extract(
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
     if not todo:
         print(f"{array.path}: already complete ({array.shape[0]} rows), nothing to do")
-        return array
+        return ExtractResult(array, 0, 0.0)
     if len(todo) < array.n_blocks:
         leftovers = array.remove_partial_files()
         print(
@@ -231,7 +238,7 @@ def extract(
         f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers x {encoder.dim} "
         f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
     )
-    return array
+    return ExtractResult(array, n_todo, seconds)
 
 
 def run_blocks(
