@@ -235,8 +235,17 @@ def evaluate_run(
     no labels, retrieval when it has no captions; the metrics then say why.
     """
     config, image_head, text_head = load_run(run_dir)
+    missing = [
+        k for k in ("image_model", "text_model", "image_layer", "text_layer") if k not in config
+    ]
+    if missing:
+        raise UserError(
+            f"{run_dir}/config.json lacks {', '.join(missing)}; train it again with align"
+        )
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    dataset = dataset or config["dataset"]
+    dataset = dataset or config.get("dataset")
+    if not dataset:
+        raise UserError(f"{run_dir}/config.json names no dataset; pass --dataset")
     image_model, text_model = config["image_model"], config["text_model"]
     image_layer, text_layer = config["image_layer"], config["text_layer"]
     where = f"{dataset}/{split}"

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import pipeline.commands.evaluate  # noqa: F401  (registers evaluate and compare)
-from pipeline.app import app
+from pipeline.app import app, main
 from stages.evaluate import (
     class_embeddings,
     comparison_table,
@@ -282,6 +282,22 @@ def test_run_without_checkpoint(planted, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_config()))
     with pytest.raises(UserError, match="head.safetensors"):
         evaluate_run(tmp_path, planted["store"], "synth")
+
+
+def test_cli_errors_are_one_line(planted, tmp_path, monkeypatch, capsys):
+    argv = ["pipeline", "--params", "/nonexistent.yaml", "evaluate", "--run", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "head.safetensors" in err
+    run = _run(planted, "nolayer")
+    config = json.loads((run / "config.json").read_text())
+    del config["text_layer"]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="config.json lacks text_layer"):
+        evaluate_run(run, planted["store"])
 
 
 def test_missing_eval_features_name_the_extract_command(planted, tmp_path):

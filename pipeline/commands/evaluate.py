@@ -12,7 +12,7 @@ import typer
 
 from pipeline.app import app
 from stages.evaluate import comparison_table, evaluate_run, to_markdown
-from store import FeatureStore, UserError
+from store import UserError
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -83,7 +83,7 @@ def evaluate(
         raise UserError(f"unexpected arguments {[str(r) for r in runs]}; did you mean --compare?")
     if run is None:
         raise UserError("give the run directory with --run DIR (or compare runs with --compare)")
-    metrics = evaluate_run(run, FeatureStore(store), dataset, split, prompts_split)
+    metrics = evaluate_run(run, store, dataset, split, prompts_split)
     path = out or run / "metrics.json"
     _write_text(path, json.dumps(metrics, indent=2) + "\n")
     typer.echo(format_metrics(metrics))
