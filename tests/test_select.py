@@ -20,6 +20,8 @@ from stages.select import (
     graph_overlap,
     knn_graph,
     mutual_knn_scores,
+    normalise_rows,
+    rank_candidates,
     resolve_k,
     resolve_layers,
     sample_pairs,
@@ -125,6 +127,27 @@ def test_scores_match_brute_force_with_ties():
         np.testing.assert_allclose(
             mutual_knn_scores(image, text, k, device="cpu"), brute_table(image, text, k), atol=1e-12
         )
+
+
+def test_candidate_order_from_the_backend_does_not_matter():
+    rng = np.random.default_rng(6)
+    x = normalise_rows(np.concatenate([rng.standard_normal((60, 6))] * 2))  # ties everywhere
+    sims, ids = search_cpu(x, 14)
+    shuffle = np.argsort(rng.random(ids.shape), axis=1)
+    shuffled = rank_candidates(
+        x, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5
+    )
+    np.testing.assert_array_equal(shuffled, rank_candidates(x, sims, ids, 5))
+    np.testing.assert_array_equal(shuffled, np.array(brute_knn(x, 5)))
+
+
+def test_normalise_rows_at_extreme_scales():
+    x = np.array([[1e30, 1e30, 0], [1e-30, 0, 1e-30], [3, 4, 0], [0, -2e-45, 0]])
+    want = x / np.linalg.norm(x / np.abs(x).max(axis=1, keepdims=True), axis=1, keepdims=True)
+    want /= np.abs(x).max(axis=1, keepdims=True)
+    got = normalise_rows(x.astype(np.float32))
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_identical_and_unrelated_layers():
