@@ -457,7 +457,6 @@ def plot_heatmap(selection: Selection, path: Path) -> None:
         s=160,
         c="red",
         edgecolors="white",
-        label=f"chosen {info['score']:.3f}",
     )
     ax.add_patch(
         plt.Rectangle(
@@ -469,8 +468,11 @@ def plot_heatmap(selection: Selection, path: Path) -> None:
             linewidth=2,
         )
     )
-    ax.legend(loc="upper left", fontsize=7)
-    ax.set_title(f"{info['dataset']}/{info['split']}: layer-pair similarity", fontsize=9)
+    ax.set_title(
+        f"{info['dataset']}/{info['split']}: chosen (*) {info['image_layer']} x "
+        f"{info['text_layer']} = {info['score']:.3f}, last pair {info['last_score']:.3f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
