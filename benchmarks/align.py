@@ -123,7 +123,7 @@ def main() -> None:
         f"batch {args.batch}, D {args.in_dim} -> d {args.out_dim}, linear heads, {args.device} "
         f"({where}), median of {args.repeats} steps, torch {torch.__version__}"
     )
-    print(f"{'variant':<12} {'s/step':>8} {'x clip':>7} {'pairs/s':>9}")
+    print(f"{'variant':<12} {'ms/step':>9} {'x clip':>7} {'pairs/s':>9}")
     base = None
     for variant in [v.strip() for v in args.variants.split(",")]:
         heads = (
@@ -136,7 +136,9 @@ def main() -> None:
         step = make_step(variant, xi, xt, heads, optimizer, lam=10.0, tau=0.05)
         seconds = timed(step, args.repeats, args.device)
         base = base or seconds
-        print(f"{variant:<12} {seconds:8.3f} {seconds / base:7.2f} {args.batch / seconds:9.0f}")
+        print(
+            f"{variant:<12} {1e3 * seconds:9.1f} {seconds / base:7.2f} {args.batch / seconds:9.0f}"
+        )
 
 
 if __name__ == "__main__":
