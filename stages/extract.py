@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,8 @@ class ExtractOptions:
     revision: str | None = None
     trust_remote_code: bool = False
     progress: bool = True
+    scheduler: str = ""  # a dask scheduler address or local:N; empty = this process
+    retries: int = 2  # re-runs of a failed cluster task (a killed worker's are re-run anyway)
 
 
 class RowDataset(Dataset):
@@ -188,10 +191,25 @@ def open_array(
     )
 
 
-def extract(
+@dataclass
+class ExtractJob:
+    """What the coordinator knows after planning: the array (created), the manifest (synced)
+    and the blocks still to embed."""
+
+    store: FeatureStore
+    array: FeatureArray
+    encoder: Encoder
+    manifest: pd.DataFrame
+    fetch: Callable[[int], Any]
+    names: list[str]
+    todo: list[int]
+
+
+def plan_extraction(
     store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
-) -> ExtractResult:
-    """Extract every layer of `model` over one split into the store; resumes where it stopped."""
+) -> ExtractJob:
+    """Load the source and the model, sync the manifest, create (or reopen) the array, and list
+    the incomplete blocks. Only this coordinator creates arrays and writes attributes."""
     source = load_source(source_spec, split)
     manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
     encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
@@ -209,36 +227,162 @@ def extract(
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
-    if not todo:
-        print(f"{array.path}: already complete ({array.shape[0]} rows), nothing to do")
-        return ExtractResult(array, 0, 0.0)
-    if len(todo) < array.n_blocks:
+    if todo and len(todo) < array.n_blocks:
         leftovers = array.remove_partial_files()
         print(
             f"{array.path}: resuming, {array.n_blocks - len(todo)} of {array.n_blocks} "
             f"blocks already done" + (f", removed {leftovers} partial files" if leftovers else "")
         )
+    return ExtractJob(store, array, encoder, manifest, fetch, names, todo)
 
-    device = pick_device(opts.device)
-    encoder.model.to(device)
-    loader = DataLoader(
-        RowDataset(fetch, encoder.prepare, names),
-        batch_sampler=BlockBatches(array, todo, opts.batch_size),
-        num_workers=opts.num_workers,
-        collate_fn=make_collate(encoder),
-        pin_memory=device.type == "cuda",
-    )
-    n_todo = sum(array.block_slice(b).stop - array.block_slice(b).start for b in todo)
-    started = time.perf_counter()
-    run_blocks(array, encoder, loader, names, device, opts, n_todo)
-    seconds = time.perf_counter() - started
+
+def block_rows_total(array: FeatureArray, blocks: list[int]) -> int:
+    return sum(array.block_slice(b).stop - array.block_slice(b).start for b in blocks)
+
+
+def extract(
+    store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
+) -> ExtractResult:
+    """Extract every layer of `model` over one split into the store; resumes where it stopped.
+    With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster)."""
+    job = plan_extraction(store_path, dataset, split, source_spec, model, opts)
+    array, encoder = job.array, job.encoder
+    if not job.todo:
+        print(f"{array.path}: already complete ({array.shape[0]} rows), nothing to do")
+        return ExtractResult(array, 0, 0.0)
+    n_todo = block_rows_total(array, job.todo)
+    if opts.scheduler:
+        seconds = extract_on_cluster(job, store_path, dataset, split, source_spec, model, opts)
+    else:
+        device = pick_device(opts.device)
+        encoder.model.to(device)
+        started = time.perf_counter()
+        embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
+        seconds = time.perf_counter() - started
     if opts.skip_bad and encoder.modality == "image":
-        record_skipped(store, dataset, split, manifest, array)
+        record_skipped(job.store, dataset, split, job.manifest, array)
     print(
         f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers x {encoder.dim} "
         f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
     )
     return ExtractResult(array, n_todo, seconds)
+
+
+def embed_blocks(
+    array: FeatureArray,
+    encoder: Encoder,
+    fetch: Callable[[int], Any],
+    names: list[str],
+    blocks: list[int],
+    device: torch.device,
+    opts: ExtractOptions,
+) -> None:
+    """Embed and write the given blocks: the one code path of both the single process and
+    every cluster task (there with one block, num_workers=0 and no progress bar)."""
+    loader = DataLoader(
+        RowDataset(fetch, encoder.prepare, names),
+        batch_sampler=BlockBatches(array, blocks, opts.batch_size),
+        num_workers=opts.num_workers,
+        collate_fn=make_collate(encoder),
+        pin_memory=device.type == "cuda",
+    )
+    run_blocks(array, encoder, loader, names, device, opts, block_rows_total(array, blocks))
+
+
+# -- the same blocks as tasks on a dask cluster -------------------------------------------------
+@dataclass
+class WorkerJob:
+    """Everything a worker needs to embed any block of one array; built once per worker."""
+
+    array: FeatureArray
+    encoder: Encoder
+    fetch: Callable[[int], Any]
+    names: list[str]
+    device: torch.device
+    opts: ExtractOptions
+
+
+def load_worker_job(
+    store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
+) -> WorkerJob:
+    """Runs on each worker (LoadOnce plugin): the model, the source and the array the
+    coordinator created, refusing a worker that sees other samples or other weights."""
+    source = load_source(source_spec, split)
+    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
+    encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
+    fetch, names = rows_to_embed(source, manifest, encoder.modality)
+    array = FeatureStore(store_path, create=True).open(
+        dataset, split, encoder.modality, encoder.spec, check_source=False
+    )
+    seen = {
+        "source_fingerprint": fingerprint(manifest, encoder.modality),
+        "model_fingerprint": encoder.fingerprint(),
+    }
+    differs = [k for k, v in seen.items() if array.attrs.get(k) != v]
+    if differs or array.shape[0] != len(names):
+        raise UserError(
+            f"a dask worker sees other {' and '.join(differs) or 'row counts'} than the "
+            f"coordinator for {array.path}; give every worker the same data, model and store"
+        )
+    device = pick_device(opts.device)
+    encoder.model.to(device)
+    # daemonic worker processes cannot start DataLoader workers; one bar is on the client
+    worker_opts = replace(opts, num_workers=0, progress=False)
+    return WorkerJob(array, encoder, fetch, names, device, worker_opts)
+
+
+def embed_block_task(block: int, plugin_name: str) -> str:
+    """One cluster task: embed and write one block (one shard, this task its only writer).
+    A bad input comes back as its message, not raised: retrying it would not help."""
+    from stages.cluster import loaded
+
+    job: WorkerJob = loaded(plugin_name)
+    try:
+        embed_blocks(job.array, job.encoder, job.fetch, job.names, [block], job.device, job.opts)
+    except UserError as err:
+        return str(err)
+    return ""
+
+
+def extract_on_cluster(
+    job: ExtractJob,
+    store_path: str,
+    dataset: str,
+    split: str,
+    source_spec: str,
+    model: str,
+    opts: ExtractOptions,
+) -> float:
+    """Run the incomplete blocks as tasks on the cluster; seconds from the first task submitted
+    (model loading on the workers excluded) to the last block written."""
+    from stages.cluster import connect, plugin, run_tasks
+
+    array = job.array
+    store_path = str(Path(store_path).resolve())  # workers may run in another directory
+    name = f"extract-{array.path}"
+    with (
+        connect(opts.scheduler) as client,
+        plugin(client, name, load_worker_job, store_path, dataset, split, source_spec, model, opts),
+    ):
+        started = time.perf_counter()
+        errors = run_tasks(
+            client,
+            embed_block_task,
+            job.todo,
+            name,
+            desc=f"extract {job.encoder.spec}",
+            unit=" img" if job.encoder.modality == "image" else " txt",
+            weights=[block_rows_total(array, [b]) for b in job.todo],
+            retries=opts.retries,
+            progress=opts.progress,
+        )
+        seconds = time.perf_counter() - started
+    first = next((e for e in errors if e), "")
+    if first:
+        raise UserError(first)
+    array.remove_partial_files()  # no writer is left: temporaries of killed workers can go
+    array.require_complete()
+    return seconds
 
 
 def run_blocks(

@@ -339,6 +339,21 @@ class Selection:
         )
 
 
+def layer_graph_task(
+    job: tuple[str, str, str, np.ndarray],
+    store_root: str,
+    dataset: str,
+    split: str,
+    k: int,
+    device: str,
+) -> np.ndarray:
+    """The kNN graph of one stored layer over the sampled rows; job = (modality, model, layer,
+    rows). Reads the store where it runs: here, or on a dask worker that sees the same path."""
+    modality, model, layer, rows = job
+    array = FeatureStore(store_root).open(dataset, split, modality, model, check_source=False)
+    return knn_graph(array.read_layer(layer)[rows], k, device, f"{array.path} {layer}")
+
+
 def sample_pairs(
     manifest: pd.DataFrame, n_samples: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -371,9 +386,11 @@ def run_selection(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    scheduler: str = "",
 ) -> Selection:
     """Score every layer pair on a seeded sample and write scores.parquet, selection.json and
-    heatmap.png to `out`."""
+    heatmap.png to `out`. With a dask `scheduler` (address or local:N) the kNN graphs are
+    built on the workers, one task per layer."""
     from tqdm import tqdm
 
     image = store.open(dataset, split, "image", image_model)
@@ -392,17 +409,21 @@ def run_selection(
     n = len(image_rows)
     k_value = resolve_k(k, n)
     names_i, names_t = image.layer_names, text.layer_names
-    bar = tqdm(
-        total=len(names_i) + len(names_t), desc="kNN graphs", unit="layer", disable=not progress
-    )
-    graphs = []
-    for array, rows in ((image, image_rows), (text, text_rows)):
-        graphs.append([])
-        for name in array.layer_names:  # one layer in memory at a time
-            x = array.read_layer(name)[rows]
-            graphs[-1].append(knn_graph(x, k_value, device, f"{array.path} {name}"))
-            bar.update()
-    bar.close()
+    jobs = [("image", image_model, name, image_rows) for name in names_i]
+    jobs += [("text", text_model, name, text_rows) for name in names_t]
+    common = (str(Path(store.root).resolve()), dataset, split, k_value, device)
+    if scheduler:  # one task per layer, features read on the worker; scored here
+        from stages.cluster import connect, run_tasks
+
+        with connect(scheduler) as client:
+            found = run_tasks(
+                client, layer_graph_task, jobs, *common, desc="kNN graphs", unit="layer",
+                progress=progress,
+            )  # fmt: skip
+    else:
+        bar = tqdm(jobs, desc="kNN graphs", unit="layer", disable=not progress)
+        found = [layer_graph_task(job, *common) for job in bar]  # one layer in memory at a time
+    graphs = [found[: len(names_i)], found[len(names_i) :]]
     scores = score_graphs(*graphs, device=device)
     best_i, best_t = np.unravel_index(int(np.argmax(scores)), scores.shape)
     info = {

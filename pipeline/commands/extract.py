@@ -37,6 +37,12 @@ def extract_command(
     skip_bad: bool = typer.Option(False, help="Skip unreadable images (recorded in the manifest)."),
     revision: str = typer.Option("", help="Hugging Face revision (branch, tag or commit)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a model's own Python code."),
+    scheduler: str = typer.Option(
+        "",
+        help="Run the blocks on a dask cluster: a scheduler address (tcp://host:8786) or "
+        "local:N (N local worker processes). Empty: this process.",
+    ),
+    retries: int = typer.Option(2, min=0, help="Re-runs of a failed cluster task."),
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
     opts = ExtractOptions(
@@ -50,5 +56,7 @@ def extract_command(
         skip_bad=skip_bad,
         revision=revision or None,
         trust_remote_code=trust_remote_code,
+        scheduler=scheduler,
+        retries=retries,
     )
     extract(str(store), dataset, split, source or dataset, model, opts)

@@ -27,6 +27,11 @@ def select(
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     out: Path = typer.Option(Path("runs/select"), help="Run directory for the outputs."),
     top: int = typer.Option(10, help="How many of the best pairs to print."),
+    scheduler: str = typer.Option(
+        "",
+        help="Build the per-layer kNN graphs on a dask cluster: a scheduler address "
+        "(tcp://host:8786) or local:N. Empty: this process.",
+    ),
 ) -> None:
     """Pick the layer pair whose kNN graphs agree most (mutual kNN, FAISS exact search)."""
     selection = run_selection(
@@ -40,6 +45,7 @@ def select(
         k=k,
         seed=seed,
         device=device,
+        scheduler=scheduler,
     )
     info = selection.info
     table = top_pairs(selection, top)
