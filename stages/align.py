@@ -5,6 +5,12 @@
 Plain loop: AdamW, cosine learning rate, lambda warmed up linearly, gradient clipping, early
 stopping on the validation CLIP loss (the best weights are kept). Writes into the run
 directory: head.safetensors + config.json (stages.heads), history.csv and curves.png.
+
+Rows reach the loop through a pair source: in memory (`MemoryPairs`), or, when the chosen layers
+of the pairs exceed `memory_cap`, streamed from the store (`StorePairs`): each epoch's shuffled
+batches are cut into windows that fit the cap, and each window is gathered with one pass over
+the store blocks it touches. Both sources yield the same batches, so for one seed the weights
+are the same.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +31,7 @@ from tqdm import tqdm
 
 from stages.heads import build_head, save_run
 from stages.losses import clip_loss, structure_regularizer, structure_targets
-from store import FeatureStore, UserError, pair_rows
+from store import FeatureArray, FeatureStore, UserError, pair_rows
 
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
@@ -121,7 +128,45 @@ def _fingerprint(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: attrs[k] for k in keys if k in attrs}
 
 
-def load_pairs(
+@dataclass
+class StoredPairs:
+    """The two stored arrays, the chosen layer of each and the rows that pair up (not read)."""
+
+    image: FeatureArray
+    text: FeatureArray
+    image_layer: int
+    text_layer: int
+    image_rows: np.ndarray
+    text_rows: np.ndarray
+    info: dict[str, Any]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.image.shape[2], self.text.shape[2]
+
+    def nbytes(self, n_pairs: int) -> int:
+        """Memory of n pairs of the chosen layers as float32 (what in-memory training holds)."""
+        return n_pairs * sum(self.dims) * 4
+
+    def what(self, modality: str) -> str:
+        array, layer = (
+            (self.image, self.image_layer) if modality == "image" else (self.text, self.text_layer)
+        )
+        return f"{modality} features {array.path} layer {array.layer_names[layer]}"
+
+    def load(self) -> PairedFeatures:
+        """Both chosen layers in memory, one row per pair."""
+        return PairedFeatures(
+            image=_finite(
+                self.image.read_layer(self.image_layer)[self.image_rows], self.what("image")
+            ),
+            text=_finite(self.text.read_layer(self.text_layer)[self.text_rows], self.what("text")),
+            image_rows=self.image_rows,
+            info=self.info,
+        )
+
+
+def open_pairs(
     store: FeatureStore,
     dataset: str,
     split: str,
@@ -129,8 +174,8 @@ def load_pairs(
     text_model: str,
     image_layer: str,
     text_layer: str,
-) -> PairedFeatures:
-    """The chosen layer of each array, row-paired through the manifest (captions share images)."""
+) -> StoredPairs:
+    """Check the arrays, layers and manifest; nothing of the features is read yet."""
     image = store.open(dataset, split, "image", image_model)
     text = store.open(dataset, split, "text", text_model)
     image_index, text_index = image.layer_index(image_layer), text.layer_index(text_layer)
@@ -138,27 +183,131 @@ def load_pairs(
     if len(image_rows) == 0:
         raise UserError(f"{dataset}/{split} has no image-text pairs to train on")
     for array, rows in ((image, image_rows), (text, text_rows)):
+        array.require_complete()
         if rows.max() >= array.shape[0]:
             raise UserError(
                 f"the manifest of {dataset}/{split} points past the {array.shape[0]} rows of "
                 f"{array.path}; extract this split again with --overwrite"
             )
-    image_name, text_name = image.layer_names[image_index], text.layer_names[text_index]
-    image_what = f"image features {image.path} layer {image_name}"
-    text_what = f"text features {text.path} layer {text_name}"
     info = {
-        "image_layer": image_name,
-        "text_layer": text_name,
+        "image_layer": image.layer_names[image_index],
+        "text_layer": text.layer_names[text_index],
         "image_layer_index": image_index,
         "text_layer_index": text_index,
         "store_fingerprint": {"image": _fingerprint(image.attrs), "text": _fingerprint(text.attrs)},
     }
-    return PairedFeatures(
-        image=_finite(image.read_layer(image_index)[image_rows], image_what),
-        text=_finite(text.read_layer(text_index)[text_rows], text_what),
-        image_rows=image_rows,
-        info=info,
-    )
+    return StoredPairs(image, text, image_index, text_index, image_rows, text_rows, info)
+
+
+# -- pair sources: where the training loop gets its batches -----------------------------------
+class MemoryPairs:
+    """Paired float32 rows held in memory; `take` yields the rows of each index array."""
+
+    def __init__(self, image: np.ndarray | Tensor, text: np.ndarray | Tensor):
+        self.image = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))
+        self.text = torch.as_tensor(np.ascontiguousarray(text, dtype=np.float32))
+        if len(self.image) != len(self.text):
+            raise UserError(
+                f"{len(self.image)} image rows but {len(self.text)} text rows; they must pair up"
+            )
+        for x, what in ((self.image, "image"), (self.text, "text")):
+            if not torch.isfinite(x).all():
+                raise UserError(f"the {what} training features hold NaN or inf")
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.image.shape[1], self.text.shape[1]
+
+    def take(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in batches:
+            idx = torch.as_tensor(idx)
+            yield self.image[idx], self.text[idx]
+
+
+class StorePairs:
+    """Pairs `subset` (indices into the stored pairs) read from the store as they are needed.
+
+    `take` gathers consecutive batches in windows of at most `window_rows` rows, each with one
+    pass over the store blocks the window touches (one block of one layer read at a time), so
+    memory holds about two windows (the one in use, the next) whatever the size of the store."""
+
+    def __init__(self, pairs: StoredPairs, subset: np.ndarray, window_rows: int):
+        self.pairs, self.subset, self.window_rows = pairs, np.asarray(subset), max(1, window_rows)
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.pairs.dims
+
+    def take(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        p, i = self.pairs, 0
+        while i < len(batches):
+            group = [np.asarray(batches[i])]  # at least one batch, however small the window
+            while (
+                i + len(group) < len(batches)
+                and sum(map(len, group)) + len(batches[i + len(group)]) <= self.window_rows
+            ):
+                group.append(np.asarray(batches[i + len(group)]))
+            pairs = self.subset[np.concatenate(group)]
+            image = gather_rows(p.image, p.image_layer, p.image_rows[pairs], p.what("image"))
+            text = gather_rows(p.text, p.text_layer, p.text_rows[pairs], p.what("text"))
+            image, text = torch.from_numpy(image), torch.from_numpy(text)
+            start = 0
+            for idx in group:
+                yield image[start : start + len(idx)], text[start : start + len(idx)]
+                start += len(idx)
+            i += len(group)
+
+
+def gather_rows(array: FeatureArray, layer: int, rows: np.ndarray, what: str) -> np.ndarray:
+    """array[rows, layer] as float32 in the order of `rows`, reading one store block of that
+    layer at a time (one inner chunk), so memory holds the result plus one block."""
+    out = np.empty((len(rows), array.shape[2]), dtype=np.float32)
+    blocks = rows // array.block_rows
+    order = np.argsort(blocks, kind="stable")
+    found, starts = np.unique(blocks[order], return_index=True)
+    for block, lo, hi in zip(found, starts, [*starts[1:], len(order)]):
+        span = array.block_slice(int(block))
+        where = order[lo:hi]
+        values = np.asarray(array.data[span, layer, :], dtype=np.float32)
+        out[where] = values[rows[where] - span.start]
+    return _finite(out, what)
+
+
+def parse_memory_cap(text: str | int) -> int:
+    """Bytes from `0` (no cap), `123456`, `512MiB`, `2GiB`, `1.5GB`..."""
+    from dask.utils import parse_bytes
+
+    try:
+        cap = parse_bytes(str(text).strip()) if str(text).strip() else 0
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"--memory-cap must be a size such as 2GiB, 512MB or 0 (no cap), got {text!r}"
+        ) from err
+    if cap < 0:
+        raise UserError(f"--memory-cap must be >= 0 (0 = no cap), got {text!r}")
+    return int(cap)
+
+
+def pair_sources(
+    pairs: StoredPairs, train: np.ndarray, val: np.ndarray, memory_cap: int = 0
+) -> tuple[MemoryPairs | StorePairs, MemoryPairs | StorePairs]:
+    """(train, validation) sources: in memory when the chosen layers of these pairs fit
+    `memory_cap` bytes (0 = no cap), else streamed from the store in windows within it."""
+    need = pairs.nbytes(len(train) + len(val))
+    if memory_cap <= 0 or need <= memory_cap:
+        loaded = pairs.load()
+        return (
+            MemoryPairs(loaded.image[train], loaded.text[train]),
+            MemoryPairs(loaded.image[val], loaded.text[val]),
+        )
+    window = memory_cap // (2 * pairs.nbytes(1))  # the window in use and the next one
+    return StorePairs(pairs, train, window), StorePairs(pairs, val, window)
 
 
 def split_pairs(
@@ -214,58 +363,59 @@ def _optimizer(modules: list[nn.Module], lr: float, weight_decay: float) -> torc
 
 @torch.no_grad()
 def validation_loss(
-    image_head: nn.Module, text_head: nn.Module, xi: Tensor, xt: Tensor, batch: int, tau: float
+    image_head: nn.Module,
+    text_head: nn.Module,
+    source: MemoryPairs | StorePairs,
+    batch: int,
+    tau: float,
 ) -> float:
     """Mean CLIP loss over near-equal validation chunks of at least the training batch size."""
-    if len(xi) < 2:
+    if len(source) < 2:
         return float("nan")
-    chunks = torch.arange(len(xi)).tensor_split(max(1, len(xi) // batch))
+    chunks = np.array_split(np.arange(len(source)), max(1, len(source) // batch))
     return float(
-        np.mean([clip_loss(image_head(xi[c]), text_head(xt[c]), tau).item() for c in chunks])
-    )
+        np.mean([clip_loss(image_head(xi), text_head(xt), tau).item()
+                 for xi, xt in source.take(chunks)])
+    )  # fmt: skip
 
 
 def train_heads(
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray] | None,
+    train: tuple[np.ndarray, np.ndarray] | MemoryPairs | StorePairs,
+    val: tuple[np.ndarray, np.ndarray] | MemoryPairs | StorePairs | None,
     settings: AlignSettings,
     progress: bool = True,
 ) -> TrainResult:
-    """Train an image head and a text head on paired float32 features (row i of each pairs up)."""
+    """Train an image head and a text head on paired float32 features (row i of each pairs up),
+    given as arrays or as a pair source (in memory or streamed from the store)."""
     settings.check()
-    xi, xt = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in train)
-    if len(xi) != len(xt):
-        raise UserError(f"{len(xi)} image rows but {len(xt)} text rows; they must pair up")
-    if len(xi) < 2:
-        raise UserError(f"{len(xi)} training pair(s): CLIP needs at least 2; raise --n-pairs")
-    for x, what in ((xi, "image"), (xt, "text")):
-        if not torch.isfinite(x).all():
-            raise UserError(f"the {what} training features hold NaN or inf")
-    vi, vt = (
-        (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in val)
-        if val is not None and len(val[0]) >= 2
-        else (xi[:0], xt[:0])
-    )
+    source = MemoryPairs(*train) if isinstance(train, tuple) else train
+    if len(source) < 2:
+        raise UserError(f"{len(source)} training pair(s): CLIP needs at least 2; raise --n-pairs")
+    val_source = MemoryPairs(*val) if isinstance(val, tuple) else val
+    if val_source is None or len(val_source) < 2:
+        val_source = MemoryPairs(np.zeros((0, source.dims[0])), np.zeros((0, source.dims[1])))
     s = settings
     torch.manual_seed(s.seed)
-    image_head = build_head(s.head, xi.shape[1], s.out_dim, s.hidden_dim)
-    text_head = build_head(s.head, xt.shape[1], s.out_dim, s.hidden_dim)
+    image_head = build_head(s.head, source.dims[0], s.out_dim, s.hidden_dim)
+    text_head = build_head(s.head, source.dims[1], s.out_dim, s.hidden_dim)
     params = [*image_head.parameters(), *text_head.parameters()]
     optimizer = _optimizer([image_head, text_head], s.lr, s.weight_decay)
     shuffle = torch.Generator().manual_seed(s.seed)
 
-    n = len(xi)
+    n = len(source)
     batch = min(s.batch_size, n)
     steps_per_epoch = n // batch  # drop the ragged end: a tiny last batch has few negatives
     total_steps = s.epochs * steps_per_epoch
     full_batch = steps_per_epoch == 1 and batch == n
     use_rs = s.lam > 0
+    if full_batch and isinstance(source, StorePairs):  # one batch: read it once, not per epoch
+        source = MemoryPairs(*next(source.take([np.arange(n)])))
     # one batch = all the data: order does not matter to either loss, so the original-side
     # targets of R_S are computed once for the whole run
     cached = (
         (
-            structure_targets(xi, s.levels, s.temperature),
-            structure_targets(xt, s.levels, s.temperature),
+            structure_targets(source.image, s.levels, s.temperature),
+            structure_targets(source.text, s.levels, s.temperature),
         )
         if use_rs and full_batch
         else None
@@ -279,9 +429,8 @@ def train_heads(
         text_head.train()
         order = torch.arange(n) if full_batch else torch.randperm(n, generator=shuffle)
         sums = np.zeros(4)  # clip, rs_image, rs_text, total
-        for b in range(steps_per_epoch):
-            idx = order[b * batch : (b + 1) * batch]
-            bi, bt = xi[idx], xt[idx]
+        batches = [order[b * batch : (b + 1) * batch].numpy() for b in range(steps_per_epoch)]
+        for bi, bt in source.take(batches):
             lam_t, lr_t = lambda_at(step, s.lam, s.warmup_steps), lr_at(step, total_steps, s.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr_t
@@ -311,7 +460,7 @@ def train_heads(
             sums += [loss_a.item(), rs_i.item(), rs_t.item(), loss.item()]
         image_head.eval()
         text_head.eval()
-        val_loss = validation_loss(image_head, text_head, vi, vt, batch, s.temperature)
+        val_loss = validation_loss(image_head, text_head, val_source, batch, s.temperature)
         clip_mean, rs_i_mean, rs_t_mean, train_mean = sums / steps_per_epoch
         history.append(
             {"epoch": epoch, "step": step, "clip_loss": clip_mean, "rs_image": rs_i_mean,
@@ -336,7 +485,7 @@ def train_heads(
         text_head=text_head.eval(),
         history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
         best_epoch=best[1],
-        best_val_loss=float(best[0]) if len(vi) else float("nan"),
+        best_val_loss=float(best[0]) if len(val_source) else float("nan"),
         steps=step,
         seconds=time.perf_counter() - start_time,
     )
@@ -385,20 +534,20 @@ def run_align(
     out: str | Path,
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
+    memory_cap: int = 0,
 ) -> tuple[dict[str, Any], TrainResult]:
-    """Load the pairs, split, train, and write the run directory; returns (config, result)."""
+    """Load the pairs, split, train, and write the run directory; returns (config, result).
+    When the chosen layers of the pairs exceed `memory_cap` bytes (0 = no cap), batches are
+    streamed from the store instead of held in memory; the weights are the same."""
     settings.check()
     store = FeatureStore(store_path)
-    pairs = load_pairs(store, dataset, split, image_model, text_model, image_layer, text_layer)
+    pairs = open_pairs(store, dataset, split, image_model, text_model, image_layer, text_layer)
     train, val = split_pairs(
         pairs.image_rows, settings.n_pairs, settings.val_fraction, settings.seed
     )
-    result = train_heads(
-        (pairs.image[train], pairs.text[train]),
-        (pairs.image[val], pairs.text[val]) if len(val) else None,
-        settings,
-        progress=progress,
-    )
+    train_source, val_source = pair_sources(pairs, train, val, memory_cap)
+    streamed = isinstance(train_source, StorePairs)
+    result = train_heads(train_source, val_source, settings, progress=progress)
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
     config = {
@@ -408,8 +557,8 @@ def run_align(
         "split": split,
         "store": str(store_path),
         **pairs.info,
-        "image_dim": int(pairs.image.shape[1]),
-        "text_dim": int(pairs.text.shape[1]),
+        "image_dim": int(pairs.dims[0]),
+        "text_dim": int(pairs.dims[1]),
         "head_options": {},
         **hyper,
         "n_pairs_requested": settings.n_pairs,
@@ -426,6 +575,7 @@ def run_align(
         "epochs_run": int(len(result.history)),
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
+        "streamed_from_store": streamed,
         **(extra_config or {}),
     }
     out = Path(out)

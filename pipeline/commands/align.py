@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from pipeline.app import app
-from stages.align import AlignSettings, run_align
+from stages.align import AlignSettings, parse_memory_cap, run_align
 from store import FeatureStore
 
 
@@ -42,6 +42,11 @@ def align(
         Path("runs/select"), help="Where --layers auto reads (or writes) the layer selection."
     ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    memory_cap: str = typer.Option(
+        "0",
+        help="Memory for the training features (e.g. 2GiB; 0 = no cap): when the chosen layers "
+        "of the pairs exceed it, batches are streamed from the store (same result).",
+    ),
 ) -> None:
     """Train linear or MLP heads; writes head.safetensors, config.json, history.csv, curves.png."""
     from stages.select import resolve_layers  # select owns --layers auto|last|I,T
@@ -53,6 +58,7 @@ def align(
         val_fraction=val_fraction, seed=seed,
     )  # fmt: skip
     settings.check()
+    cap = parse_memory_cap(memory_cap)
     # `--layers auto` may run the selection: it uses the select section's defaults
     select_defaults = (ctx.find_root().default_map or {}).get("select", {})
     image_layer, text_layer = resolve_layers(
@@ -63,11 +69,13 @@ def align(
     typer.echo(f"layers: image {image_layer}, text {text_layer}")
     config, result = run_align(
         store, dataset, split, image_model, text_model, image_layer, text_layer, settings, out,
-        progress=progress, extra_config={"layers": layers},
+        progress=progress, extra_config={"layers": layers}, memory_cap=cap,
     )  # fmt: skip
     typer.echo(
         f"{config['n_train']} train / {config['n_val']} validation pairs, "
         f"{config['epochs_run']} epochs ({result.steps} steps, {result.seconds:.1f} s), "
         f"best epoch {result.best_epoch}, validation CLIP loss {result.best_val_loss:.4f}"
     )
+    if config["streamed_from_store"]:
+        typer.echo(f"features streamed from the store (they exceed --memory-cap {memory_cap})")
     typer.echo(f"wrote {out}/head.safetensors, config.json, history.csv, curves.png")
