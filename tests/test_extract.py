@@ -32,24 +32,6 @@ def test_tiny_encoders_layers_and_widths():
     assert "random" in vit.revision and "random" in text.revision
 
 
-def test_image_pooling_matches_hand_computation():
-    encoder = load_encoder("tiny-random-vit")
-    images = [
-        Image.fromarray(np.uint8(np.random.default_rng(i).integers(0, 255, (8, 8, 3))))
-        for i in range(3)
-    ]
-    batch = encoder.collate([encoder.prepare(im) for im in images])
-    assert batch["pixel_values"].shape[-2:] == (32, 32)  # from the processor's config
-    with torch.no_grad():
-        got = encoder.embed(batch)
-        out = encoder.model(pixel_values=batch["pixel_values"], output_hidden_states=True)
-        hidden = out.hidden_states
-        final = encoder.model.layernorm(hidden[-1])[:, 0]
-    for i in range(4):
-        torch.testing.assert_close(got[:, i], hidden[i + 1][:, 0])
-    torch.testing.assert_close(got[:, 4], final)
-
-
 def test_text_pooling_is_masked_mean():
     encoder = load_encoder("tiny-random-text")
     texts = ["a", "a much longer caption than the first"]
@@ -75,9 +57,10 @@ def test_text_pooling_is_masked_mean():
         )
 
 
-def test_real_size_architectures_load_from_a_local_directory(tmp_path):
-    """A DINOv2-small and a BERT-base-like configuration with random weights, saved with
-    save_pretrained and loaded by path through the Hugging Face code path."""
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory) -> tuple[Path, Path]:
+    """A DINOv2-small and a BERT-style configuration with random weights, saved with
+    save_pretrained (model, image processor, tokenizer) as a user's local models would be."""
     from transformers import (
         BertConfig,
         BertModel,
@@ -87,34 +70,59 @@ def test_real_size_architectures_load_from_a_local_directory(tmp_path):
         Dinov2Model,
     )
 
-    vit_dir, text_dir = tmp_path / "dinov2-small-random", tmp_path / "bert-random"
+    root = tmp_path_factory.mktemp("models")
+    vit_dir, text_dir = root / "dinov2-small-random", root / "bert-random"
     config = Dinov2Config(
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=14
     )
     Dinov2Model(config).save_pretrained(vit_dir)
-    BitImageProcessor(
-        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
-    ).save_pretrained(vit_dir)
+    crop = {"height": 56, "width": 56}
+    BitImageProcessor(size={"shortest_edge": 64}, crop_size=crop).save_pretrained(vit_dir)
     tokenizer = ByT5Tokenizer()
-    BertModel(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=2,
-            intermediate_size=256,
-        )
-    ).save_pretrained(text_dir)
+    text_config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        intermediate_size=256,
+    )
+    BertModel(text_config).save_pretrained(text_dir)
     tokenizer.save_pretrained(text_dir)
+    return vit_dir, text_dir
 
+
+def test_real_size_architectures_load_from_a_local_directory(saved_models):
+    vit_dir, text_dir = saved_models
     vit = load_encoder(str(vit_dir))
     assert vit.modality == "image" and len(vit.layer_names) == 13 and vit.dim == 384
+    assert vit.layer_names[-1] == "final_norm"
     pixels = vit.collate([vit.prepare(Image.new("RGB", (20, 30)))])
-    assert pixels["pixel_values"].shape == (1, 3, 56, 56)
+    assert pixels["pixel_values"].shape == (1, 3, 56, 56)  # the saved processor's crop
     assert vit.embed(pixels).shape == (1, 13, 384)
     text = load_encoder(str(text_dir))
     assert text.modality == "text" and len(text.layer_names) == 7 and text.dim == 128
     assert text.embed(text.collate(["hello"])).shape == (1, 7, 128)
+
+
+def test_image_pooling_matches_hand_computation(saved_models):
+    """CLS of every block, then the final layernorm's CLS, from pixels made by the model's own
+    Hugging Face processor (the fast uint8 path must give the same pixels)."""
+    from transformers import AutoImageProcessor
+
+    vit_dir, _ = saved_models
+    encoder = load_encoder(str(vit_dir))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (70, 90, 3)))) for _ in range(3)]
+    pixels = AutoImageProcessor.from_pretrained(vit_dir)(images=images, return_tensors="pt")
+    with torch.no_grad():
+        got = encoder.embed(encoder.collate([encoder.prepare(im) for im in images]))
+        out = encoder.model(pixel_values=pixels["pixel_values"], output_hidden_states=True)
+    hidden = out.hidden_states
+    assert len(hidden) == 13 and got.shape == (3, 13, 384)
+    for i in range(12):
+        torch.testing.assert_close(got[:, i], hidden[i + 1][:, 0], rtol=1e-4, atol=1e-4)
+    final = encoder.model.layernorm(hidden[-1])[:, 0]
+    torch.testing.assert_close(got[:, 12], final, rtol=1e-4, atol=1e-4)
 
 
 def test_digits_source_is_fixed_and_captions_name_the_digit():
