@@ -67,6 +67,7 @@ class AlignSettings:
     hidden_dim: int = 1024
     val_fraction: float = 0.1
     seed: int = 0
+    csa_ridge: float = 0.1  # --head csa: canonical ridge, relative to the mean variance
 
     def check(self) -> None:
         problems = [
@@ -84,6 +85,7 @@ class AlignSettings:
                 not 0 <= self.val_fraction < 1,
                 f"--val-fraction must be in [0, 1), got {self.val_fraction}",
             ),
+            (self.csa_ridge < 0, f"--csa-ridge must be >= 0, got {self.csa_ridge}"),
         ]
         for bad, message in problems:
             if bad:
@@ -547,7 +549,10 @@ def run_align(
     )
     train_source, val_source = pair_sources(pairs, train, val, memory_cap)
     streamed = isinstance(train_source, StorePairs)
-    result = train_heads(train_source, val_source, settings, progress=progress)
+    trainer = train_heads
+    if settings.head == "csa":  # closed-form CCA (+ R_S refinement), not gradient-trained heads
+        from stages.csa import train_csa as trainer
+    result = trainer(train_source, val_source, settings, progress=progress)
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
     config = {
@@ -576,6 +581,7 @@ def run_align(
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         "streamed_from_store": streamed,
+        **getattr(result, "info", {}),  # what a head kind adds (CSA: correlations, R_S)
         **(extra_config or {}),
     }
     out = Path(out)

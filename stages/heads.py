@@ -8,6 +8,7 @@ in the same safetensors file. Never pickle.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,10 @@ HEAD_BUILDERS: dict[str, HeadBuilder] = {
 }
 
 
+# kinds that live in their own module, imported the first time one is built or loaded
+HEAD_MODULES = {"csa": "stages.csa"}
+
+
 def register_head(kind: str, builder: HeadBuilder) -> None:
     """Make a new head kind buildable (and loadable by `load_run`)."""
     HEAD_BUILDERS[kind] = builder
@@ -63,6 +68,8 @@ def register_head(kind: str, builder: HeadBuilder) -> None:
 def build_head(
     kind: str, in_dim: int, out_dim: int, hidden_dim: int = 1024, **options: Any
 ) -> nn.Module:
+    if kind not in HEAD_BUILDERS and kind in HEAD_MODULES:
+        importlib.import_module(HEAD_MODULES[kind])
     if kind not in HEAD_BUILDERS:
         raise UserError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_BUILDERS)}")
     if min(in_dim, out_dim, hidden_dim) < 1:

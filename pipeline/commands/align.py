@@ -23,7 +23,7 @@ def align(
     layers: str = typer.Option(
         "auto", help="auto (mutual-kNN selection), last, or IMAGE,TEXT layer names or indices."
     ),
-    head: str = typer.Option("linear", help="Projection head: linear or mlp."),
+    head: str = typer.Option("linear", help="Projection head: linear, mlp or csa (CCA-based)."),
     lam: float = typer.Option(10.0, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(1, help="R_S levels L (powers of the similarity softmax), 1-5."),
     temperature: float = typer.Option(0.05, help="Temperature of CLIP and R_S."),
@@ -41,6 +41,9 @@ def align(
     select_dir: Path = typer.Option(
         Path("runs/select"), help="Where --layers auto reads (or writes) the layer selection."
     ),
+    csa_ridge: float = typer.Option(
+        0.1, help="--head csa: canonical ridge eps (C + eps * mean variance * I); 0 = plain CCA."
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     memory_cap: str = typer.Option(
         "0",
@@ -48,14 +51,15 @@ def align(
         "of the pairs exceed it, batches are streamed from the store (same result).",
     ),
 ) -> None:
-    """Train linear or MLP heads; writes head.safetensors, config.json, history.csv, curves.png."""
+    """Train linear or MLP heads, or fit CSA (--head csa; --out-dim canonical dimensions, --lambda
+    > 0 refines it with R_S); writes head.safetensors, config.json, history.csv, curves.png."""
     from stages.select import resolve_layers  # select owns --layers auto|last|I,T
 
     settings = AlignSettings(
         head=head, lam=lam, levels=levels, temperature=temperature, n_pairs=n_pairs,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, patience=patience, out_dim=out_dim, hidden_dim=hidden_dim,
-        val_fraction=val_fraction, seed=seed,
+        val_fraction=val_fraction, seed=seed, csa_ridge=csa_ridge,
     )  # fmt: skip
     settings.check()
     cap = parse_memory_cap(memory_cap)
