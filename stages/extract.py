@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -394,10 +395,13 @@ def run_blocks(
     opts: ExtractOptions,
     n_todo: int,
 ) -> None:
-    """The hot loop: embed batches, fill each block's buffer, write the block when it is full."""
+    """The hot loop: embed batches into a block buffer on the device, write full blocks.
+
+    Nothing waits for the device inside a block, so the GPU queue stays full while the
+    DataLoader prepares the next batches; a full block is copied to the host once and written
+    by a background thread while the next block is embedded (one write in flight at a time).
+    """
     n_layers, dim = len(encoder.layer_names), encoder.dim
-    buffers: dict[int, np.ndarray] = {}
-    filled: dict[int, int] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     unit = " img" if encoder.modality == "image" else " txt"
     bar = tqdm(
@@ -408,7 +412,9 @@ def run_blocks(
         file=sys.stderr,
         smoothing=0.1,
     )
-    with bar:  # closed before any error is printed, so the error stays on a line of its own
+    block, buffer, filled, writing = -1, None, 0, None
+    # the bar closes before any error is printed, so the error stays on a line of its own
+    with bar, ThreadPoolExecutor(max_workers=1) as writer:
         for rows, batch, errors in loader:
             bad = [i for i, err in enumerate(errors) if err]
             if bad and not opts.skip_bad:
@@ -417,27 +423,41 @@ def run_blocks(
                     f"cannot read image {names[rows[i]]}: {errors[i]} "
                     "(fix or remove it, or pass --skip-bad to skip such images)"
                 )
-            values = np.full((len(rows), n_layers, dim), np.nan, dtype=np.float32)
+            if int(rows[0]) // array.block_rows != block:  # batches never cross blocks
+                block = int(rows[0]) // array.block_rows
+                span = array.block_slice(block)
+                buffer = torch.full(
+                    (span.stop - span.start, n_layers, dim), float("nan"), device=device
+                )
+                filled = 0
             if batch is not None:
+                good = torch.as_tensor(np.delete(rows, bad) - span.start, device=device)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with torch.inference_mode(), autocast:
-                    out = encoder.embed(batch).float().cpu().numpy()
-                if not np.isfinite(out).all():
-                    raise UserError(
-                        f"{encoder.spec} produced NaN or infinite features for rows "
-                        f"{rows[0]}-{rows[-1]}; the model or its inputs are broken"
-                    )
-                values[[i for i in range(len(rows)) if i not in bad]] = out
-            block = int(rows[0]) // array.block_rows
-            span = array.block_slice(block)
-            buffer = buffers.setdefault(
-                block, np.empty((span.stop - span.start, n_layers, dim), dtype=np.float32)
-            )
-            buffer[rows - span.start] = values
-            filled[block] = filled.get(block, 0) + len(rows)
-            if filled[block] == len(buffer):
-                array.write_block(block, buffers.pop(block))
+                    buffer[good] = encoder.embed(batch).float()
+            filled += len(rows)
+            if filled == len(buffer):
+                values = buffer.cpu().numpy()  # the one wait for the device per block
+                check_finite(
+                    values, np.isin(np.arange(span.start, span.stop), rows[bad]), encoder.spec, span
+                )
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(array.write_block, block, values)
             bar.update(len(rows))
+        if writing is not None:
+            writing.result()
+
+
+def check_finite(values: np.ndarray, skipped: np.ndarray, model: str, span: slice) -> None:
+    """Every embedded row must be finite (skipped rows are NaN on purpose)."""
+    broken = ~np.isfinite(values).all(axis=(1, 2)) & ~skipped
+    if broken.any():
+        row = span.start + int(np.flatnonzero(broken)[0])
+        raise UserError(
+            f"{model} produced NaN or infinite features (row {row}); "
+            "the model or its inputs are broken"
+        )
 
 
 def record_skipped(
