@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,14 @@ def save_random_dinov2(arch: str, directory: Path, image_size: int) -> None:
 
 
 def write_pairs(directory: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
     (directory / "img").mkdir()
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)).save(
-            directory / f"img/{i}.jpg", quality=90
-        )
+
+    def write(i: int) -> None:
+        pixels = np.random.default_rng(i).integers(0, 255, (256, 320, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(directory / f"img/{i}.jpg", quality=90)
+
+    with ThreadPoolExecutor() as pool:  # PIL's JPEG encoder releases the GIL
+        list(pool.map(write, range(n)))
     table = pd.DataFrame({"image": [f"img/{i}.jpg" for i in range(n)], "caption": "x"})
     table.to_csv(directory / "pairs.csv", index=False)
     return directory / "pairs.csv"

@@ -125,9 +125,14 @@ def uint8_normaliser(processor) -> Callable[[torch.Tensor], torch.Tensor]:
     normalise = getattr(processor, "do_normalize", True)
     mean = torch.tensor(processor.image_mean if normalise else [0.0] * 3).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_std if normalise else [1.0] * 3).view(1, 3, 1, 1)
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to_pixels(batch: torch.Tensor) -> torch.Tensor:
-        return (batch.float() * scale - mean.to(batch.device)) / std.to(batch.device)
+        # copied to the device once: a copy per batch would wait for the GPU every time
+        if batch.device not in on_device:
+            on_device[batch.device] = (mean.to(batch.device), std.to(batch.device))
+        mean_d, std_d = on_device[batch.device]
+        return (batch.float() * scale - mean_d) / std_d
 
     return to_pixels
 

@@ -431,7 +431,12 @@ def run_blocks(
                 )
                 filled = 0
             if batch is not None:
-                good = torch.as_tensor(np.delete(rows, bad) - span.start, device=device)
+                # rows of a batch are consecutive: a slice, unless images were skipped
+                # (an index tensor copied to the GPU would wait for it)
+                lo, hi = int(rows[0]) - span.start, int(rows[-1]) + 1 - span.start
+                good = (
+                    slice(lo, hi) if not bad else torch.as_tensor(np.delete(rows, bad) - span.start)
+                )
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with torch.inference_mode(), autocast:
                     buffer[good] = encoder.embed(batch).float()
