@@ -224,6 +224,8 @@ def file_source(manifest: pd.DataFrame, image_files: list[str], label_names: lis
 
 
 def torchvision_source(name: str, split: str) -> Source:
+    """A torchvision classification set; `split` maps to `train=` or `split=` as the class takes
+    it (sets without either, such as Caltech101, are one split: use any name)."""
     import inspect
 
     import torchvision.datasets as tvd
@@ -233,30 +235,36 @@ def torchvision_source(name: str, split: str) -> Source:
         raise UserError(f"torchvision has no dataset {name!r}")
     root = Path("~/.cache/structure-align/torchvision").expanduser()
     params = inspect.signature(cls).parameters
-    kwargs = {"train": split == "train"} if "train" in params else {"split": split}
+    kwargs = {"train": split == "train"} if "train" in params else {}
+    if "split" in params:
+        kwargs = {"split": split}
     try:
         data = cls(root, download=True, **kwargs)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, ValueError) as err:
         raise UserError(
             f"cannot get torchvision {name} ({split}): {str(err).splitlines()[0]}"
         ) from err
     names = list(getattr(data, "classes", []) or getattr(data, "categories", []))
-    labels = (
-        np.array([data[i][1] for i in range(len(data))])
-        if not hasattr(data, "targets")
-        else np.asarray(data.targets)
+    targets = next(
+        (getattr(data, a) for a in ("targets", "labels", "_labels", "y") if hasattr(data, a)), None
     )
+    labels = np.asarray(targets if targets is not None else [data[i][1] for i in range(len(data))])
+    n = len(data)
     manifest = pd.DataFrame(
         {
-            "image_row": np.arange(len(data)),
-            "sample_id": [f"{name}-{split}-{i}" for i in range(len(data))],
-            "image_path": [f"torchvision://{name}/{split}/{i}" for i in range(len(data))],
+            "image_row": np.arange(n),
+            "sample_id": [f"{name}-{split}-{i}" for i in range(n)],
+            "image_path": [f"torchvision://{name}/{split}/{i}" for i in range(n)],
             "caption": "",
             "label": labels,
             "label_name": [names[y] if names else str(y) for y in labels],
         }
     )
-    return Source(manifest, lambda row: data[row][0].convert("RGB"), names)
+    return Source(
+        manifest,
+        lambda row: data[row][0].convert("RGB"),
+        names or sorted({str(y) for y in labels}, key=int),
+    )
 
 
 def prompts_source(label_names: list[str], templates: tuple[str, ...] = PROMPT_TEMPLATES) -> Source:

@@ -362,3 +362,32 @@ def test_no_network_says_how_to_predownload(tmp_path):
     assert run.returncode == 2
     assert "hf download facebook/dinov2-small" in run.stderr and "local directory" in run.stderr
     assert one_line_error(run.stderr)
+
+
+class TinyTorchvisionSet:
+    """Stands in for a torchvision dataset class (CIFAR-style `train=` signature)."""
+
+    classes = ["cat", "dog"]
+
+    def __init__(self, root, train: bool = True, download: bool = False):
+        self.targets = [0, 1, 1] if train else [1, 0]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return Image.new("RGB", (12, 12), color=(40 * i, 0, 0)), self.targets[i]
+
+
+def test_torchvision_source_and_prompts(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "TinySet", TinyTorchvisionSet, raising=False)
+    test = load_source("torchvision:TinySet", "test")
+    assert test.manifest["label"].tolist() == [1, 0]
+    assert test.manifest["label_name"].tolist() == ["dog", "cat"]
+    assert test.load_image(1).size == (12, 12)
+    prompts = load_source("torchvision:TinySet", "prompts").manifest
+    assert prompts["caption"].iloc[0] == "a photo of a cat." and set(prompts["label"]) == {0, 1}
+    with pytest.raises(UserError, match="no dataset 'NoSuchSet'"):
+        load_source("torchvision:NoSuchSet", "test")
