@@ -42,7 +42,7 @@ def table(
     csa_ridge: float = typer.Option(0.1, help="CSA's canonical ridge (0 = plain CCA)."),
     seed: int = typer.Option(0, help="Seed of the subsets, splits and training."),
     select_dir: Path = typer.Option(
-        Path("runs/select"), help="Where the `Similar` layer selection is read (or written)."
+        None, help="Where the `Similar` layer selection is read or written (default: select's out)."
     ),
 ) -> None:
     """Train and evaluate the nine rows for each --n-pairs; other training settings come from
@@ -52,6 +52,7 @@ def table(
     sizes = parse_n_pairs(n_pairs)
     base = replace(align_defaults(ctx), seed=seed, csa_ridge=csa_ridge)
     select_defaults = (ctx.find_root().default_map or {}).get("select", {})
+    select_dir = select_dir or Path(select_defaults.get("out", "runs/select"))
     feature_store = FeatureStore(store)
     layers = {
         spec: resolve_layers(
