@@ -278,3 +278,24 @@ def test_table_command_writes_the_nine_rows_per_size(store, tmp_path, capsys):
     assert (out / "table.md").read_text().count("\n|") == 19
     code, _, err = run_cli([*args, "--out", out, "--n-pairs", "60,x"], capsys)
     assert code == 2 and "--n-pairs" in one_line_error(err)
+
+
+def test_streamed_from_the_store_gives_the_same_csa(store):
+    from stages.align import MemoryPairs, StorePairs, open_pairs
+    from store import FeatureStore
+
+    pairs = open_pairs(
+        FeatureStore(store), "toy", "train", "img", "txt", "final_norm", "embeddings"
+    )
+    loaded, subset = pairs.load(), np.arange(0, 160, 2)
+    s = AlignSettings(head="csa", out_dim=4, epochs=2, batch_size=32, lr=0.01, lam=1.0)
+    streamed = train_csa(StorePairs(pairs, subset, window_rows=40), None, s, progress=False)
+    in_memory = train_csa(
+        MemoryPairs(loaded.image[subset], loaded.text[subset]), None, s, progress=False
+    )
+    for a, b in (
+        (streamed.image_head, in_memory.image_head),
+        (streamed.text_head, in_memory.text_head),
+    ):
+        torch.testing.assert_close(a.proj, b.proj, rtol=0, atol=1e-10)
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-10)
