@@ -289,6 +289,7 @@ class Refinement:
     solution: CCASolution
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
+    rs: tuple[float, float] = (math.nan, math.nan)  # R_S (image, text) of the final solution
 
 
 def _batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[list[np.ndarray]]:
@@ -404,7 +405,10 @@ def refine_with_structure(
         history.append(record(epoch, step, sums, lr_t))
         bar.set_postfix(loss=f"{sums[0]:.4f}", corr=f"{sums[3]:.3f}")
     bar.close()
-    return Refinement(current(), history, step)
+    # history rows average the values seen before each step; this is R_S after the last one
+    final = run_batches(schedule[-1], step, train=False)[0] if epochs else history[0]
+    rs = (final[1], final[2]) if epochs else (final["rs_image"], final["rs_text"])
+    return Refinement(current(), history, step, (float(rs[0]), float(rs[1])))
 
 
 # -- training entry point (run_align dispatches `--head csa` here) ----------------------------
@@ -492,8 +496,8 @@ def train_csa(
             "mean_corr_val_cca": _pair_corr(cca, m_val),
             "rs_image_cca": float(first["rs_image"]),
             "rs_text_cca": float(first["rs_text"]),
-            "rs_image": float(last["rs_image"]),
-            "rs_text": float(last["rs_text"]),
+            "rs_image": refined.rs[0],
+            "rs_text": refined.rs[1],
             "refined": s.lam > 0,
             "score": "sum_k rho_k * unit(zx)_k * unit(zy)_k (CSA's weighted_corr_sim)",
         },

@@ -148,8 +148,9 @@ def test_refinement_keeps_the_canonical_property_and_lowers_rs():
     rs_refined = rs(refined.image_head, xt) + rs(refined.text_head, yt)
     assert rs_refined < rs_plain - 0.01
     info = refined.info["csa"]
-    assert info["rs_image"] == pytest.approx(rs(refined.image_head, xt), abs=1e-6)
-    assert info["rs_image_cca"] == pytest.approx(rs(plain.image_head, xt), abs=1e-6)
+    assert info["rs_image"] == pytest.approx(rs(refined.image_head, xt), abs=1e-9)
+    assert info["rs_text"] == pytest.approx(rs(refined.text_head, yt), abs=1e-9)
+    assert info["rs_image_cca"] == pytest.approx(rs(plain.image_head, xt), abs=1e-9)
     # the canonical property holds again after re-whitening
     m = moments([(x, y)])
     px, py = refined.image_head.proj.numpy(), refined.text_head.proj.numpy()
