@@ -102,6 +102,13 @@ class PairedFeatures:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def batch_plan(n: int, batch_size: int) -> tuple[int, int]:
+    """(steps per epoch, batch size): every pair in every epoch, in batches of equal size
+    (+-1) no larger than batch_size; no tiny ragged batch with few negatives, no pair left out."""
+    steps = math.ceil(n / min(batch_size, n))
+    return steps, math.ceil(n / steps)
+
+
 @dataclass
 class TrainResult:
     image_head: nn.Module
@@ -405,10 +412,12 @@ def train_heads(
     shuffle = torch.Generator().manual_seed(s.seed)
 
     n = len(source)
-    batch = min(s.batch_size, n)
-    steps_per_epoch = n // batch  # drop the ragged end: a tiny last batch has few negatives
+    steps_per_epoch, batch = batch_plan(n, s.batch_size)
     total_steps = s.epochs * steps_per_epoch
-    full_batch = steps_per_epoch == 1 and batch == n
+    # early stopping and best weights only once lambda is fully on: during its warm-up the
+    # validation CLIP loss says nothing about the regularised model being trained
+    first_candidate_step = min(s.warmup_steps, total_steps) if s.lam > 0 else 0
+    full_batch = steps_per_epoch == 1
     use_rs = s.lam > 0
     if full_batch and isinstance(source, StorePairs):  # one batch: read it once, not per epoch
         source = MemoryPairs(*next(source.take([np.arange(n)])))
@@ -431,7 +440,7 @@ def train_heads(
         text_head.train()
         order = torch.arange(n) if full_batch else torch.randperm(n, generator=shuffle)
         sums = np.zeros(4)  # clip, rs_image, rs_text, total
-        batches = [order[b * batch : (b + 1) * batch].numpy() for b in range(steps_per_epoch)]
+        batches = [part.numpy() for part in torch.tensor_split(order, steps_per_epoch)]
         for bi, bt in source.take(batches):
             lam_t, lr_t = lambda_at(step, s.lam, s.warmup_steps), lr_at(step, total_steps, s.lr)
             for group in optimizer.param_groups:
@@ -470,6 +479,8 @@ def train_heads(
              "val_loss": val_loss, "lr": lr_t}
         )  # fmt: skip
         bar.set_postfix(loss=f"{train_mean:.4f}", val=f"{val_loss:.4f}")
+        if step < first_candidate_step:
+            continue
         # without a validation set the last weights are kept
         score = val_loss if math.isfinite(val_loss) else -epoch
         if score < best[0]:
@@ -570,7 +581,7 @@ def run_align(
         "n_pairs": int(len(train) + len(val)),
         "n_train": int(len(train)),
         "n_val": int(len(val)),
-        "batch_size_used": int(min(settings.batch_size, len(train))),
+        "batch_size_used": batch_plan(len(train), settings.batch_size)[1],
         "betas": list(BETAS),
         "grad_clip": GRAD_CLIP,
         "lr_schedule": "cosine to 0",

@@ -223,3 +223,14 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no feature store at") and "Traceback" not in proc.stderr
+
+
+def test_batch_plan_covers_every_pair_in_equal_batches():
+    from stages.align import batch_plan
+
+    assert batch_plan(450, 256) == (2, 225)
+    assert batch_plan(1294, 256) == (6, 216)
+    assert batch_plan(100, 4096) == (1, 100)
+    for n, size in [(7, 3), (1000, 999), (4097, 4096)]:
+        steps, batch = batch_plan(n, size)
+        assert batch <= size and steps * batch >= n > (steps - 1) * batch
