@@ -391,3 +391,31 @@ def test_torchvision_source_and_prompts(tmp_path, monkeypatch):
     assert prompts["caption"].iloc[0] == "a photo of a cat." and set(prompts["label"]) == {0, 1}
     with pytest.raises(UserError, match="no dataset 'NoSuchSet'"):
         load_source("torchvision:NoSuchSet", "test")
+
+
+def test_timm_encoder_layers_and_pooling(monkeypatch):
+    """timm:<name> through the real code path; weights random (no download here)."""
+    import timm
+
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        return create(name, pretrained=False, img_size=56, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    encoder = load_encoder("timm:vit_small_patch14_dinov2.lvd142m")
+    assert encoder.modality == "image" and encoder.dim == 384
+    assert len(encoder.layer_names) == 13 and encoder.layer_names[-1] == "final_norm"
+    model = encoder.model
+    image = Image.fromarray(np.uint8(np.random.default_rng(0).integers(0, 255, (60, 80, 3))))
+    pixels = torch.nn.functional.interpolate(
+        encoder.collate([encoder.prepare(image)])["pixel_values"], size=56
+    )
+    with torch.no_grad():
+        got = encoder.embed({"pixel_values": pixels})
+        tokens = model._pos_embed(model.patch_embed(pixels))
+        tokens = model.norm_pre(tokens)
+        for i, block in enumerate(model.blocks):
+            tokens = block(tokens)
+            torch.testing.assert_close(got[:, i], tokens[:, 0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[:, -1], model.norm(tokens)[:, 0], rtol=1e-4, atol=1e-4)
