@@ -82,8 +82,12 @@ class KillOnce(WorkerPlugin):
         marker, real = Path(self.marker), FeatureArray.write_block
 
         def write_block(array, block, values):
-            if not marker.exists():
-                marker.write_text(str(block))
+            try:  # atomic: of two workers writing at once, exactly one dies
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                fd = None
+            if fd is not None:
+                os.close(fd)
                 array.data[array.block_slice(block)] = np.zeros_like(values, array.data.dtype)
                 (array.root / array.path / "features" / "leftover.partial").write_bytes(b"x")
                 os.kill(os.getpid(), signal.SIGKILL)
