@@ -206,15 +206,24 @@ class ExtractJob:
     todo: list[int]
 
 
+def load_inputs(
+    source_spec: str, split: str, model: str, opts: ExtractOptions
+) -> tuple[pd.DataFrame, Encoder, Callable[[int], Any], list[str]]:
+    """The split's manifest (limited), the encoder, and how to fetch each row to embed: what
+    the coordinator and every cluster worker load alike."""
+    source = load_source(source_spec, split)
+    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
+    encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
+    fetch, names = rows_to_embed(source, manifest, encoder.modality)
+    return manifest, encoder, fetch, names
+
+
 def plan_extraction(
     store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
 ) -> ExtractJob:
     """Load the source and the model, sync the manifest, create (or reopen) the array, and list
     the incomplete blocks. Only this coordinator creates arrays and writes attributes."""
-    source = load_source(source_spec, split)
-    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
-    encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
-    fetch, names = rows_to_embed(source, manifest, encoder.modality)
+    manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
 
     store = FeatureStore(store_path, create=True)
     manifest = sync_manifest(store, dataset, split, manifest, opts.overwrite)
@@ -308,10 +317,7 @@ def load_worker_job(
 ) -> WorkerJob:
     """Runs on each worker (LoadOnce plugin): the model, the source and the array the
     coordinator created, refusing a worker that sees other samples or other weights."""
-    source = load_source(source_spec, split)
-    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
-    encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
-    fetch, names = rows_to_embed(source, manifest, encoder.modality)
+    manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
     array = FeatureStore(store_path, create=True).open(
         dataset, split, encoder.modality, encoder.spec, check_source=False
     )
