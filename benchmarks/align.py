@@ -1,7 +1,7 @@
 """One training step with R_S against a plain CLIP step: seconds, ratio and pairs/s.
 
-    python benchmarks/align.py                      # batch 4096, D 1024 -> d 512, CPU
-    python benchmarks/align.py --device cuda --repeats 10
+    python -m benchmarks.align                      # batch 4096, D 1024 -> d 512, CPU
+    python -m benchmarks.align --device cuda --repeats 10
 
 A step is: both heads forward, the loss, backward, gradient clipping and an AdamW update.
 Variants:

@@ -4,8 +4,8 @@ The model is a real-size DINOv2 architecture with random weights (no download), 
 temporary directory and loaded through the Hugging Face code path, like a user's local model.
 The data are N random JPEG files listed in a pairs CSV, so decoding and preprocessing are real.
 
-    python benchmarks/extract.py --arch small --n 256                                  # CPU
-    python benchmarks/extract.py --arch large --n 8192 --batch-size 256 --num-workers 12  # GPU
+    python -m benchmarks.extract --arch small --n 256                                  # CPU
+    python -m benchmarks.extract --arch large --n 8192 --batch-size 256 --num-workers 12  # GPU
 
 Prints rows/s of (a) the bare forward over one pre-made batch already on the device (the floor:
 no decoding, preprocessing, pooling, copies or store writes), (b) the extract loop, and (c)

@@ -1,7 +1,7 @@
 """Benchmark: the whole mutual-kNN layer table vs the per-pair method of the authors' code.
 
-    python benchmarks/select.py                      # 24 x 25 layers, D = 1024, N = 5000
-    python benchmarks/select.py --n 50000 --device cuda --pairs 1
+    python -m benchmarks.select                      # 24 x 25 layers, D = 1024, N = 5000
+    python -m benchmarks.select --n 50000 --device cuda --pairs 1
 
 Ours builds each layer's kNN graph once (FAISS exact search, or the GPU) and scores all
 Li x Lt pairs from the graphs. The authors' method (platonic-rep `mutual_knn`, which the
