@@ -19,7 +19,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +92,6 @@ class AlignSettings:
                 raise UserError(message)
 
 
-@dataclass
-class PairedFeatures:
-    """One row per image-text pair: the chosen layers as float32, and each pair's image row."""
-
-    image: np.ndarray
-    text: np.ndarray
-    image_rows: np.ndarray
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def batch_plan(n: int, batch_size: int) -> tuple[int, int]:
     """(steps per epoch, batch size): every pair in every epoch, in batches of equal size
     (+-1) no larger than batch_size; no tiny ragged batch with few negatives, no pair left out."""
@@ -163,16 +153,11 @@ class StoredPairs:
         )
         return f"{modality} features {array.path} layer {array.layer_names[layer]}"
 
-    def load(self) -> PairedFeatures:
-        """Both chosen layers in memory, one row per pair."""
-        return PairedFeatures(
-            image=_finite(
-                self.image.read_layer(self.image_layer)[self.image_rows], self.what("image")
-            ),
-            text=_finite(self.text.read_layer(self.text_layer)[self.text_rows], self.what("text")),
-            image_rows=self.image_rows,
-            info=self.info,
-        )
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text): both chosen layers in memory as float32, one row per pair."""
+        image = self.image.read_layer(self.image_layer)[self.image_rows]
+        text = self.text.read_layer(self.text_layer)[self.text_rows]
+        return _finite(image, self.what("image")), _finite(text, self.what("text"))
 
 
 def open_pairs(
@@ -310,11 +295,8 @@ def pair_sources(
     `memory_cap` bytes (0 = no cap), else streamed from the store in windows within it."""
     need = pairs.nbytes(len(train) + len(val))
     if memory_cap <= 0 or need <= memory_cap:
-        loaded = pairs.load()
-        return (
-            MemoryPairs(loaded.image[train], loaded.text[train]),
-            MemoryPairs(loaded.image[val], loaded.text[val]),
-        )
+        image, text = pairs.load()
+        return MemoryPairs(image[train], text[train]), MemoryPairs(image[val], text[val])
     window = memory_cap // (2 * pairs.nbytes(1))  # the window in use and the next one
     return StorePairs(pairs, train, window), StorePairs(pairs, val, window)
 

@@ -288,12 +288,10 @@ def test_streamed_from_the_store_gives_the_same_csa(store):
     pairs = open_pairs(
         FeatureStore(store), "toy", "train", "img", "txt", "final_norm", "embeddings"
     )
-    loaded, subset = pairs.load(), np.arange(0, 160, 2)
+    (image, text), subset = pairs.load(), np.arange(0, 160, 2)
     s = AlignSettings(head="csa", out_dim=4, epochs=2, batch_size=32, lr=0.01, lam=1.0)
     streamed = train_csa(StorePairs(pairs, subset, window_rows=40), None, s, progress=False)
-    in_memory = train_csa(
-        MemoryPairs(loaded.image[subset], loaded.text[subset]), None, s, progress=False
-    )
+    in_memory = train_csa(MemoryPairs(image[subset], text[subset]), None, s, progress=False)
     for a, b in (
         (streamed.image_head, in_memory.image_head),
         (streamed.text_head, in_memory.text_head),
