@@ -151,12 +151,10 @@ class FeatureArray:
         return len(leftovers)
 
     # -- reading ----------------------------------------------------------------------------
-    def read_layer(self, layer: int | str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """One layer as float32 (N, D) (or the given rows of it)."""
+    def read_layer(self, layer: int | str) -> np.ndarray:
+        """One layer as float32 (N, D)."""
         self.require_complete()
-        index = self.layer_index(layer)
-        values = self.data[:, index, :] if rows is None else self.data[:, index, :][rows]
-        return np.asarray(values, dtype=np.float32)
+        return np.asarray(self.data[:, self.layer_index(layer), :], dtype=np.float32)
 
     def read(self, layers: Sequence[int | str] | None = None) -> np.ndarray:
         """Several layers (default all) as float32 (N, len(layers), D)."""
