@@ -1,0 +1,350 @@
+"""A trained run as a model: new images and texts in, unit vectors of the shared space out.
+
+    model = AlignedModel.from_run("runs/align/similar-rs")       # or .from_pretrained(EXPORT_DIR)
+    image = model.encode_image(["cat.jpg", "dog.jpg"])            # (2, d) float32, L2-normalised
+    text = model.encode_text(["a photo of a cat.", "a dog."])    # (2, d)
+    probs, top_probs, top_classes = model.classify(["cat.jpg"], ["cat", "dog"])
+
+Each frozen encoder is loaded with extraction's code (`load_encoder`), checked against the
+fingerprint the store recorded when its features were extracted, and cut after the block that
+computes the run's chosen layer (`truncate_encoder`: a run that picked block 7 of 12 never runs
+blocks 8-12). Inputs go through extraction's path (prepare per sample, collate, `embed` with
+the same pooling), so `encode_image` of a raw image equals the head applied to its stored
+features up to the store's float16 rounding.
+
+`export_model` writes a self-contained directory (see README, "Use the aligned model").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from stages.datasets import PROMPT_TEMPLATES, open_image
+from stages.encoders import Encoder, load_encoder, truncate_encoder
+from stages.evaluate import class_embeddings, l2_normalise
+from stages.extract import RowDataset, make_collate, pick_device
+from stages.heads import CHECKPOINT, CONFIG, load_run
+from store import UserError
+
+SIDES = ("image", "text")
+EXPORT_FORMAT = 1
+ImageInput = Image.Image | str | Path
+
+
+class Classification(NamedTuple):
+    probs: torch.Tensor  # (B, C) softmax over the classes at the run's temperature
+    top_probs: torch.Tensor  # (B, k) the k largest, descending
+    top_classes: torch.Tensor  # (B, k) their class indices
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def _commit(revision: str | None) -> str | None:
+    """A recorded revision worth asking the hub for: a commit hash, not "local" or a label."""
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision
+    return None
+
+
+def load_checked_encoder(
+    spec: str, recorded: dict[str, Any], trust_remote_code: bool, where: str
+) -> Encoder:
+    """Extraction's encoder for `spec`, refused when its weights differ from those whose
+    features the run was trained on (the fingerprint the store recorded)."""
+    encoder = load_encoder(spec, _commit(recorded.get("revision")), trust_remote_code)
+    expected = recorded.get("model_fingerprint")
+    if expected and encoder.fingerprint() != expected:
+        raise UserError(
+            f"the weights of {spec} differ from those the store recorded when {where} was "
+            "extracted (model fingerprint); load the same model version (--revision) or "
+            "extract and align again"
+        )
+    return encoder
+
+
+def layer_position(encoder: Encoder, layer: str, where: str) -> int:
+    if layer not in encoder.layer_names:
+        raise UserError(
+            f"{where} uses layer {layer!r}, which {encoder.spec} does not have "
+            f"(its layers: {', '.join(encoder.layer_names)})"
+        )
+    return encoder.layer_names.index(layer)
+
+
+class AlignedModel:
+    """Two frozen encoders, each run up to its chosen layer, and the two trained heads."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        encoders: dict[str, Encoder],
+        layers: dict[str, int],
+        heads: dict[str, torch.nn.Module],
+        run_id: str,
+        device: str = "auto",
+    ):
+        self.config, self.encoders, self.layers, self.heads = config, encoders, layers, heads
+        self.run_id = run_id  # sha256 of head.safetensors: which run's heads these are
+        self.full_bytes = {side: param_bytes(e.model) for side, e in encoders.items()}
+        self.blocks = {
+            side: (
+                truncate_encoder(encoders[side], layers[side]),
+                len(encoders[side].layer_names) - 1,
+            )
+            for side in SIDES
+        }  # (blocks run, blocks of the whole encoder)
+        self.device = pick_device(device)
+        for side in SIDES:
+            encoders[side].model.to(self.device)
+            heads[side].to(self.device).eval()
+        self.temperature = float(config.get("temperature") or 0.05)
+
+    # -- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_run(
+        cls, run_dir: str | Path, device: str = "auto", trust_remote_code: bool = False
+    ) -> AlignedModel:
+        """The model of an align run directory (config.json + head.safetensors)."""
+        config, image_head, text_head = load_run(run_dir)
+        missing = [
+            f"{s}_{k}" for s in SIDES for k in ("model", "layer") if f"{s}_{k}" not in config
+        ]
+        if missing:
+            raise UserError(f"{run_dir}/{CONFIG} lacks {', '.join(missing)}; train it with align")
+        recorded = config.get("store_fingerprint") or {}
+        encoders, layers = {}, {}
+        for side in SIDES:
+            where = f"the {side} features of run {run_dir}"
+            encoders[side] = load_checked_encoder(
+                config[f"{side}_model"], recorded.get(side, {}), trust_remote_code, where
+            )
+            layers[side] = layer_position(encoders[side], config[f"{side}_layer"], where)
+        heads = {"image": image_head, "text": text_head}
+        run_id = file_sha256(Path(run_dir) / CHECKPOINT)
+        return cls(config, encoders, layers, heads, run_id, device)
+
+    @classmethod
+    def from_pretrained(
+        cls, export_dir: str | Path, device: str = "auto", trust_remote_code: bool = False
+    ) -> AlignedModel:
+        """The model of a directory written by `export`: its own truncated encoders when it
+        holds them (offline, nothing downloaded), else the encoders named in its config."""
+        export_dir = Path(export_dir)
+        config, image_head, text_head = load_run(export_dir)
+        export = config.get("export")
+        if not export or export.get("format") != EXPORT_FORMAT:
+            raise UserError(
+                f"{export_dir} is not a directory written by `python -m pipeline export` "
+                "(for a run directory use AlignedModel.from_run)"
+            )
+        encoders, layers = {}, {}
+        for side in SIDES:
+            info = export[side]
+            where = f"the {side} encoder of {export_dir}"
+            if info.get("dir"):
+                folder = export_dir / info["dir"]
+                for name, sha in info["sha256"].items():
+                    if not (folder / name).is_file() or file_sha256(folder / name) != sha:
+                        raise UserError(f"{folder / name} is missing or changed since the export")
+                encoders[side] = load_encoder(str(folder), None, trust_remote_code)
+            else:
+                encoders[side] = load_checked_encoder(info["spec"], info, trust_remote_code, where)
+            # a truncated encoder keeps the names of the layers it still computes
+            layers[side] = layer_position(encoders[side], info["layer"], where)
+        heads = {"image": image_head, "text": text_head}
+        run_id = file_sha256(export_dir / CHECKPOINT)
+        return cls(config, encoders, layers, heads, run_id, device)
+
+    # -- encoding -------------------------------------------------------------------------------
+    def embed_rows(
+        self,
+        side: str,
+        fetch: Callable[[int], Any],
+        names: Sequence[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Rows 0..len(names)-1 fetched by `fetch` -> (N, d) float32 unit vectors on the CPU,
+        through extraction's prepare / collate / embed path, then the head."""
+        encoder, layer, head = self.encoders[side], self.layers[side], self.heads[side]
+        loader = DataLoader(
+            RowDataset(fetch, encoder.prepare, list(names)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=make_collate(encoder),
+        )
+        cuda = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+        unit = " img" if side == "image" else " txt"
+        bar = tqdm(total=len(names), unit=unit, disable=not progress, file=sys.stderr)
+        outputs = []
+        with bar:
+            for rows, batch, errors in loader:
+                bad = [i for i, err in enumerate(errors) if err]
+                if bad:
+                    raise UserError(f"cannot read image {names[rows[bad[0]]]}: {errors[bad[0]]}")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with torch.inference_mode():
+                    with autocast:
+                        features = encoder.embed(batch)[:, layer].float()
+                    # the head in float32, as on the stored features
+                    outputs.append(l2_normalise(head(features).float()).cpu())
+                bar.update(len(rows))
+        if not outputs:
+            return torch.zeros(0, int(self.config.get("out_dim") or 0))
+        return torch.cat(outputs)
+
+    def encode_image(
+        self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64
+    ) -> torch.Tensor:
+        """PIL images or image paths (one or a list) -> (B, d) float32 unit vectors."""
+        items = [images] if isinstance(images, Image.Image | str | Path) else list(images)
+        paths = [str(x) for x in items if not isinstance(x, Image.Image)]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            raise UserError(f"{len(missing)} image file(s) do not exist: {shown}")
+        names = [x if isinstance(x, str | Path) else f"image {i}" for i, x in enumerate(items)]
+
+        def fetch(i: int) -> Image.Image:
+            item = items[i]
+            return item.convert("RGB") if isinstance(item, Image.Image) else open_image(item)
+
+        return self.embed_rows("image", fetch, [str(n) for n in names], batch_size)
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts (one or a list) -> (B, d) float32 unit vectors."""
+        texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
+        return self.embed_rows("text", texts.__getitem__, texts, batch_size)
+
+    def class_embeddings(
+        self, class_names: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES
+    ) -> torch.Tensor:
+        """(C, d): every class name in every template, averaged as `evaluate` does."""
+        class_names = [str(c).strip() for c in class_names]
+        if not class_names or not all(class_names):
+            raise UserError("give at least one class name, and no empty ones")
+        if not templates or any("{}" not in t for t in templates):
+            raise UserError("give at least one template, each with a {} for the class name")
+        prompts = [t.format(c) for c in class_names for t in templates]
+        labels = np.repeat(np.arange(len(class_names)), len(templates))
+        return class_embeddings(self.encode_text(prompts), labels, len(class_names))
+
+    def classify(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        class_names: Sequence[str],
+        templates: Sequence[str] = PROMPT_TEMPLATES,
+        k: int = 5,
+    ) -> Classification:
+        """Zero-shot: softmax over cosine / temperature against the class embeddings."""
+        classes = self.class_embeddings(class_names, templates)
+        logits = self.encode_image(images) @ classes.T / self.temperature
+        probs = logits.softmax(dim=1)
+        top = probs.topk(min(k, probs.shape[1]), dim=1)
+        return Classification(probs, top.values, top.indices)
+
+
+# -- export -------------------------------------------------------------------------------------
+def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
+    """What the export's config.json says about one encoder."""
+    encoder = model.encoders[side]
+    recorded = (model.config.get("store_fingerprint") or {}).get(side, {})
+    processor = encoder.processor
+    preprocessing = (
+        processor.to_dict()
+        if hasattr(processor, "image_mean")
+        else {"tokenizer": type(processor).__name__}
+        if processor is not None
+        else {}
+    )
+    kept, total = model.blocks[side]
+    return {
+        "spec": encoder.spec,
+        "model_id": recorded.get("model_id", encoder.model_id),
+        "revision": recorded.get("revision", encoder.revision),
+        "model_fingerprint": recorded.get("model_fingerprint"),
+        "layer": model.config[f"{side}_layer"],
+        "pooling": encoder.pooling,
+        "blocks_run": kept,
+        "blocks_total": total,
+        "preprocessing": json.loads(json.dumps(preprocessing, default=str)),
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def export_model(
+    run_dir: str | Path, out: str | Path, with_encoders: bool = False
+) -> dict[str, Any]:
+    """Write `out` (via a temporary directory renamed at the end): config.json (the run's config
+    plus an `export` section), head.safetensors and, with_encoders, each encoder truncated at
+    its chosen layer (safetensors + processor / tokenizer files). Returns the export section."""
+    out = Path(out)
+    if out.exists() and not (out / CONFIG).is_file():
+        raise UserError(f"{out} exists and is not an export; choose another --out")
+    if out.exists() and "export" not in json.loads((out / CONFIG).read_text()):
+        raise UserError(f"{out} exists and is not an export; choose another --out")
+    model = AlignedModel.from_run(run_dir, device="cpu")
+    export: dict[str, Any] = {"format": EXPORT_FORMAT, "run": str(Path(run_dir).resolve())}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copyfile(Path(run_dir) / CHECKPOINT, tmp / CHECKPOINT)
+        for side in SIDES:
+            info = side_info(model, side)
+            if with_encoders:
+                encoder = model.encoders[side]
+                if encoder.config.get("timm") or not hasattr(encoder.model, "save_pretrained"):
+                    raise UserError(
+                        f"--with-encoders saves Hugging Face encoders; {encoder.spec} is not one "
+                        "(export without it: the encoder is then loaded by name)"
+                    )
+                folder = tmp / f"{side}_encoder"
+                encoder.model.save_pretrained(folder, safe_serialization=True)
+                encoder.processor.save_pretrained(folder)
+                weights = sorted(p.name for p in folder.glob("*.safetensors"))
+                info.update(
+                    dir=folder.name,
+                    sha256={name: file_sha256(folder / name) for name in weights},
+                    exported_bytes=dir_bytes(folder),
+                    full_encoder_bytes=model.full_bytes[side],
+                )
+            export[side] = info
+        config = {**model.config, "export": export}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return export
