@@ -27,17 +27,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages.datasets import PROMPT_TEMPLATES, open_image
+from stages.datasets import PROMPT_TEMPLATES, load_source, open_image
 from stages.encoders import Encoder, load_encoder, truncate_encoder
 from stages.evaluate import class_embeddings, l2_normalise
-from stages.extract import RowDataset, make_collate, pick_device
+from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
 from stages.heads import CHECKPOINT, CONFIG, load_run
-from store import UserError
+from store import UserError, image_table
+from store.manifest import normalise_manifest
 
 SIDES = ("image", "text")
 EXPORT_FORMAT = 1
@@ -56,6 +58,11 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def run_id(run_dir: str | Path) -> str:
+    """Which run's heads: the sha256 of head.safetensors (an export copies it byte for byte)."""
+    return file_sha256(Path(run_dir) / CHECKPOINT)
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -107,7 +114,7 @@ class AlignedModel:
         device: str = "auto",
     ):
         self.config, self.encoders, self.layers, self.heads = config, encoders, layers, heads
-        self.run_id = run_id  # sha256 of head.safetensors: which run's heads these are
+        self.run_id = run_id  # which run's heads these are (see `run_id`)
         self.full_bytes = {side: param_bytes(e.model) for side, e in encoders.items()}
         self.blocks = {
             side: (
@@ -143,8 +150,7 @@ class AlignedModel:
             )
             layers[side] = layer_position(encoders[side], config[f"{side}_layer"], where)
         heads = {"image": image_head, "text": text_head}
-        run_id = file_sha256(Path(run_dir) / CHECKPOINT)
-        return cls(config, encoders, layers, heads, run_id, device)
+        return cls(config, encoders, layers, heads, run_id(run_dir), device)
 
     @classmethod
     def from_pretrained(
@@ -175,8 +181,15 @@ class AlignedModel:
             # a truncated encoder keeps the names of the layers it still computes
             layers[side] = layer_position(encoders[side], info["layer"], where)
         heads = {"image": image_head, "text": text_head}
-        run_id = file_sha256(export_dir / CHECKPOINT)
-        return cls(config, encoders, layers, heads, run_id, device)
+        return cls(config, encoders, layers, heads, run_id(export_dir), device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", trust_remote_code: bool = False):
+        """An export directory (`from_pretrained`) or an align run directory (`from_run`)."""
+        config = Path(path) / CONFIG
+        exported = config.is_file() and "export" in json.loads(config.read_text())
+        build = cls.from_pretrained if exported else cls.from_run
+        return build(path, device, trust_remote_code)
 
     # -- encoding -------------------------------------------------------------------------------
     def embed_rows(
@@ -348,3 +361,54 @@ def export_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return export
+
+
+# -- embedding a whole data source ------------------------------------------------------------
+def embed_source(
+    model: AlignedModel,
+    source_spec: str,
+    split: str,
+    modality: str = "both",
+    limit: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per image and per caption of a data source (any `--source` of extract):
+    modality, id, path, caption, label_name, embedding (float32 unit vector)."""
+    if modality not in ("image", "text", "both"):
+        raise UserError(f"--modality must be image, text or both, not {modality!r}")
+    source = load_source(source_spec, split)
+    manifest = limit_manifest(normalise_manifest(source.manifest), limit)
+    has = {"image": source.load_image is not None and bool((manifest["image_row"] >= 0).any())}
+    has["text"] = bool((manifest["caption"] != "").any())
+    sides = [s for s in SIDES if modality in (s, "both") and (has[s] or modality == s)]
+    if not sides:
+        raise UserError(f"{source_spec} ({split}) has neither images nor captions to embed")
+    tables = []
+    for side in sides:
+        fetch, names = rows_to_embed(source, manifest, side)
+        rows = image_table(manifest) if side == "image" else manifest
+        embeddings = model.embed_rows(side, fetch, names, batch_size, num_workers, progress)
+        tables.append(
+            pd.DataFrame(
+                {
+                    "modality": side,
+                    "id": rows["sample_id"].astype(str).to_numpy(),
+                    "path": rows["image_path"].astype(str).to_numpy(),
+                    "caption": "" if side == "image" else rows["caption"].astype(str).to_numpy(),
+                    "label_name": rows["label_name"].astype(str).to_numpy(),
+                    "embedding": list(embeddings.numpy()),
+                }
+            )
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+def write_parquet(table: pd.DataFrame, path: str | Path) -> None:
+    """Via a temporary file renamed at the end: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)

@@ -4,8 +4,10 @@ inputs through the truncated encoders equal the heads on the stored features."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -25,7 +27,8 @@ from stages.evaluate import evaluate_run, zero_shot_accuracy
 from stages.extract import ExtractOptions, extract
 from stages.heads import build_head, save_run
 from stages.model import AlignedModel, export_model
-from store import FeatureStore, UserError
+from store import FeatureStore, UserError, image_table
+from tests.helpers import one_line_error, run_cli
 
 N_TRAIN, N_TEST = 240, 80
 FAST = ExtractOptions(batch_size=40, block_rows=80, num_workers=0, progress=False)
@@ -218,3 +221,153 @@ def test_export_of_a_real_size_architecture(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
     picture = Image.fromarray(pixels)
     torch.testing.assert_close(loaded.encode_image(picture), original.encode_image(picture))
+
+
+# -- the commands -----------------------------------------------------------------------------
+def save_test_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    source = digits_source("test")
+    paths = [folder / f"digit{i}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        source.load_image(i).save(path)
+    return paths
+
+
+def test_cli_export_embed_classify(demo, tmp_path, capsys):
+    code, out, err = run_cli(["export", "--run", demo["run"], "--out", tmp_path / "exp"], capsys)
+    assert code == 0, err
+    assert "image tiny-random-vit layer block.1: 2 of 4 blocks" in out
+    model = AlignedModel.load(tmp_path / "exp", device="cpu")  # an export without encoders
+    assert model.blocks["image"] == (2, 4)
+
+    out_file = tmp_path / "emb.parquet"
+    args = ["embed", "--run", tmp_path / "exp", "--source", "digits", "--split", "test"]
+    code, out, err = run_cli([*args, "--limit", 12, "--num-workers", 0, "--out", out_file], capsys)
+    assert code == 0, err
+    table = pd.read_parquet(out_file)
+    assert list(table["modality"]) == ["image"] * 12 + ["text"] * 12
+    source = digits_source("test")
+    images = np.stack(table["embedding"][:12])
+    expected = model.encode_image([source.load_image(i) for i in range(12)]).numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    texts = np.stack(table["embedding"][12:])
+    captions = list(table["caption"][12:])
+    assert captions == list(source.manifest["caption"][:12])
+    np.testing.assert_allclose(texts, model.encode_text(captions).numpy(), atol=1e-5)
+
+    paths = save_test_images(tmp_path / "images", 3)
+    names = "zero,one,two,three"
+    code, out, err = run_cli(
+        ["classify", "--run", demo["run"], "--labels", names, "--top-k", 2, *paths], capsys
+    )
+    assert code == 0, err
+    result = model.classify(paths, names.split(","), k=2)
+    for path, probs, classes in zip(paths, result.top_probs, result.top_classes, strict=True):
+        best, prob = names.split(",")[int(classes[0])], f"{float(probs[0]):.4f}"
+        assert any(str(path) in x and best in x and prob in x for x in out.splitlines()), out
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("zero\none\n\ntwo\nthree\n")
+    csv_file = tmp_path / "out.csv"
+    code, _, err = run_cli(
+        ["classify", "--run", demo["run"], "--labels-file", labels_file, "--csv", csv_file, *paths],
+        capsys,
+    )
+    assert code == 0, err
+    table = pd.read_csv(csv_file)
+    assert len(table) == 9
+    top1 = table[table["rank"] == 1]["probability"].to_numpy()
+    np.testing.assert_allclose(top1, result.top_probs[:, 0].numpy(), rtol=1e-4)
+
+
+def test_cli_bad_input_is_one_line(demo, tmp_path, capsys):
+    paths = save_test_images(tmp_path, 1)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    csv_file = tmp_path / "out.csv"
+    cases = [
+        (["classify", "--run", demo["run"], "--labels", " , ", *paths], "class names"),
+        (["classify", "--run", demo["run"], "--labels", "a,b", tmp_path / "x.png"], "not exist"),
+        (
+            [
+                "classify",
+                "--run",
+                demo["run"],
+                "--labels",
+                "a,b",
+                "--csv",
+                csv_file,
+                paths[0],
+                tmp_path / "bad.png",
+            ],
+            "cannot read image",
+        ),  # fmt: skip
+        (["classify", "--run", tmp_path, "--labels", "a", *paths], "no head.safetensors"),
+        (["export", "--run", tmp_path, "--out", tmp_path / "e"], "no head.safetensors"),
+        (
+            [
+                "embed",
+                "--run",
+                demo["run"],
+                "--source",
+                "pairs:nothing.csv",
+                "--out",
+                tmp_path / "e.parquet",
+            ],
+            "does not exist",
+        ),  # fmt: skip
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(args, capsys)
+        assert code == 2, (args, err)
+        assert message in one_line_error(err), err
+    assert not csv_file.exists() and not (tmp_path / "e").exists()
+    assert not (tmp_path / "e.parquet").exists()
+
+
+def stored_image_embeddings(demo) -> np.ndarray:
+    """The head on the stored test features, float64, unit rows."""
+    return stored_embeddings(
+        demo, AlignedModel.from_run(demo["run"], device="cpu"), "test", "image"
+    )
+
+
+def test_cli_index_and_search(demo, tmp_path, capsys):
+    index_dir = tmp_path / "index"
+    args = ["index", "--run", demo["run"], "--store", demo["store"], "--split", "test"]
+    code, out, err = run_cli([*args, "--out", index_dir], capsys)
+    assert code == 0, err
+    assert f"{N_TEST} images of digits/test" in out and "IndexFlatIP" in out
+
+    model = AlignedModel.from_run(demo["run"], device="cpu")
+    query = "a handwritten digit seven."
+    code, out, err = run_cli(["search", "--index", index_dir, "-k", 5, query], capsys)
+    assert code == 0, err
+    scores = stored_image_embeddings(demo) @ model.encode_text([query]).double().numpy()[0]
+    best = np.argsort(-scores)[:5]
+    lines = out.splitlines()[1:]
+    manifest = image_table(FeatureStore(demo["store"]).manifest("digits", "test"))
+    for line, row in zip(lines, best, strict=True):
+        rank, score, sample_id, path = line.split()[:4]
+        assert sample_id == manifest["sample_id"].iloc[row]
+        assert abs(float(score) - scores[row]) < 1e-3  # float16 storage, printed to 4 places
+
+    image = save_test_images(tmp_path / "q", 1)[0]
+    code, out, err = run_cli(["search", "--index", index_dir, "--image", image, "-k", 1], capsys)
+    assert code == 0, err
+    assert manifest["sample_id"].iloc[0] in out.splitlines()[1]  # itself first
+
+    # an approximate index past --exact-max, its recall against exact search recorded
+    code, out, err = run_cli([*args, "--out", tmp_path / "ivf", "--exact-max", 10], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "ivf" / "index.json").read_text())
+    assert meta["kind"].startswith("IndexIVFFlat") and 0.5 <= meta["recall_at_10_vs_exact"] <= 1
+
+    # a model of another run is refused
+    other = tmp_path / "other"
+    config = json.loads((demo["run"] / "config.json").read_text())
+    torch.manual_seed(1)
+    heads = [build_head("linear", config[f"{s}_dim"], config["out_dim"]) for s in ("image", "text")]
+    save_run(other, *heads, config)
+    code, _, err = run_cli(["search", "--index", index_dir, "--run", other, "a query"], capsys)
+    assert code == 2 and "built by run" in one_line_error(err)
+    code, _, err = run_cli(["search", "--index", tmp_path, "a query"], capsys)
+    assert code == 2 and "is not an index" in one_line_error(err)
