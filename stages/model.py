@@ -213,7 +213,9 @@ class AlignedModel:
         cuda = self.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
         unit = " img" if side == "image" else " txt"
-        bar = tqdm(total=len(names), unit=unit, disable=not progress, file=sys.stderr)
+        bar = tqdm(
+            total=len(names), unit=unit, desc=f"embed {side}", disable=not progress, file=sys.stderr
+        )
         outputs = []
         with bar:
             for rows, batch, errors in loader:
@@ -311,10 +313,6 @@ def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
     }
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def export_model(
     run_dir: str | Path, out: str | Path, with_encoders: bool = False
 ) -> dict[str, Any]:
@@ -349,7 +347,7 @@ def export_model(
                 info.update(
                     dir=folder.name,
                     sha256={name: file_sha256(folder / name) for name in weights},
-                    exported_bytes=dir_bytes(folder),
+                    exported_bytes=sum((folder / name).stat().st_size for name in weights),
                     full_encoder_bytes=model.full_bytes[side],
                 )
             export[side] = info
