@@ -92,6 +92,14 @@ def load_checked_encoder(
     return encoder
 
 
+def export_section(path: str | Path) -> dict[str, Any] | None:
+    """The `export` section of DIR/config.json; None when DIR is not an export."""
+    try:
+        return json.loads((Path(path) / CONFIG).read_text()).get("export")
+    except (OSError, ValueError, AttributeError):  # no, a broken or an odd config.json
+        return None
+
+
 def layer_position(encoder: Encoder, layer: str, where: str) -> int:
     if layer not in encoder.layer_names:
         raise UserError(
@@ -160,8 +168,8 @@ class AlignedModel:
         holds them (offline, nothing downloaded), else the encoders named in its config."""
         export_dir = Path(export_dir)
         config, image_head, text_head = load_run(export_dir)
-        export = config.get("export")
-        if not export or export.get("format") != EXPORT_FORMAT:
+        export = config.get("export") or {}
+        if export.get("format") != EXPORT_FORMAT:
             raise UserError(
                 f"{export_dir} is not a directory written by `python -m pipeline export` "
                 "(for a run directory use AlignedModel.from_run)"
@@ -186,9 +194,7 @@ class AlignedModel:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", trust_remote_code: bool = False):
         """An export directory (`from_pretrained`) or an align run directory (`from_run`)."""
-        config = Path(path) / CONFIG
-        exported = config.is_file() and "export" in json.loads(config.read_text())
-        build = cls.from_pretrained if exported else cls.from_run
+        build = cls.from_run if export_section(path) is None else cls.from_pretrained
         return build(path, device, trust_remote_code)
 
     # -- encoding -------------------------------------------------------------------------------
@@ -226,8 +232,14 @@ class AlignedModel:
                 with torch.inference_mode():
                     with autocast:
                         features = encoder.embed(batch)[:, layer].float()
-                    # the head in float32, as on the stored features
-                    outputs.append(l2_normalise(head(features).float()).cpu())
+                    try:  # the head in float32, as on the stored features
+                        outputs.append(l2_normalise(head(features).float()).cpu())
+                    except RuntimeError as err:  # a shape mismatch: another model or layer
+                        raise UserError(
+                            f"the {side} head cannot take {encoder.spec} layer "
+                            f"{encoder.layer_names[layer]} (dim {features.shape[1]}): "
+                            f"{str(err).splitlines()[0]}"
+                        ) from err
                 bar.update(len(rows))
         if not outputs:
             return torch.zeros(0, int(self.config.get("out_dim") or 0))
@@ -292,13 +304,13 @@ def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
     encoder = model.encoders[side]
     recorded = (model.config.get("store_fingerprint") or {}).get(side, {})
     processor = encoder.processor
-    preprocessing = (
-        processor.to_dict()
-        if hasattr(processor, "image_mean")
-        else {"tokenizer": type(processor).__name__}
-        if processor is not None
-        else {}
-    )
+    if processor is None:  # timm: the data config is part of its pretrained config
+        keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+        preprocessing = {k: encoder.config[k] for k in keys if k in encoder.config}
+    elif encoder.modality == "image":
+        preprocessing = processor.to_dict()
+    else:
+        preprocessing = {"tokenizer": type(processor).__name__}
     kept, total = model.blocks[side]
     return {
         "spec": encoder.spec,
@@ -320,9 +332,7 @@ def export_model(
     plus an `export` section), head.safetensors and, with_encoders, each encoder truncated at
     its chosen layer (safetensors + processor / tokenizer files). Returns the export section."""
     out = Path(out)
-    if out.exists() and not (out / CONFIG).is_file():
-        raise UserError(f"{out} exists and is not an export; choose another --out")
-    if out.exists() and "export" not in json.loads((out / CONFIG).read_text()):
+    if out.exists() and export_section(out) is None:
         raise UserError(f"{out} exists and is not an export; choose another --out")
     model = AlignedModel.from_run(run_dir, device="cpu")
     export: dict[str, Any] = {"format": EXPORT_FORMAT, "run": str(Path(run_dir).resolve())}
