@@ -371,3 +371,29 @@ def test_cli_index_and_search(demo, tmp_path, capsys):
     assert code == 2 and "built by run" in one_line_error(err)
     code, _, err = run_cli(["search", "--index", tmp_path, "a query"], capsys)
     assert code == 2 and "is not an index" in one_line_error(err)
+
+
+def test_timm_truncation_prunes_blocks(monkeypatch):
+    """A timm DINOv2-S (random weights, 56 px): pruned after block 3, 4 of 12 blocks run and
+    block 3's pooled CLS is extraction's."""
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(
+        timm,
+        "create_model",
+        lambda name, **kw: create(name, **{**kw, "pretrained": False}, img_size=56),
+    )
+    torch.manual_seed(0)
+    encoder = load_encoder("timm:vit_small_patch14_dinov2.lvd142m")
+    calls = []
+    for block in encoder.model.blocks:
+        block.register_forward_hook(lambda *_: calls.append(1))
+    pixels = {"pixel_values": torch.randn(2, 3, 56, 56)}
+    full = encoder.embed(pixels)
+    assert len(calls) == 12
+    calls.clear()
+    assert truncate_encoder(encoder, encoder.layer_names.index("block.3")) == 4
+    cut = encoder.embed(pixels)
+    assert len(calls) == 4
+    torch.testing.assert_close(cut[:, 3], full[:, 3])
