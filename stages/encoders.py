@@ -401,9 +401,11 @@ def truncate_encoder(encoder: Encoder, layer: int) -> int:
         # timm's own pruning: later blocks, the final norm and the head go
         model.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
         return keep
+    # only transformers whose hidden states are one per block (not CNN stages); any other
+    # architecture runs whole, which is still correct
     found = block_list(model, n_blocks)
-    if found is None:
-        return n_blocks  # an architecture we cannot cut: it runs whole, still correct
+    if getattr(model.config, "num_hidden_layers", None) != n_blocks or found is None:
+        return n_blocks
     parent, attr = found
     setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[:keep]))
     # so that save_pretrained writes a config of the truncated model
