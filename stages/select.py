@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,6 @@ import pandas as pd
 from store import FeatureStore, UserError, pair_rows
 
 K_RULES = ("rice", "sqrt", "sturges")
-SPARE = 8  # extra candidates fetched per row so that ties at the k-th rank are rarely cut
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,110 +80,212 @@ def resolve_k(k: int | str, n: int) -> int:
 # ------------------------------------------------------------------------------------------
 # kNN graph of one layer
 # ------------------------------------------------------------------------------------------
-def normalise_rows(x: np.ndarray, name: str = "features") -> np.ndarray:
-    """L2-normalised float32 C-contiguous copy; NaN, infinite or all-zero rows are an error."""
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {x.shape}")
-    squares = np.einsum("ij,ij->i", x, x)  # no (n, d) temporaries: this runs on every layer
-    odd = np.flatnonzero(~np.isfinite(squares) | (squares == 0))
-    squares[odd] = 1
-    x *= (1 / np.sqrt(squares))[:, None]
-    # the few odd rows: NaN or inf, all zero, or a norm that over- or underflows float32
-    rows = x[odd].astype(np.float64)
-    bad = odd[~np.isfinite(rows).all(axis=1)]
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
+MARGIN = 8  # spare candidates per row: only speed depends on it, every row is verified
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of n roundings."""
+    return n * u / (1 - n * u)
+
+
+def similarity_error(d: int) -> float:
+    """Bound on |s32 - s64| for two rows of dimension d (see the module docstring)."""
+    return gamma(d + 8, U32) + gamma(3 * d + 8, U64)
+
+
+def tree_sum(p: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in one fixed binary tree (adjacent pairs, an odd last element
+    carried up): the same bits on every CPU, unlike BLAS, einsum or numpy's SIMD sums."""
+    while p.shape[-1] > 1:
+        half = p.shape[-1] // 2
+        pairs = p[..., 0 : 2 * half : 2] + p[..., 1 : 2 * half : 2]
+        p = np.concatenate([pairs, p[..., 2 * half :]], axis=-1) if p.shape[-1] % 2 else pairs
+    return p[..., 0]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One layer's rows: `raw` float32 as given, `norms` their float64 norms (fixed order) and
+    `unit` = float32(raw / norms), what the candidate search multiplies."""
+
+    raw: np.ndarray
+    norms: np.ndarray
+    unit: np.ndarray
+
+    def unit64(self, index: np.ndarray) -> np.ndarray:
+        """The reference's unit rows: float64(raw) / norms, elementwise, so exact per row."""
+        return self.raw[index].astype(np.float64) / self.norms[index, None]
+
+    def similarities(self, i: np.ndarray, j: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """The reference cosine s64 of the row pairs (i[t], j[t]): float64 (len(i),)."""
+        out = np.empty(len(i), dtype=np.float64)
+        for start in range(0, len(i), chunk):
+            part = slice(start, start + chunk)
+            out[part] = tree_sum(self.unit64(i[part]) * self.unit64(j[part]))
+        return out
+
+
+def prepare_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> Rows:
+    """Check a layer (2-d, finite, no all-zero row) and normalise it, in blocks of rows."""
+    raw = np.ascontiguousarray(x, dtype=np.float32)
+    if raw.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {raw.shape}")
+    norms = np.empty(len(raw), dtype=np.float64)
+    unit = np.empty_like(raw)
+    for start in range(0, len(raw), block):
+        rows = raw[start : start + block].astype(np.float64)  # float32 squares can overflow
+        norms[start : start + block] = np.sqrt(tree_sum(rows * rows))
+        with np.errstate(invalid="ignore", divide="ignore"):  # bad rows: reported below
+            unit[start : start + block] = rows / norms[start : start + block, None]
+    bad = np.flatnonzero(~np.isfinite(norms))
     if bad.size:
         raise UserError(f"{name}: {bad.size} rows hold NaN or inf (first: row {bad[0]})")
-    scale = np.abs(rows).max(axis=1, initial=0)
-    zero = odd[scale == 0]
+    zero = np.flatnonzero(norms == 0)
     if zero.size:
         raise UserError(
             f"{name}: {zero.size} rows are all zero (first: row {zero[0]}); "
             "cosine similarity is undefined for them"
         )
-    rows /= scale[:, None]
-    x[odd] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    return x
+    return Rows(raw, norms, unit)
 
 
-def search_cpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-m inner products of every row against all rows: (sims, ids), each (n, m)."""
-    import faiss
-
-    return faiss.knn(x, x, m, metric=faiss.METRIC_INNER_PRODUCT)
+def normalise_rows(x: np.ndarray, name: str = "features") -> np.ndarray:
+    """L2-normalised float32 C-contiguous copy; NaN, infinite or all-zero rows are an error."""
+    return prepare_rows(x, name).unit
 
 
-def knn_graph(x: np.ndarray, k: int, device: str = "auto", name: str = "features") -> np.ndarray:
+def knn_graph(
+    x: np.ndarray, k: int, device: str = "auto", name: str = "features", search: str = ""
+) -> np.ndarray:
     """The k nearest neighbours (cosine) of every row, self excluded: int32 (n, k), each row
-    ranked by (similarity desc, index asc)."""
-    x = normalise_rows(x, name)
-    n = x.shape[0]
+    ranked by (similarity desc, index asc). `search` names a backend of SEARCHES; empty: the
+    fastest working one for `device`."""
+    rows = prepare_rows(x, name)
+    n, d = rows.raw.shape
     if not 1 <= k < n:
         raise UserError(f"{name}: k = {k} needs more than {k} samples, got n = {n}")
-    m = min(n, k + 1 + SPARE)
-    sims, ids = search_backend(device, m)(x, m)
-    return rank_candidates(x, sims, ids, k)
+    m = min(n, k + 1 + MARGIN)
+    sims, ids = SEARCHES[search or fastest_search(device)](rows.unit, m)
+    return rank_candidates(rows, np.asarray(sims), np.asarray(ids), k)
 
 
-def rank_candidates(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Pick k neighbours from m > k candidates per row under the documented tie rule."""
+def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """The exact graph from a backend's top-m (m > k) float32 candidates of every row.
+
+    Candidates are sorted by their float32 similarity; wherever two neighbours in that order
+    are within 2E (E = similarity_error), they form a cluster whose order is decided on s64,
+    then index. A row whose k-th candidate is not more than 2E above everything not fetched
+    goes to `exact_neighbours`."""
     n, m = ids.shape
-    sims = sims.astype(np.float32, copy=False)
+    err = similarity_error(rows.raw.shape[1])
     ids = ids.astype(np.int64, copy=False)
-    # drop self (or, when it was not fetched, the last and least similar candidate)
-    self_at = np.where(ids == np.arange(n)[:, None], np.arange(m), m - 1).min(axis=1)
-    cols = np.arange(m - 1)[None, :]
-    cols = cols + (cols >= self_at[:, None])
-    sims = np.take_along_axis(sims, cols, axis=1)
-    ids = np.take_along_axis(ids, cols, axis=1)
-    # backends return rows by similarity desc: re-rank only rows where ties (or disorder)
-    # within the first k + 1 decide the set or its order
-    head = sims[:, : k + 1]
-    redo = np.flatnonzero((head[:, 1:] >= head[:, :-1]).any(axis=1))
+    sims = sims.astype(np.float64)
+    fetched = ids >= 0
+    unfetched_max = np.where(fetched, sims, np.inf).min(axis=1)  # bounds every row not fetched
+    sims[~fetched | (ids == np.arange(n)[:, None])] = -np.inf  # self is never a neighbour
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : m - 1]
+    sims = np.take_along_axis(sims, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    # linked[:, t]: candidates t and t + 1 may swap; the last column links to the unfetched
+    below = np.concatenate([sims[:, 1:], unfetched_max[:, None]], axis=1)
+    with np.errstate(invalid="ignore"):
+        linked = ~(sims - below > 2 * err)  # NaN from -inf - -inf: linked, so redone exactly
+    cut = ~linked[:, k - 1 :]
+    redo = ~cut.any(axis=1) | ~fetched.all(axis=1)
+    end = k - 1 + cut.argmax(axis=1)  # the first break at or after rank k: the set is certain
+    # float64 similarities for the members of clusters of two or more, up to the break
+    position = np.arange(m - 1)
+    in_cluster = linked | np.pad(linked[:, :-1], ((0, 0), (1, 0)))
+    need = in_cluster & (position <= end[:, None]) & ~redo[:, None]
+    row, col = np.nonzero(need)
+    exact = np.zeros_like(sims)
+    exact[row, col] = rows.similarities(row, ids[row, col])
+    if row.size and np.abs(exact[row, col] - sims[row, col]).max() > err:
+        raise RuntimeError("the search backend's similarities exceed the float32 error bound")
+    cluster = np.cumsum(~linked, axis=1) - ~linked  # breaks before each position
+    order = np.lexsort((ids, -exact, cluster), axis=1)
+    graph = np.take_along_axis(ids, order[:, :k], axis=1).astype(np.int32)
+    redo = np.flatnonzero(redo)
     if redo.size:
-        order = np.lexsort((ids[redo], -sims[redo]), axis=1)  # similarity desc, then index
-        sims[redo] = np.take_along_axis(sims[redo], order, axis=1)
-        ids[redo] = np.take_along_axis(ids[redo], order, axis=1)
-    graph = ids[:, :k].astype(np.int32)
-    if m < n:
-        # the last candidate bounds everything not fetched: a tie with it may hide more
-        unsure = np.flatnonzero((sims[:, k - 1] <= sims.min(axis=1)) | (ids < 0).any(axis=1))
-        if unsure.size:
-            graph[unsure] = exact_neighbours(x, unsure, k)
+        graph[redo] = exact_neighbours(rows, redo, k)
     return graph
 
 
-def exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Exact kNN of the given rows against all rows (a stable sort keeps ties by index)."""
-    out = np.empty((len(rows), k), dtype=np.int32)
-    for start in range(0, len(rows), block):
-        chunk = rows[start : start + block]
-        sims = x[chunk] @ x.T
+def exact_neighbours(rows: Rows, index: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+    """The exact graph of the given rows against all rows: every row within 2E of the k-th
+    float32 similarity is a candidate, decided on s64 then index."""
+    err = similarity_error(rows.raw.shape[1])
+    out = np.empty((len(index), k), dtype=np.int32)
+    for start in range(0, len(index), block):
+        chunk = index[start : start + block]
+        sims = rows.unit[chunk] @ rows.unit.T
         sims[np.arange(len(chunk)), chunk] = -np.inf
-        out[start : start + block] = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+        row, col = np.nonzero(sims >= (kth - 2 * err)[:, None])
+        exact = rows.similarities(chunk[row], col)
+        order = np.lexsort((col, -exact, row))  # by row, then similarity desc, then index
+        row, col = row[order], col[order]
+        first = np.searchsorted(row, np.arange(len(chunk)))
+        take = first[:, None] + np.arange(k)
+        out[start : start + len(chunk)] = col[take]
     return out
 
 
-# -- backends: the GPU path is kept here, small and separate -------------------------------
-def search_backend(device: str, m: int) -> Callable[[np.ndarray, int], tuple]:
-    """cpu: FAISS on the CPU. cuda: a GPU or an error. auto: the GPU when one works."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cpu":
-        return search_cpu
-    gpu = gpu_search(m)
-    if gpu is None and device == "cuda":
-        raise UserError("--device cuda: no working GPU search (FAISS GPU or torch CUDA)")
-    return gpu or search_cpu
+# -- candidate searches: top-m float32 inner products of unit rows, by name ---------------------
+def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", block: int = 2048):
+    """Top-m of every row of x x^T from the blocks on and above the diagonal, each used for
+    its rows and, transposed, for its columns: half the multiply-adds of the full matrix, and
+    one block of it in memory. gram(a, b) is the block x[a] x[b]^T as a torch tensor."""
+    import torch
+
+    n = len(x)
+    best = torch.full((n, m), -torch.inf, device=device)
+    best_ids = torch.full((n, m), -1, dtype=torch.int64, device=device)
+
+    def merge(rows: slice, values, ids) -> None:
+        values = torch.cat([best[rows], values], dim=1)
+        top = torch.topk(values, m, dim=1, sorted=False)
+        best_ids[rows] = torch.gather(torch.cat([best_ids[rows], ids], dim=1), 1, top.indices)
+        best[rows] = top.values
+
+    for a in range(0, n, block):
+        rows = slice(a, min(a + block, n))
+        for b in range(a, n, block):
+            cols = slice(b, min(b + block, n))
+            sims = gram(rows, cols)
+            top = torch.topk(sims, min(m, sims.shape[1]), dim=1, sorted=False)
+            merge(rows, top.values, top.indices + b)
+            if b > a:  # the same block, seen from the rows of `cols`
+                top = torch.topk(sims, min(m, sims.shape[0]), dim=0, sorted=False)
+                merge(cols, top.values.T, top.indices.T + a)
+    return best.cpu().numpy(), best_ids.cpu().numpy()
 
 
-def gpu_search(m: int) -> Callable[[np.ndarray, int], tuple] | None:
-    """A GPU search that passed its smoke test: FAISS GPU first, then torch on CUDA."""
-    if m <= 2048 and working("faiss"):  # FAISS GPU k-selection stops at 2048
-        return search_faiss_gpu
-    if working("torch"):
-        return search_torch_cuda
-    return None
+def search_numpy(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's BLAS for the blocks (faster than torch's on some CPUs), torch for the top-k."""
+    import torch
+
+    return blocked_top(x, m, lambda a, b: torch.from_numpy(x[a] @ x[b].T))
+
+
+def search_torch(x: np.ndarray, m: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    xt = torch.from_numpy(x).to(device)
+    block = 2048 if device == "cpu" else 16384
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break the float32 error bound
+    try:
+        return blocked_top(x, m, lambda a, b: xt[a] @ xt[b].T, device, block)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def search_faiss(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    return faiss.knn(x, x, m, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def search_faiss_gpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,16 +294,41 @@ def search_faiss_gpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return faiss.knn_gpu(gpu_resources(), x, x, m, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def search_torch_cuda(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    import torch
+SEARCHES: dict[str, Callable[[np.ndarray, int], tuple]] = {
+    "numpy": search_numpy,
+    "torch": search_torch,
+    "faiss": search_faiss,
+    "torch-cuda": partial(search_torch, device="cuda"),
+    "faiss-gpu": search_faiss_gpu,
+}
+CPU_SEARCHES = ("numpy", "torch", "faiss")
+GPU_SEARCHES = ("faiss-gpu", "torch-cuda")
 
-    xt = torch.from_numpy(x).cuda()
-    sims, ids = [], []
-    for start in range(0, len(x), block):
-        top = torch.topk(xt[start : start + block] @ xt.T, m, dim=1)
-        sims.append(top.values.cpu())
-        ids.append(top.indices.cpu())
-    return torch.cat(sims).numpy(), torch.cat(ids).numpy()
+
+def search_backends(device: str) -> tuple[str, ...]:
+    """cpu: the CPU searches. cuda: the GPU searches that work, or an error. auto: the GPU
+    searches when one works, else the CPU ones."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    gpu = () if device == "cpu" else tuple(name for name in GPU_SEARCHES if working(name))
+    if device == "cuda" and not gpu:
+        raise UserError("--device cuda: no working GPU search (FAISS GPU or torch CUDA)")
+    return gpu or CPU_SEARCHES
+
+
+@cache
+def fastest_search(device: str) -> str:
+    """The backend for `device`, timed once per process on a small synthetic layer: which is
+    fastest depends on the CPU (FAISS is 3x slower than a matmul on some) and the GPU."""
+    names = search_backends(device)
+    x = normalise_rows(np.random.default_rng(0).standard_normal((2048, 256)))
+    seconds = {}
+    for name in names:
+        SEARCHES[name](x, 16)  # warm-up: imports, kernels
+        start = time.perf_counter()
+        SEARCHES[name](x, 16)
+        seconds[name] = time.perf_counter() - start
+    return min(names, key=seconds.__getitem__)
 
 
 @cache
@@ -212,31 +339,34 @@ def gpu_resources():
 
 
 @cache
-def working(backend: str) -> bool:
-    """Smoke-test a GPU backend once: some CUDA FAISS wheels lack kernels for newer GPUs."""
+def working(name: str) -> bool:
+    """Smoke-test a GPU search once: some CUDA FAISS wheels lack kernels for newer GPUs, and
+    its similarities must keep to the float32 error bound (no TF32)."""
     try:
-        if backend == "faiss":
+        if name == "faiss-gpu":
             import faiss
 
             if not (faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources")):
                 return False
-            search = search_faiss_gpu
         else:
             import torch
 
             if not torch.cuda.is_available():
                 return False
-            search = search_torch_cuda
-        x = normalise_rows(np.random.default_rng(0).standard_normal((256, 32)))
-        want = np.argsort(-(x @ x.T), axis=1)[:, :8]  # numpy reference: needs no FAISS
-        _, got = search(x, 8)
-        if np.array_equal(np.sort(want, axis=1), np.sort(np.asarray(got), axis=1)):
+        rows = prepare_rows(np.random.default_rng(0).standard_normal((256, 32)))
+        exact = rows.unit64(np.arange(256)) @ rows.unit64(np.arange(256)).T
+        want = np.sort(np.argsort(-exact, axis=1)[:, :8], axis=1)  # numpy reference
+        sims, ids = (np.asarray(a) for a in SEARCHES[name](rows.unit, 8))
+        found = np.take_along_axis(exact, ids, axis=1)
+        if np.array_equal(want, np.sort(ids, axis=1)) and np.abs(found - sims).max() <= (
+            similarity_error(32)
+        ):
             return True
-        warnings.warn(f"GPU search via {backend} gave wrong neighbours; not using it", stacklevel=2)
+        warnings.warn(f"GPU search {name} gave wrong neighbours; not using it", stacklevel=2)
     except ImportError:  # no torch, or a FAISS build without the GPU
         return False
     except Exception as err:  # a missing kernel image, a driver error: fall back, say why
-        warnings.warn(f"GPU search via {backend} failed ({err}); falling back", stacklevel=2)
+        warnings.warn(f"GPU search {name} failed ({err}); falling back", stacklevel=2)
     return False
 
 
@@ -257,7 +387,7 @@ def score_graphs(
 ) -> np.ndarray:
     """(Li, Lt) float64 table of graph_overlap for every layer pair (on the GPU when device
     is not cpu and torch sees one: at n = 50,000 the CPU needs ~35 ms a pair)."""
-    if device != "cpu" and working("torch"):
+    if device != "cpu" and working("torch-cuda"):
         return score_graphs_cuda(image_graphs, text_graphs)
     scores = np.empty((len(image_graphs), len(text_graphs)), dtype=np.float64)
     for i, a in enumerate(image_graphs):
