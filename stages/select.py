@@ -106,38 +106,34 @@ def tree_sum(p: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Rows:
-    """One layer's rows: `raw` float32 as given, `norms` their float64 norms (fixed order) and
-    `unit` = float32(raw / norms), what the candidate search multiplies."""
+    """One layer's rows: `unit64` float64(x) / norm (the reference's rows, the norm summed in
+    the fixed tree) and `unit` = float32(unit64), what the candidate search multiplies."""
 
-    raw: np.ndarray
-    norms: np.ndarray
+    unit64: np.ndarray
     unit: np.ndarray
-
-    def unit64(self, index: np.ndarray) -> np.ndarray:
-        """The reference's unit rows: float64(raw) / norms, elementwise, so exact per row."""
-        return self.raw[index].astype(np.float64) / self.norms[index, None]
 
     def similarities(self, i: np.ndarray, j: np.ndarray, chunk: int = 2048) -> np.ndarray:
         """The reference cosine s64 of the row pairs (i[t], j[t]): float64 (len(i),)."""
         out = np.empty(len(i), dtype=np.float64)
         for start in range(0, len(i), chunk):
             part = slice(start, start + chunk)
-            out[part] = tree_sum(self.unit64(i[part]) * self.unit64(j[part]))
+            out[part] = tree_sum(self.unit64[i[part]] * self.unit64[j[part]])
         return out
 
 
 def prepare_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> Rows:
     """Check a layer (2-d, finite, no all-zero row) and normalise it, in blocks of rows."""
-    raw = np.ascontiguousarray(x, dtype=np.float32)
-    if raw.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {raw.shape}")
-    norms = np.empty(len(raw), dtype=np.float64)
-    unit = np.empty_like(raw)
-    for start in range(0, len(raw), block):
-        rows = raw[start : start + block].astype(np.float64)  # float32 squares can overflow
-        norms[start : start + block] = np.sqrt(tree_sum(rows * rows))
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {x.shape}")
+    norms = np.empty(len(x), dtype=np.float64)
+    unit64 = np.empty(x.shape, dtype=np.float64)
+    for start in range(0, len(x), block):
+        part = slice(start, start + block)
+        rows = x[part].astype(np.float32).astype(np.float64)  # float32 squares can overflow
+        norms[part] = np.sqrt(tree_sum(rows * rows))
         with np.errstate(invalid="ignore", divide="ignore"):  # bad rows: reported below
-            unit[start : start + block] = rows / norms[start : start + block, None]
+            unit64[part] = rows / norms[part, None]
     bad = np.flatnonzero(~np.isfinite(norms))
     if bad.size:
         raise UserError(f"{name}: {bad.size} rows hold NaN or inf (first: row {bad[0]})")
@@ -147,7 +143,7 @@ def prepare_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> Ro
             f"{name}: {zero.size} rows are all zero (first: row {zero[0]}); "
             "cosine similarity is undefined for them"
         )
-    return Rows(raw, norms, unit)
+    return Rows(unit64, unit64.astype(np.float32))
 
 
 def normalise_rows(x: np.ndarray, name: str = "features") -> np.ndarray:
@@ -162,11 +158,11 @@ def knn_graph(
     ranked by (similarity desc, index asc). `search` names a backend of SEARCHES; empty: the
     fastest working one for `device`."""
     rows = prepare_rows(x, name)
-    n, d = rows.raw.shape
+    n, d = rows.unit.shape
     if not 1 <= k < n:
         raise UserError(f"{name}: k = {k} needs more than {k} samples, got n = {n}")
     m = min(n, k + 1 + MARGIN)
-    sims, ids = SEARCHES[search or fastest_search(device)](rows.unit, m)
+    sims, ids = SEARCHES[search or fastest_search(device, d)](rows.unit, m)
     return rank_candidates(rows, np.asarray(sims), np.asarray(ids), k)
 
 
@@ -178,7 +174,7 @@ def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np
     then index. A row whose k-th candidate is not more than 2E above everything not fetched
     goes to `exact_neighbours`."""
     n, m = ids.shape
-    err = similarity_error(rows.raw.shape[1])
+    err = similarity_error(rows.unit.shape[1])
     ids = ids.astype(np.int64, copy=False)
     sims = sims.astype(np.float64)
     fetched = ids >= 0
@@ -215,7 +211,7 @@ def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np
 def exact_neighbours(rows: Rows, index: np.ndarray, k: int, block: int = 256) -> np.ndarray:
     """The exact graph of the given rows against all rows: every row within 2E of the k-th
     float32 similarity is a candidate, decided on s64 then index."""
-    err = similarity_error(rows.raw.shape[1])
+    err = similarity_error(rows.unit.shape[1])
     out = np.empty((len(index), k), dtype=np.int32)
     for start in range(0, len(index), block):
         chunk = index[start : start + block]
@@ -233,47 +229,75 @@ def exact_neighbours(rows: Rows, index: np.ndarray, k: int, block: int = 256) ->
 
 
 # -- candidate searches: top-m float32 inner products of unit rows, by name ---------------------
-def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", block: int = 2048):
+GROUP = 8  # top_along's group size: its first pass reads a block once, then 1/GROUP of it
+
+
+def top_along(sims, m: int, dim: int):
+    """Top-m (values, indices) of a torch matrix along `dim`, unsorted, for m far below its
+    length. The length splits into GROUP strided groups; the m groups with the largest maxima
+    hold a top-m (m maxima are at least as large as anything outside them), so only their
+    m * GROUP entries are ranked: a cheap max pass instead of a top-k over every entry."""
+    import torch
+
+    sims = sims if dim == 1 else sims.T
+    rows, length = sims.shape
+    if length < 4 * m * GROUP:
+        top = torch.topk(sims, min(m, length), dim=1, sorted=False)
+        return top.values, top.indices
+    width = -(-length // GROUP)
+    if width * GROUP != length:  # pad with -inf: never above a real similarity
+        sims = torch.nn.functional.pad(sims, (0, width * GROUP - length), value=-torch.inf)
+    maxima = sims.reshape(rows, GROUP, width).amax(dim=1)  # group q: columns q + t * width
+    groups = torch.topk(maxima, m, dim=1, sorted=False).indices
+    cols = (groups[:, :, None] + width * torch.arange(GROUP, device=sims.device)).flatten(1)
+    top = torch.topk(torch.gather(sims, 1, cols), m, dim=1, sorted=False)
+    return top.values, torch.gather(cols, 1, top.indices)
+
+
+def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", block: int = 4096):
     """Top-m of every row of x x^T from the blocks on and above the diagonal, each used for
     its rows and, transposed, for its columns: half the multiply-adds of the full matrix, and
     one block of it in memory. gram(a, b) is the block x[a] x[b]^T as a torch tensor."""
     import torch
 
     n = len(x)
-    best = torch.full((n, m), -torch.inf, device=device)
-    best_ids = torch.full((n, m), -1, dtype=torch.int64, device=device)
-
-    def merge(rows: slice, values, ids) -> None:
-        values = torch.cat([best[rows], values], dim=1)
-        top = torch.topk(values, m, dim=1, sorted=False)
-        best_ids[rows] = torch.gather(torch.cat([best_ids[rows], ids], dim=1), 1, top.indices)
-        best[rows] = top.values
-
-    for a in range(0, n, block):
+    starts = range(0, n, block)
+    found = {a: [] for a in starts}  # per block of rows: (similarities, ids) of its candidates
+    for a in starts:
         rows = slice(a, min(a + block, n))
         for b in range(a, n, block):
-            cols = slice(b, min(b + block, n))
-            sims = gram(rows, cols)
-            top = torch.topk(sims, min(m, sims.shape[1]), dim=1, sorted=False)
-            merge(rows, top.values, top.indices + b)
-            if b > a:  # the same block, seen from the rows of `cols`
-                top = torch.topk(sims, min(m, sims.shape[0]), dim=0, sorted=False)
-                merge(cols, top.values.T, top.indices.T + a)
-    return best.cpu().numpy(), best_ids.cpu().numpy()
+            sims = gram(rows, slice(b, min(b + block, n)))
+            values, ids = top_along(sims, m, dim=1)
+            found[a].append((values, ids + b))
+            if b > a:  # the same block, seen from the rows of block b
+                values, ids = top_along(sims, m, dim=0)
+                found[b].append((values, ids + a))
+    sims, ids = [], []
+    for a in starts:
+        values = torch.cat([v for v, _ in found[a]], dim=1)
+        top = torch.topk(values, m, dim=1, sorted=False)
+        sims.append(top.values.cpu())
+        ids.append(torch.gather(torch.cat([i for _, i in found[a]], dim=1), 1, top.indices).cpu())
+    return torch.cat(sims).numpy(), torch.cat(ids).numpy()
 
 
 def search_numpy(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy's BLAS for the blocks (faster than torch's on some CPUs), torch for the top-k."""
+    """numpy's BLAS for the blocks (faster than torch's on some CPUs; `a @ a.T` on a diagonal
+    block is a symmetric rank-k update, half the work), torch for the top-k."""
     import torch
 
-    return blocked_top(x, m, lambda a, b: torch.from_numpy(x[a] @ x[b].T))
+    def gram(a: slice, b: slice):
+        rows = x[a]
+        return torch.from_numpy(rows @ (rows if a == b else x[b]).T)
+
+    return blocked_top(x, m, gram)
 
 
 def search_torch(x: np.ndarray, m: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     xt = torch.from_numpy(x).to(device)
-    block = 2048 if device == "cpu" else 16384
+    block = 4096 if device == "cpu" else 16384
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break the float32 error bound
     try:
@@ -317,16 +341,19 @@ def search_backends(device: str) -> tuple[str, ...]:
 
 
 @cache
-def fastest_search(device: str) -> str:
-    """The backend for `device`, timed once per process on a small synthetic layer: which is
-    fastest depends on the CPU (FAISS is 3x slower than a matmul on some) and the GPU."""
+def fastest_search(device: str, d: int = 256) -> str:
+    """The backend for `device`, timed once per process and dimension on 2,048 random rows of
+    dimension d: which is fastest depends on the CPU (FAISS's is 3x slower than a matmul on
+    some, its GPU search faster on others) and on d."""
     names = search_backends(device)
-    x = normalise_rows(np.random.default_rng(0).standard_normal((2048, 256)))
+    if len(names) == 1:
+        return names[0]
+    x = normalise_rows(np.random.default_rng(0).standard_normal((2048, d), dtype=np.float32))
     seconds = {}
     for name in names:
-        SEARCHES[name](x, 16)  # warm-up: imports, kernels
+        SEARCHES[name](x[:256], 32)  # warm-up: imports, kernels
         start = time.perf_counter()
-        SEARCHES[name](x, 16)
+        SEARCHES[name](x, 32)
         seconds[name] = time.perf_counter() - start
     return min(names, key=seconds.__getitem__)
 
@@ -354,7 +381,7 @@ def working(name: str) -> bool:
             if not torch.cuda.is_available():
                 return False
         rows = prepare_rows(np.random.default_rng(0).standard_normal((256, 32)))
-        exact = rows.unit64(np.arange(256)) @ rows.unit64(np.arange(256)).T
+        exact = rows.unit64 @ rows.unit64.T
         want = np.sort(np.argsort(-exact, axis=1)[:, :8], axis=1)  # numpy reference
         sims, ids = (np.asarray(a) for a in SEARCHES[name](rows.unit, 8))
         found = np.take_along_axis(exact, ids, axis=1)

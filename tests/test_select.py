@@ -147,14 +147,15 @@ def test_scores_match_brute_force_with_ties():
 
 def test_candidate_order_from_the_backend_does_not_matter():
     rng = np.random.default_rng(6)
-    rows = prepare_rows(np.concatenate([rng.standard_normal((60, 6))] * 2))  # ties everywhere
+    x = np.concatenate([rng.standard_normal((60, 6))] * 2)  # ties everywhere
+    rows = prepare_rows(x)
     sims, ids = SEARCHES["faiss"](rows.unit, 14)
     shuffle = np.argsort(rng.random(ids.shape), axis=1)
     shuffled = rank_candidates(
         rows, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5
     )
     np.testing.assert_array_equal(shuffled, rank_candidates(rows, sims, ids, 5))
-    np.testing.assert_array_equal(shuffled, np.array(brute_knn(rows.raw, 5)))
+    np.testing.assert_array_equal(shuffled, np.array(brute_knn(x, 5)))
 
 
 def test_similarities_out_of_bound_are_an_error():
@@ -177,7 +178,7 @@ def test_duplicate_rows_get_bit_identical_similarities():
         np.testing.assert_array_equal(other, sims[0])
     # and they are the documented tree sums, bit for bit (a few rows, in plain Python)
     for i in (0, 7, 300):
-        units = [[float(v) for v in u] for u in rows.unit64(np.array([i, 5]))]
+        units = [[float(v) for v in u] for u in rows.unit64[[i, 5]]]
         assert sims[0][i] == tree([a * b for a, b in zip(*units, strict=True)])
 
 
