@@ -5,17 +5,31 @@ a sample never its own neighbour):
 
     mKNN(A, B) = (1/n) * sum_i |kNN_A(i) ∩ kNN_B(i)| / k
 
-Each layer's kNN graph is built once (FAISS exact inner product on L2-normalised float32 rows,
-on the GPU when one is usable), then every layer pair is scored from the graphs alone: Li + Lt
-searches instead of Li * Lt, and no n x n matrix is ever held.
+Each layer's kNN graph is built once, then every layer pair is scored from the graphs alone:
+Li + Lt searches instead of Li * Lt, and no n x n matrix is ever held.
 
-Ties. Neighbours are ranked by similarity, and among equal similarities the lower row index
-ranks first, so a kNN set is always well defined, whatever the search backend returns: the
-backend fetches a few spare candidates, they are re-ranked by (similarity desc, index asc), and
-a row whose k-th similarity equals the last candidate's (the tie may continue past what was
-fetched) is recomputed exactly against all rows. Rows are in sample order (the CLI keeps the
-manifest order), so ties go to the pair listed first. Duplicate rows are each other's nearest
-neighbours; the sample itself is excluded by index, never by rank.
+Exact graphs, the same on every machine. The reference similarity s64(i, j) is defined bit
+for bit: the rows rounded to float32, converted to float64 and divided by their norms, the norm
+and the dot product summed over the features in one fixed binary tree (`tree_sum`: elementwise
+IEEE operations only, so no BLAS kernel, SIMD width or thread count can change a bit; BLAS
+dgemm can round two identical columns differently). Neighbours rank by (s64 desc, index asc),
+so ties go to the lower row index, and a sample is never its own neighbour (excluded by index).
+
+A fast search (blocked float32 matmuls with a partial top-k, or FAISS; `SEARCHES`) proposes the
+top k + 1 + MARGIN candidates of every row by its float32 similarity s32 = fl32(x_i . x_j) of
+the unit rows x = float32(s64's rows). Any float32 dot product of d terms, in any order, with or
+without FMA, is within gamma_d = d u / (1 - d u) (u = 2^-24) of the exact dot product of its
+(unit) inputs, rounding the rows to float32 adds at most gamma_2 and s64's own error is below
+gamma_(3d+8) in float64, so |s32 - s64| <= E = similarity_error(d) (6.2e-5 at d = 1,024). Two
+candidates whose s32 differ by more than 2E are therefore in the s64 order, and one more than
+2E above the least similarity fetched is above everything not fetched. So each row's
+candidates, sorted by s32, split into clusters at gaps wider than 2E; only clusters of two or
+more before the first gap at or after rank k get s64 (and the order within them), and a row
+with no such gap within its candidates (its k-th neighbour may hide among those not fetched,
+as with many duplicates) is recomputed against all rows: every row within 2E of its k-th s32,
+decided on s64. A backend whose s32 strays beyond E from s64 is an error, not a silent miss.
+The margin only trades the search's cost against how often a row is recomputed: correctness
+comes from the per-row check, not from the margin.
 
 Among equal scores the chosen pair is the first in row-major order (lowest image layer, then
 lowest text layer), as `np.argmax` gives.
@@ -233,10 +247,10 @@ GROUP = 8  # top_along's group size: its first pass reads a block once, then 1/G
 
 
 def top_along(sims, m: int, dim: int):
-    """Top-m (values, indices) of a torch matrix along `dim`, unsorted, for m far below its
-    length. The length splits into GROUP strided groups; the m groups with the largest maxima
-    hold a top-m (m maxima are at least as large as anything outside them), so only their
-    m * GROUP entries are ranked: a cheap max pass instead of a top-k over every entry."""
+    """Top-m (values, indices) of a torch matrix along `dim`, unsorted: (lines, m) either way.
+    Each line splits into GROUP strided groups; the m groups with the largest maxima hold a
+    top-m (m maxima are at least as large as anything outside them), so only their m * GROUP
+    entries are ranked: a cheap max pass instead of a top-k over every entry."""
     import torch
 
     sims = sims if dim == 1 else sims.T
@@ -281,23 +295,41 @@ def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", bloc
     return torch.cat(sims).numpy(), torch.cat(ids).numpy()
 
 
-def search_numpy(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy's BLAS for the blocks (faster than torch's on some CPUs; `a @ a.T` on a diagonal
-    block is a symmetric rank-k update, half the work), torch for the top-k."""
-    import torch
+def search_blas(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's BLAS for the blocks on and above the diagonal (`a @ a.T` on a diagonal block is
+    a symmetric rank-k update: the Gram floor's own kernel), FAISS's heaps for the top-m: one
+    comparison per similarity against each row's current m-th best, in C++ threads. Each
+    off-diagonal block serves its columns too, through its transposed copy, so the N x N
+    matrix is never held, only one block (and briefly its transpose)."""
+    import faiss
 
-    def gram(a: slice, b: slice):
-        rows = x[a]
-        return torch.from_numpy(rows @ (rows if a == b else x[b]).T)
+    n = len(x)
+    sims = np.empty((n, m), dtype=np.float32)
+    ids = np.empty((n, m), dtype=np.int64)
+    heaps = faiss.float_minheap_array_t()  # min-heaps: keep the m largest of each row
+    heaps.k, heaps.nh = m, n
+    heaps.val, heaps.ids = faiss.swig_ptr(sims), faiss.swig_ptr(ids)
+    heaps.heapify()
+    for a in range(0, n, block):
+        rows = x[a : a + block]
+        for b in range(a, n, block):
+            gram = rows @ (rows if b == a else x[b : b + block]).T
+            heaps.addn(gram.shape[1], faiss.swig_ptr(gram), b, a, gram.shape[0])
+            if b > a:
+                gram = np.ascontiguousarray(gram.T)
+                heaps.addn(gram.shape[1], faiss.swig_ptr(gram), a, b, gram.shape[0])
+    return sims, ids
 
-    return blocked_top(x, m, gram)
 
-
-def search_torch(x: np.ndarray, m: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def search_torch(
+    x: np.ndarray, m: int, device: str = "cpu", block: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """torch for the blocks and the top-k (`top_along`): the CUDA search, and the CPU's where
+    torch's BLAS measures faster."""
     import torch
 
     xt = torch.from_numpy(x).to(device)
-    block = 4096 if device == "cpu" else 16384
+    block = block or (4096 if device == "cpu" else 16384)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break the float32 error bound
     try:
@@ -319,13 +351,13 @@ def search_faiss_gpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 SEARCHES: dict[str, Callable[[np.ndarray, int], tuple]] = {
-    "numpy": search_numpy,
+    "blas": search_blas,
     "torch": search_torch,
     "faiss": search_faiss,
     "torch-cuda": partial(search_torch, device="cuda"),
     "faiss-gpu": search_faiss_gpu,
 }
-CPU_SEARCHES = ("numpy", "torch", "faiss")
+CPU_SEARCHES = ("blas", "torch", "faiss")
 GPU_SEARCHES = ("faiss-gpu", "torch-cuda")
 
 

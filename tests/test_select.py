@@ -158,9 +158,39 @@ def test_candidate_order_from_the_backend_does_not_matter():
     np.testing.assert_array_equal(shuffled, np.array(brute_knn(x, 5)))
 
 
+@pytest.mark.parametrize("name", ["blas", "torch"])
+def test_blocked_searches_find_the_top_candidates(name):
+    # blocks smaller than n: off-diagonal blocks serve their rows and, transposed, their columns
+    rng = np.random.default_rng(10)
+    x = np.concatenate([rng.standard_normal((250, 8)), rng.standard_normal((20, 8)).repeat(3, 0)])
+    rows = prepare_rows(x)
+    sims, ids = SEARCHES[name](rows.unit, 12, block=64)
+    exact = rows.unit64 @ rows.unit64.T
+    found = np.take_along_axis(exact, ids, axis=1)
+    np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(found, axis=1), atol=1e-6)
+    # the 12 largest, up to float32 rounding: nothing left out is clearly larger
+    assert (np.sort(exact, axis=1)[:, -12] <= found.min(axis=1) + 1e-6).all()
+    np.testing.assert_array_equal(rank_candidates(rows, sims, ids, 5), np.array(brute_knn(x, 5)))
+
+
+def test_top_along_matches_a_full_top_k():
+    import torch
+
+    from stages.select import top_along
+
+    sims = torch.from_numpy(np.random.default_rng(11).standard_normal((50, 1500), np.float32))
+    sims[7, 100:140] = 5.0  # ties: any 16 of the 40 equal maxima will do
+    for dim, matrix in ((1, sims), (0, sims.T.contiguous())):  # (lines, m) either way
+        values, index = top_along(matrix, 16, dim)
+        lines = matrix if dim == 1 else matrix.T
+        want = torch.topk(lines, 16, dim=1).values
+        torch.testing.assert_close(values.sort(dim=1).values, want.sort(dim=1).values)
+        torch.testing.assert_close(torch.gather(lines, 1, index), values)
+
+
 def test_similarities_out_of_bound_are_an_error():
     rows = prepare_rows(np.repeat(np.random.default_rng(7).standard_normal((10, 4)), 2, axis=0))
-    sims, ids = SEARCHES["numpy"](rows.unit, 6)
+    sims, ids = SEARCHES["blas"](rows.unit, 6)
     with pytest.raises(RuntimeError, match="error bound"):  # off by 10 E: not float32 rounding
         rank_candidates(rows, sims + 10 * similarity_error(4), ids, 3)
 
