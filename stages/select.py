@@ -243,31 +243,6 @@ def exact_neighbours(rows: Rows, index: np.ndarray, k: int, block: int = 256) ->
 
 
 # -- candidate searches: top-m float32 inner products of unit rows, by name ---------------------
-GROUP = 8  # top_along's group size: its first pass reads a block once, then 1/GROUP of it
-
-
-def top_along(sims, m: int, dim: int):
-    """Top-m (values, indices) of a torch matrix along `dim`, unsorted: (lines, m) either way.
-    Each line splits into GROUP strided groups; the m groups with the largest maxima hold a
-    top-m (m maxima are at least as large as anything outside them), so only their m * GROUP
-    entries are ranked: a cheap max pass instead of a top-k over every entry."""
-    import torch
-
-    sims = sims if dim == 1 else sims.T
-    rows, length = sims.shape
-    if length < 4 * m * GROUP:
-        top = torch.topk(sims, min(m, length), dim=1, sorted=False)
-        return top.values, top.indices
-    width = -(-length // GROUP)
-    if width * GROUP != length:  # pad with -inf: never above a real similarity
-        sims = torch.nn.functional.pad(sims, (0, width * GROUP - length), value=-torch.inf)
-    maxima = sims.reshape(rows, GROUP, width).amax(dim=1)  # group q: columns q + t * width
-    groups = torch.topk(maxima, m, dim=1, sorted=False).indices
-    cols = (groups[:, :, None] + width * torch.arange(GROUP, device=sims.device)).flatten(1)
-    top = torch.topk(torch.gather(sims, 1, cols), m, dim=1, sorted=False)
-    return top.values, torch.gather(cols, 1, top.indices)
-
-
 def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", block: int = 4096):
     """Top-m of every row of x x^T from the blocks on and above the diagonal, each used for
     its rows and, transposed, for its columns: half the multiply-adds of the full matrix, and
@@ -281,11 +256,11 @@ def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", bloc
         rows = slice(a, min(a + block, n))
         for b in range(a, n, block):
             sims = gram(rows, slice(b, min(b + block, n)))
-            values, ids = top_along(sims, m, dim=1)
-            found[a].append((values, ids + b))
+            top = torch.topk(sims, min(m, sims.shape[1]), dim=1, sorted=False)
+            found[a].append((top.values, top.indices + b))
             if b > a:  # the same block, seen from the rows of block b
-                values, ids = top_along(sims, m, dim=0)
-                found[b].append((values, ids + a))
+                top = torch.topk(sims, min(m, sims.shape[0]), dim=0, sorted=False)
+                found[b].append((top.values.T, top.indices.T + a))
     sims, ids = [], []
     for a in starts:
         values = torch.cat([v for v, _ in found[a]], dim=1)
@@ -324,8 +299,8 @@ def search_blas(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, n
 def search_torch(
     x: np.ndarray, m: int, device: str = "cpu", block: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """torch for the blocks and the top-k (`top_along`): the CUDA search, and the CPU's where
-    torch's BLAS measures faster."""
+    """torch for the blocks and the top-k: the CUDA search, and the CPU's where torch's BLAS
+    measures faster."""
     import torch
 
     xt = torch.from_numpy(x).to(device)

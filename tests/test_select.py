@@ -173,21 +173,6 @@ def test_blocked_searches_find_the_top_candidates(name):
     np.testing.assert_array_equal(rank_candidates(rows, sims, ids, 5), np.array(brute_knn(x, 5)))
 
 
-def test_top_along_matches_a_full_top_k():
-    import torch
-
-    from stages.select import top_along
-
-    sims = torch.from_numpy(np.random.default_rng(11).standard_normal((50, 1500), np.float32))
-    sims[7, 100:140] = 5.0  # ties: any 16 of the 40 equal maxima will do
-    for dim, matrix in ((1, sims), (0, sims.T.contiguous())):  # (lines, m) either way
-        values, index = top_along(matrix, 16, dim)
-        lines = matrix if dim == 1 else matrix.T
-        want = torch.topk(lines, 16, dim=1).values
-        torch.testing.assert_close(values.sort(dim=1).values, want.sort(dim=1).values)
-        torch.testing.assert_close(torch.gather(lines, 1, index), values)
-
-
 def test_similarities_out_of_bound_are_an_error():
     rows = prepare_rows(np.repeat(np.random.default_rng(7).standard_normal((10, 4)), 2, axis=0))
     sims, ids = SEARCHES["blas"](rows.unit, 6)
