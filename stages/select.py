@@ -9,27 +9,27 @@ Each layer's kNN graph is built once, then every layer pair is scored from the g
 Li + Lt searches instead of Li * Lt, and no n x n matrix is ever held.
 
 Exact graphs, the same on every machine. The reference similarity s64(i, j) is defined bit
-for bit: the rows rounded to float32, converted to float64 and divided by their norms, the norm
-and the dot product summed over the features in one fixed binary tree (`tree_sum`: elementwise
-IEEE operations only, so no BLAS kernel, SIMD width or thread count can change a bit; BLAS
-dgemm can round two identical columns differently). Neighbours rank by (s64 desc, index asc),
-so ties go to the lower row index, and a sample is never its own neighbour (excluded by index).
+for bit: each row rounded to float32, divided in float64 by its norm and rounded to float32
+(the unit rows), then the exact float64 products of two unit rows (24-bit mantissas) summed in
+one fixed binary tree (`tree_sum`, which also sums the squares of the norm: elementwise IEEE
+operations only, so no BLAS kernel, SIMD width or thread count can change a bit; BLAS can round
+two identical columns of x x^T differently). Neighbours rank by (s64 desc, index asc), so ties
+go to the lower row index, and a sample is never its own neighbour (excluded by index).
 
-A fast search (blocked float32 matmuls with a partial top-k, or FAISS; `SEARCHES`) proposes the
-top k + 1 + MARGIN candidates of every row by its float32 similarity s32 = fl32(x_i . x_j) of
-the unit rows x = float32(s64's rows). Any float32 dot product of d terms, in any order, with or
-without FMA, is within gamma_d = d u / (1 - d u) (u = 2^-24) of the exact dot product of its
-(unit) inputs, rounding the rows to float32 adds at most gamma_2 and s64's own error is below
-gamma_(3d+8) in float64, so |s32 - s64| <= E = similarity_error(d) (6.2e-5 at d = 1,024). Two
-candidates whose s32 differ by more than 2E are therefore in the s64 order, and one more than
-2E above the least similarity fetched is above everything not fetched. So each row's
+A fast search (`SEARCHES`: blocked float32 matmuls with a top-k, or FAISS) proposes the top
+k + 1 + MARGIN candidates of every row by its float32 similarity s32 of the same unit rows. A
+float32 dot product of d terms, in any order, with or without FMA, is within gamma_d = d u /
+(1 - d u) (u = 2^-24) times sum |a_t b_t| <= (1 + u)^2 of the exact one, and the tree's float64
+sum within gamma_d (u = 2^-53) of it, so |s32 - s64| <= E = similarity_error(d) (6.1e-5 at
+d = 1,024). Two candidates whose s32 differ by more than 2E are therefore in s64 order, and one
+more than 2E above the least similarity fetched is above everything not fetched. So each row's
 candidates, sorted by s32, split into clusters at gaps wider than 2E; only clusters of two or
-more before the first gap at or after rank k get s64 (and the order within them), and a row
-with no such gap within its candidates (its k-th neighbour may hide among those not fetched,
-as with many duplicates) is recomputed against all rows: every row within 2E of its k-th s32,
-decided on s64. A backend whose s32 strays beyond E from s64 is an error, not a silent miss.
-The margin only trades the search's cost against how often a row is recomputed: correctness
-comes from the per-row check, not from the margin.
+more before the first gap at or after rank k get s64 (and their order from it), and a row with
+no such gap among its candidates (its k-th neighbour may hide among those not fetched, as with
+many duplicates) is recomputed against all rows: every row within 2E of its k-th s32, decided
+on s64. A backend whose s32 strays beyond E from s64 is an error, never a silent miss. MARGIN
+only trades the search's cost against how often a row is recomputed: correctness comes from
+the per-row check, not from the margin.
 
 Among equal scores the chosen pair is the first in row-major order (lowest image layer, then
 lowest text layer), as `np.argmax` gives.
@@ -104,8 +104,8 @@ def gamma(n: int, u: float) -> float:
 
 
 def similarity_error(d: int) -> float:
-    """Bound on |s32 - s64| for two rows of dimension d (see the module docstring)."""
-    return gamma(d + 8, U32) + gamma(3 * d + 8, U64)
+    """Bound on |s32 - s64| for two unit rows of dimension d (see the module docstring)."""
+    return gamma(d + 4, U32) + gamma(d + 4, U64)
 
 
 def tree_sum(p: np.ndarray) -> np.ndarray:
@@ -118,36 +118,31 @@ def tree_sum(p: np.ndarray) -> np.ndarray:
     return p[..., 0]
 
 
-@dataclass(frozen=True)
-class Rows:
-    """One layer's rows: `unit64` float64(x) / norm (the reference's rows, the norm summed in
-    the fixed tree) and `unit` = float32(unit64), what the candidate search multiplies."""
-
-    unit64: np.ndarray
-    unit: np.ndarray
-
-    def similarities(self, i: np.ndarray, j: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """The reference cosine s64 of the row pairs (i[t], j[t]): float64 (len(i),)."""
-        out = np.empty(len(i), dtype=np.float64)
-        for start in range(0, len(i), chunk):
-            part = slice(start, start + chunk)
-            out[part] = tree_sum(self.unit64[i[part]] * self.unit64[j[part]])
-        return out
+def similarities(unit: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """The reference cosine s64 of the row pairs (i[t], j[t]) of float32 unit rows: exact
+    float64 products (float32 has 24 bits), summed in the fixed tree. float64 (len(i),)."""
+    out = np.empty(len(i), dtype=np.float64)
+    for start in range(0, len(i), chunk):
+        part = slice(start, start + chunk)
+        out[part] = tree_sum(np.multiply(unit[i[part]], unit[j[part]], dtype=np.float64))
+    return out
 
 
-def prepare_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> Rows:
-    """Check a layer (2-d, finite, no all-zero row) and normalise it, in blocks of rows."""
+def normalise_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> np.ndarray:
+    """float32 unit rows, C-contiguous: each row rounded to float32, divided in float64 by its
+    norm (summed in the fixed tree: float32 squares can overflow), rounded to float32. NaN,
+    infinite or all-zero rows are an error."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {x.shape}")
     norms = np.empty(len(x), dtype=np.float64)
-    unit64 = np.empty(x.shape, dtype=np.float64)
+    unit = np.empty(x.shape, dtype=np.float32)
     for start in range(0, len(x), block):
         part = slice(start, start + block)
-        rows = x[part].astype(np.float32).astype(np.float64)  # float32 squares can overflow
+        rows = x[part].astype(np.float32).astype(np.float64)
         norms[part] = np.sqrt(tree_sum(rows * rows))
         with np.errstate(invalid="ignore", divide="ignore"):  # bad rows: reported below
-            unit64[part] = rows / norms[part, None]
+            unit[part] = rows / norms[part, None]
     bad = np.flatnonzero(~np.isfinite(norms))
     if bad.size:
         raise UserError(f"{name}: {bad.size} rows hold NaN or inf (first: row {bad[0]})")
@@ -157,12 +152,7 @@ def prepare_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> Ro
             f"{name}: {zero.size} rows are all zero (first: row {zero[0]}); "
             "cosine similarity is undefined for them"
         )
-    return Rows(unit64, unit64.astype(np.float32))
-
-
-def normalise_rows(x: np.ndarray, name: str = "features") -> np.ndarray:
-    """L2-normalised float32 C-contiguous copy; NaN, infinite or all-zero rows are an error."""
-    return prepare_rows(x, name).unit
+    return unit
 
 
 def knn_graph(
@@ -171,16 +161,19 @@ def knn_graph(
     """The k nearest neighbours (cosine) of every row, self excluded: int32 (n, k), each row
     ranked by (similarity desc, index asc). `search` names a backend of SEARCHES; empty: the
     fastest working one for `device`."""
-    rows = prepare_rows(x, name)
-    n, d = rows.unit.shape
+    unit = normalise_rows(x, name)
+    n, d = unit.shape
     if not 1 <= k < n:
         raise UserError(f"{name}: k = {k} needs more than {k} samples, got n = {n}")
     m = min(n, k + 1 + MARGIN)
-    sims, ids = SEARCHES[search or fastest_search(device, d)](rows.unit, m)
-    return rank_candidates(rows, np.asarray(sims), np.asarray(ids), k)
+    search = search or fastest_search(device, d)
+    if search == "faiss-gpu" and m > 2048:  # FAISS GPU k-selection stops at 2048
+        search = "torch-cuda"
+    sims, ids = SEARCHES[search](unit, m)
+    return rank_candidates(unit, np.asarray(sims), np.asarray(ids), k)
 
 
-def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+def rank_candidates(unit: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     """The exact graph from a backend's top-m (m > k) float32 candidates of every row.
 
     Candidates are sorted by their float32 similarity; wherever two neighbours in that order
@@ -188,7 +181,7 @@ def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np
     then index. A row whose k-th candidate is not more than 2E above everything not fetched
     goes to `exact_neighbours`."""
     n, m = ids.shape
-    err = similarity_error(rows.unit.shape[1])
+    err = similarity_error(unit.shape[1])
     ids = ids.astype(np.int64, copy=False)
     sims = sims.astype(np.float64)
     fetched = ids >= 0
@@ -210,7 +203,7 @@ def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np
     need = in_cluster & (position <= end[:, None]) & ~redo[:, None]
     row, col = np.nonzero(need)
     exact = np.zeros_like(sims)
-    exact[row, col] = rows.similarities(row, ids[row, col])
+    exact[row, col] = similarities(unit, row, ids[row, col])
     if row.size and np.abs(exact[row, col] - sims[row, col]).max() > err:
         raise RuntimeError("the search backend's similarities exceed the float32 error bound")
     cluster = np.cumsum(~linked, axis=1) - ~linked  # breaks before each position
@@ -218,22 +211,22 @@ def rank_candidates(rows: Rows, sims: np.ndarray, ids: np.ndarray, k: int) -> np
     graph = np.take_along_axis(ids, order[:, :k], axis=1).astype(np.int32)
     redo = np.flatnonzero(redo)
     if redo.size:
-        graph[redo] = exact_neighbours(rows, redo, k)
+        graph[redo] = exact_neighbours(unit, redo, k)
     return graph
 
 
-def exact_neighbours(rows: Rows, index: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+def exact_neighbours(unit: np.ndarray, index: np.ndarray, k: int, block: int = 256) -> np.ndarray:
     """The exact graph of the given rows against all rows: every row within 2E of the k-th
     float32 similarity is a candidate, decided on s64 then index."""
-    err = similarity_error(rows.unit.shape[1])
+    err = similarity_error(unit.shape[1])
     out = np.empty((len(index), k), dtype=np.int32)
     for start in range(0, len(index), block):
         chunk = index[start : start + block]
-        sims = rows.unit[chunk] @ rows.unit.T
+        sims = unit[chunk] @ unit.T
         sims[np.arange(len(chunk)), chunk] = -np.inf
         kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
         row, col = np.nonzero(sims >= (kth - 2 * err)[:, None])
-        exact = rows.similarities(chunk[row], col)
+        exact = similarities(unit, chunk[row], col)
         order = np.lexsort((col, -exact, row))  # by row, then similarity desc, then index
         row, col = row[order], col[order]
         first = np.searchsorted(row, np.arange(len(chunk)))
@@ -387,10 +380,10 @@ def working(name: str) -> bool:
 
             if not torch.cuda.is_available():
                 return False
-        rows = prepare_rows(np.random.default_rng(0).standard_normal((256, 32)))
-        exact = rows.unit64 @ rows.unit64.T
+        unit = normalise_rows(np.random.default_rng(0).standard_normal((256, 32)))
+        exact = unit.astype(np.float64) @ unit.T.astype(np.float64)
         want = np.sort(np.argsort(-exact, axis=1)[:, :8], axis=1)  # numpy reference
-        sims, ids = (np.asarray(a) for a in SEARCHES[name](rows.unit, 8))
+        sims, ids = (np.asarray(a) for a in SEARCHES[name](unit, 8))
         found = np.take_along_axis(exact, ids, axis=1)
         if np.array_equal(want, np.sort(ids, axis=1)) and np.abs(found - sims).max() <= (
             similarity_error(32)

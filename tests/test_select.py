@@ -24,12 +24,12 @@ from stages.select import (
     knn_graph,
     mutual_knn_scores,
     normalise_rows,
-    prepare_rows,
     rank_candidates,
     resolve_k,
     resolve_layers,
     sample_pairs,
     search_backends,
+    similarities,
     similarity_error,
 )
 from store import FeatureStore, UserError
@@ -47,13 +47,16 @@ def tree(values: list[float]) -> float:
     return values[0]
 
 
+def reference_unit(row) -> list[float]:
+    """A row rounded to float32, divided by its norm in float64, rounded to float32."""
+    row = [float(v) for v in np.asarray(row, dtype=np.float32)]
+    norm = math.sqrt(tree([v * v for v in row]))
+    return [float(np.float32(v / norm)) for v in row]
+
+
 def reference_cosines(x: np.ndarray) -> list[list[float]]:
-    """s64 of every pair: float32 rows, each divided by its float64 norm, dot in the tree."""
-    rows = [[float(v) for v in row] for row in np.asarray(x, dtype=np.float32)]
-    units = []
-    for row in rows:
-        norm = math.sqrt(tree([v * v for v in row]))
-        units.append([v / norm for v in row])
+    """s64 of every pair: exact products of the unit rows (float32 values), summed in the tree."""
+    units = [reference_unit(row) for row in x]
     return [[tree([a * b for a, b in zip(u, v, strict=True)]) for v in units] for u in units]
 
 
@@ -148,13 +151,13 @@ def test_scores_match_brute_force_with_ties():
 def test_candidate_order_from_the_backend_does_not_matter():
     rng = np.random.default_rng(6)
     x = np.concatenate([rng.standard_normal((60, 6))] * 2)  # ties everywhere
-    rows = prepare_rows(x)
-    sims, ids = SEARCHES["faiss"](rows.unit, 14)
+    unit = normalise_rows(x)
+    sims, ids = SEARCHES["faiss"](unit, 14)
     shuffle = np.argsort(rng.random(ids.shape), axis=1)
     shuffled = rank_candidates(
-        rows, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5
+        unit, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5
     )
-    np.testing.assert_array_equal(shuffled, rank_candidates(rows, sims, ids, 5))
+    np.testing.assert_array_equal(shuffled, rank_candidates(unit, sims, ids, 5))
     np.testing.assert_array_equal(shuffled, np.array(brute_knn(x, 5)))
 
 
@@ -163,21 +166,21 @@ def test_blocked_searches_find_the_top_candidates(name):
     # blocks smaller than n: off-diagonal blocks serve their rows and, transposed, their columns
     rng = np.random.default_rng(10)
     x = np.concatenate([rng.standard_normal((250, 8)), rng.standard_normal((20, 8)).repeat(3, 0)])
-    rows = prepare_rows(x)
-    sims, ids = SEARCHES[name](rows.unit, 12, block=64)
-    exact = rows.unit64 @ rows.unit64.T
+    unit = normalise_rows(x)
+    sims, ids = SEARCHES[name](unit, 12, block=64)
+    exact = unit.astype(np.float64) @ unit.T.astype(np.float64)
     found = np.take_along_axis(exact, ids, axis=1)
     np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(found, axis=1), atol=1e-6)
     # the 12 largest, up to float32 rounding: nothing left out is clearly larger
     assert (np.sort(exact, axis=1)[:, -12] <= found.min(axis=1) + 1e-6).all()
-    np.testing.assert_array_equal(rank_candidates(rows, sims, ids, 5), np.array(brute_knn(x, 5)))
+    np.testing.assert_array_equal(rank_candidates(unit, sims, ids, 5), np.array(brute_knn(x, 5)))
 
 
 def test_similarities_out_of_bound_are_an_error():
-    rows = prepare_rows(np.repeat(np.random.default_rng(7).standard_normal((10, 4)), 2, axis=0))
-    sims, ids = SEARCHES["blas"](rows.unit, 6)
+    unit = normalise_rows(np.repeat(np.random.default_rng(7).standard_normal((10, 4)), 2, axis=0))
+    sims, ids = SEARCHES["blas"](unit, 6)
     with pytest.raises(RuntimeError, match="error bound"):  # off by 10 E: not float32 rounding
-        rank_candidates(rows, sims + 10 * similarity_error(4), ids, 3)
+        rank_candidates(unit, sims + 10 * similarity_error(4), ids, 3)
 
 
 def test_duplicate_rows_get_bit_identical_similarities():
@@ -186,14 +189,14 @@ def test_duplicate_rows_get_bit_identical_similarities():
     x = rng.standard_normal((301, 1024)).astype(np.float32)
     copies = [5, 6, 100, 257, 300]
     x[copies] = x[5]
-    rows = prepare_rows(x)
+    unit = normalise_rows(x)
     everyone = np.arange(len(x))
-    sims = [rows.similarities(everyone, np.full(len(x), j)) for j in copies]
+    sims = [similarities(unit, everyone, np.full(len(x), j)) for j in copies]
     for other in sims[1:]:
         np.testing.assert_array_equal(other, sims[0])
     # and they are the documented tree sums, bit for bit (a few rows, in plain Python)
     for i in (0, 7, 300):
-        units = [[float(v) for v in u] for u in rows.unit64[[i, 5]]]
+        units = reference_unit(x[i]), reference_unit(x[5])
         assert sims[0][i] == tree([a * b for a, b in zip(*units, strict=True)])
 
 
