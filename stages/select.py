@@ -124,7 +124,8 @@ def similarities(unit: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 20
     out = np.empty(len(i), dtype=np.float64)
     for start in range(0, len(i), chunk):
         part = slice(start, start + chunk)
-        out[part] = tree_sum(np.multiply(unit[i[part]], unit[j[part]], dtype=np.float64))
+        a, b = unit[i[part]].astype(np.float64), unit[j[part]].astype(np.float64)
+        out[part] = tree_sum(a * b)  # float64(a) * float64(b): no casting ufunc, 2x faster
     return out
 
 
