@@ -273,6 +273,7 @@ def search_blas(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, n
     import faiss
 
     n = len(x)
+    block = -(-n // -(-n // block))  # equal blocks of at most `block` rows: 5,000 -> 2 x 2,500
     sims = np.empty((n, m), dtype=np.float32)
     ids = np.empty((n, m), dtype=np.int64)
     heaps = faiss.float_minheap_array_t()  # min-heaps: keep the m largest of each row
