@@ -118,7 +118,7 @@ def tree_sum(p: np.ndarray) -> np.ndarray:
     return p[..., 0]
 
 
-def similarities(unit: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 2048) -> np.ndarray:
+def similarities(unit: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 512) -> np.ndarray:
     """The reference cosine s64 of the row pairs (i[t], j[t]) of float32 unit rows: exact
     float64 products (float32 has 24 bits), summed in the fixed tree. float64 (len(i),)."""
     out = np.empty(len(i), dtype=np.float64)
@@ -239,8 +239,8 @@ def exact_neighbours(unit: np.ndarray, index: np.ndarray, k: int, block: int = 2
 # -- candidate searches: top-m float32 inner products of unit rows, by name ---------------------
 def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", block: int = 4096):
     """Top-m of every row of x x^T from the blocks on and above the diagonal, each used for
-    its rows and, transposed, for its columns: half the multiply-adds of the full matrix, and
-    one block of it in memory. gram(a, b) is the block x[a] x[b]^T as a torch tensor."""
+    its rows and, transposed, for its columns: about half the multiply-adds of the full
+    matrix, and one block of it in memory. gram(a, b) is the block x[a] x[b]^T (torch)."""
     import torch
 
     n = len(x)
