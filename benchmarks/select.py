@@ -3,11 +3,13 @@
     python -m benchmarks.select                      # 24 x 25 layers, D = 1024, N = 5000
     python -m benchmarks.select --n 50000 --device cuda --pairs 1
 
-Ours builds each layer's kNN graph once (FAISS exact search, or the GPU) and scores all
+Ours builds each layer's kNN graph once (blocked matmuls with a partial top-k, or FAISS,
+whichever measured faster at start-up; exact, decided on float64 similarities) and scores all
 Li x Lt pairs from the graphs. The authors' method (platonic-rep `mutual_knn`, which the
 STRUCTURE code uses) rebuilds both graphs for every pair from a full N x N similarity matrix,
 an argsort of it and two N x N masks; it is timed on a few pairs in the same process and
-scaled to all pairs. Features are synthetic (a shared latent at layer-dependent strength plus
+scaled to all pairs; its scores are checked in float64 too, where float32 rounding cannot swap
+neighbours. Features are synthetic (a shared latent at layer-dependent strength plus
 noise), generated one layer at a time outside the timers.
 """
 
@@ -31,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stages.select import knn_graph, resolve_k, score_graphs  # noqa: E402
+from stages.select import fastest_search, knn_graph, resolve_k, score_graphs  # noqa: E402
 
 LATENT = 32
 
@@ -62,8 +64,26 @@ def authors_mutual_knn(a: torch.Tensor, b: torch.Tensor, topk: int) -> float:
     return ((lvm_mask * llm_mask).sum(dim=1) / topk).mean().item()
 
 
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as info:
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return names[0] if names else "unknown CPU"
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def gram_seconds(x: np.ndarray, device: str) -> float:
+    """Seconds for x @ x.T: numpy on the CPU (a symmetric rank-k update), torch on a GPU."""
+    if device != "cpu":
+        x = torch.from_numpy(x).to(device)
+    sync(device)
+    start = time.perf_counter()
+    gram = x @ x.T
+    sync(device)
+    del gram
+    return time.perf_counter() - start
 
 
 def sync(device: str) -> None:
@@ -88,29 +108,38 @@ def main() -> None:
     print(
         f"N={n} D={dim} layers {li} x {lt} = {li * lt} pairs, k={k}, "
         f"ours on {args.device}, authors' method on {base_device}, "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}; {cpu_model()}"
     )
 
     def layer(modality: int, index: int) -> np.ndarray:
         return make_layer(modality, index, (li, lt)[modality], n, dim, args.seed)
 
     # -- ours: Li + Lt searches, then all pairs from the graphs --------------------------------
-    knn_graph(layer(0, 0)[:500], 5, args.device)  # warm-up: imports, GPU smoke test
+    start = time.perf_counter()
+    knn_graph(layer(0, 0)[:500], 5, args.device)  # warm-up: imports, GPU smoke test, timing
+    print(
+        f"search backend: {fastest_search(args.device, dim)} (chosen by timing at start-up, "
+        f"{time.perf_counter() - start:.2f} s)"
+    )
+    # the floor: one N x N Gram matrix per layer, nothing else (numpy's BLAS on the CPU, the
+    # faster of the two here; torch on the GPU), each timed just before that layer's graph so
+    # that both see the same load on a shared machine
     rss_before = peak_rss_mib()
-    tracemalloc.start()
-    search_s, graphs = 0.0, ([], [])
+    search_s, floor_s, traced_peak, graphs = 0.0, 0.0, 0.0, ([], [])
     for modality, count in ((0, li), (1, lt)):
         for index in range(count):
             x = layer(modality, index)
+            floor_s += gram_seconds(x, base_device)
+            tracemalloc.start()
             start = time.perf_counter()
             graphs[modality].append(knn_graph(x, k, args.device))
             search_s += time.perf_counter() - start
+            traced_peak = max(traced_peak, tracemalloc.get_traced_memory()[1] / 2**20)
+            tracemalloc.stop()
             del x
     start = time.perf_counter()
     scores = score_graphs(*graphs, device=args.device)
     score_s = time.perf_counter() - start
-    traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
     rss_ours = peak_rss_mib()
     ours_s = search_s + score_s
     print(
@@ -118,27 +147,13 @@ def main() -> None:
         f" = {ours_s:.2f} s for the whole table"
     )
     print(
-        f"ours: peak traced (numpy) memory {traced_peak:.0f} MiB (one layer of features, the "
-        f"graphs and temporaries); peak RSS {rss_before:.0f} -> {rss_ours:.0f} MiB"
+        f"ours: peak traced (numpy) memory {traced_peak:.0f} MiB per graph (one layer of "
+        f"features and temporaries); peak RSS {rss_before:.0f} -> {rss_ours:.0f} MiB"
     )
-    # the floor under the current load: one N x N Gram matrix per layer, nothing else
-    # (numpy's BLAS on the CPU, the faster of the two here; torch on the GPU)
-    x = layer(0, 0)
-    if base_device != "cpu":
-        x = torch.from_numpy(x).to(base_device)
-    gram_s = []
-    for _ in range(3):
-        sync(base_device)
-        start = time.perf_counter()
-        gram = x @ x.T
-        sync(base_device)
-        gram_s.append(time.perf_counter() - start)
-    del x, gram
-    floor_s = min(gram_s) * (li + lt)
     print(
         f"floor: {li + lt} Gram matrices ({'numpy' if base_device == 'cpu' else 'torch'} on "
-        f"{base_device}) {floor_s:.2f} s; load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores"
+        f"{base_device}, each just before its graph) {floor_s:.2f} s; whole table / floor "
+        f"{ours_s / floor_s:.2f}x; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
 
     # -- the authors' method on a few pairs, same features --------------------------------------
@@ -147,7 +162,7 @@ def main() -> None:
     pairs = list(dict.fromkeys(pairs))[: args.pairs]
     warm = torch.from_numpy(layer(0, 0)[:500]).to(base_device)
     authors_mutual_knn(warm, warm, 5)  # warm-up, as for ours: kernels, allocator
-    times, diffs = [], []
+    times, diffs, diffs64 = [], [], []
     for i, j in pairs:
         a = torch.from_numpy(layer(0, i)).to(base_device)
         b = torch.from_numpy(layer(1, j)).to(base_device)
@@ -160,10 +175,13 @@ def main() -> None:
             return
         sync(base_device)
         times.append(time.perf_counter() - start)
+        theirs64 = authors_mutual_knn(a.double(), b.double(), k)  # untimed
         diffs.append(abs(theirs - scores[i, j]))
+        diffs64.append(abs(theirs64 - scores[i, j]))
         print(
-            f"  pair ({i:2d},{j:2d}): authors {theirs:.6f} in {times[-1]:.2f} s, "
-            f"ours {scores[i, j]:.6f}, |diff| {diffs[-1]:.2e} = {diffs[-1] * n * k:.1f}/(n k)"
+            f"  pair ({i:2d},{j:2d}): authors {theirs:.6f} in {times[-1]:.2f} s "
+            f"(in float64 {theirs64:.6f}), ours {scores[i, j]:.6f}, |diff| {diffs[-1]:.2e} = "
+            f"{diffs[-1] * n * k:.1f}/(n k), in float64 {diffs64[-1] * n * k:.1f}/(n k)"
         )
         del a, b
     per_pair = float(np.mean(times))
@@ -173,11 +191,13 @@ def main() -> None:
         f"(scaled); peak RSS now {peak_rss_mib():.0f} MiB"
     )
     print(f"speed-up: {theirs_s / ours_s:.0f}x  (whole table {ours_s:.2f} s vs {theirs_s:.0f} s)")
-    # float32 rounding can swap two neighbours at the k-th rank: each swap moves a score by
-    # 1/(n k), so agreement is checked in those units (the authors' mean is float32, ~1e-7)
+    # a neighbour swap at the k-th rank moves a score by 1/(n k), so agreement is counted in
+    # those units (the authors' mean is float32, ~1e-7): float32 rounding in their method can
+    # swap neighbours whose similarities differ by ~1e-6; run in float64 it cannot
     print(
-        f"same scores on {len(pairs)} pairs: max |diff| {max(diffs):.2e} "
-        f"({max(diffs) * n * k:.1f} neighbour swaps of {n * k})"
+        f"same scores on {len(pairs)} pairs as the authors' method in float64: max |diff| "
+        f"{max(diffs64):.2e} ({round(max(diffs64) * n * k)} neighbour swaps of {n * k}); "
+        f"in float32 {max(diffs):.2e} ({round(max(diffs) * n * k)} swaps)"
     )
     best = tuple(int(v) for v in np.unravel_index(scores.argmax(), scores.shape))
     print(f"chosen (image, text) layer pair {best}: {scores.max():.4f}; last {scores[-1, -1]:.4f}")

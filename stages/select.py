@@ -5,17 +5,31 @@ a sample never its own neighbour):
 
     mKNN(A, B) = (1/n) * sum_i |kNN_A(i) ∩ kNN_B(i)| / k
 
-Each layer's kNN graph is built once (FAISS exact inner product on L2-normalised float32 rows,
-on the GPU when one is usable), then every layer pair is scored from the graphs alone: Li + Lt
-searches instead of Li * Lt, and no n x n matrix is ever held.
+Each layer's kNN graph is built once, then every layer pair is scored from the graphs alone:
+Li + Lt searches instead of Li * Lt, and no n x n matrix is ever held.
 
-Ties. Neighbours are ranked by similarity, and among equal similarities the lower row index
-ranks first, so a kNN set is always well defined, whatever the search backend returns: the
-backend fetches a few spare candidates, they are re-ranked by (similarity desc, index asc), and
-a row whose k-th similarity equals the last candidate's (the tie may continue past what was
-fetched) is recomputed exactly against all rows. Rows are in sample order (the CLI keeps the
-manifest order), so ties go to the pair listed first. Duplicate rows are each other's nearest
-neighbours; the sample itself is excluded by index, never by rank.
+Exact graphs, the same on every machine. The reference similarity s64(i, j) is defined bit
+for bit: each row rounded to float32, divided in float64 by its norm and rounded to float32
+(the unit rows), then the exact float64 products of two unit rows (24-bit mantissas) summed in
+one fixed binary tree (`tree_sum`, which also sums the squares of the norm: elementwise IEEE
+operations only, so no BLAS kernel, SIMD width or thread count can change a bit; BLAS can round
+two identical columns of x x^T differently). Neighbours rank by (s64 desc, index asc), so ties
+go to the lower row index, and a sample is never its own neighbour (excluded by index).
+
+A fast search (`SEARCHES`: blocked float32 matmuls with a top-k, or FAISS) proposes the top
+k + 1 + MARGIN candidates of every row by its float32 similarity s32 of the same unit rows. A
+float32 dot product of d terms, in any order, with or without FMA, is within gamma_d = d u /
+(1 - d u) (u = 2^-24) times sum |a_t b_t| <= (1 + u)^2 of the exact one, and the tree's float64
+sum within gamma_d (u = 2^-53) of it, so |s32 - s64| <= E = similarity_error(d) (6.1e-5 at
+d = 1,024). Two candidates whose s32 differ by more than 2E are therefore in s64 order, and one
+more than 2E above the least similarity fetched is above everything not fetched. So each row's
+candidates, sorted by s32, split into clusters at gaps wider than 2E; only clusters of two or
+more before the first gap at or after rank k get s64 (and their order from it), and a row with
+no such gap among its candidates (its k-th neighbour may hide among those not fetched, as with
+many duplicates) is recomputed against all rows: every row within 2E of its k-th s32, decided
+on s64. A backend whose s32 strays beyond E from s64 is an error, never a silent miss. MARGIN
+only trades the search's cost against how often a row is recomputed: correctness comes from
+the per-row check, not from the margin.
 
 Among equal scores the chosen pair is the first in row-major order (lowest image layer, then
 lowest text layer), as `np.argmax` gives.
@@ -29,10 +43,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +56,6 @@ import pandas as pd
 from store import FeatureStore, UserError, pair_rows
 
 K_RULES = ("rice", "sqrt", "sturges")
-SPARE = 8  # extra candidates fetched per row so that ties at the k-th rank are rarely cut
 
 
 # ------------------------------------------------------------------------------------------
@@ -80,110 +94,224 @@ def resolve_k(k: int | str, n: int) -> int:
 # ------------------------------------------------------------------------------------------
 # kNN graph of one layer
 # ------------------------------------------------------------------------------------------
-def normalise_rows(x: np.ndarray, name: str = "features") -> np.ndarray:
-    """L2-normalised float32 C-contiguous copy; NaN, infinite or all-zero rows are an error."""
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
+U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
+MARGIN = 8  # spare candidates per row: only speed depends on it, every row is verified
+
+
+def gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of n roundings."""
+    return n * u / (1 - n * u)
+
+
+def similarity_error(d: int) -> float:
+    """Bound on |s32 - s64| for two unit rows of dimension d (see the module docstring)."""
+    return gamma(d + 4, U32) + gamma(d + 4, U64)
+
+
+def tree_sum(p: np.ndarray) -> np.ndarray:
+    """Sum over the last axis in one fixed binary tree (adjacent pairs, an odd last element
+    carried up): the same bits on every CPU, unlike BLAS, einsum or numpy's SIMD sums."""
+    while p.shape[-1] > 1:
+        half = p.shape[-1] // 2
+        pairs = p[..., 0 : 2 * half : 2] + p[..., 1 : 2 * half : 2]
+        p = np.concatenate([pairs, p[..., 2 * half :]], axis=-1) if p.shape[-1] % 2 else pairs
+    return p[..., 0]
+
+
+def similarities(unit: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """The reference cosine s64 of the row pairs (i[t], j[t]) of float32 unit rows: exact
+    float64 products (float32 has 24 bits), summed in the fixed tree. float64 (len(i),)."""
+    out = np.empty(len(i), dtype=np.float64)
+    for start in range(0, len(i), chunk):
+        part = slice(start, start + chunk)
+        a, b = unit[i[part]].astype(np.float64), unit[j[part]].astype(np.float64)
+        out[part] = tree_sum(a * b)  # float64(a) * float64(b): no casting ufunc, 2x faster
+    return out
+
+
+def normalise_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> np.ndarray:
+    """float32 unit rows, C-contiguous: each row rounded to float32, divided in float64 by its
+    norm (summed in the fixed tree: float32 squares can overflow), rounded to float32. NaN,
+    infinite or all-zero rows are an error."""
+    x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {x.shape}")
-    squares = np.einsum("ij,ij->i", x, x)  # no (n, d) temporaries: this runs on every layer
-    odd = np.flatnonzero(~np.isfinite(squares) | (squares == 0))
-    squares[odd] = 1
-    x *= (1 / np.sqrt(squares))[:, None]
-    # the few odd rows: NaN or inf, all zero, or a norm that over- or underflows float32
-    rows = x[odd].astype(np.float64)
-    bad = odd[~np.isfinite(rows).all(axis=1)]
+    norms = np.empty(len(x), dtype=np.float64)
+    unit = np.empty(x.shape, dtype=np.float32)
+    for start in range(0, len(x), block):
+        part = slice(start, start + block)
+        rows = x[part].astype(np.float32).astype(np.float64)
+        norms[part] = np.sqrt(tree_sum(rows * rows))
+        with np.errstate(invalid="ignore", divide="ignore"):  # bad rows: reported below
+            unit[part] = rows / norms[part, None]
+    bad = np.flatnonzero(~np.isfinite(norms))
     if bad.size:
         raise UserError(f"{name}: {bad.size} rows hold NaN or inf (first: row {bad[0]})")
-    scale = np.abs(rows).max(axis=1, initial=0)
-    zero = odd[scale == 0]
+    zero = np.flatnonzero(norms == 0)
     if zero.size:
         raise UserError(
             f"{name}: {zero.size} rows are all zero (first: row {zero[0]}); "
             "cosine similarity is undefined for them"
         )
-    rows /= scale[:, None]
-    x[odd] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-    return x
+    return unit
 
 
-def search_cpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-m inner products of every row against all rows: (sims, ids), each (n, m)."""
-    import faiss
-
-    return faiss.knn(x, x, m, metric=faiss.METRIC_INNER_PRODUCT)
-
-
-def knn_graph(x: np.ndarray, k: int, device: str = "auto", name: str = "features") -> np.ndarray:
+def knn_graph(
+    x: np.ndarray, k: int, device: str = "auto", name: str = "features", search: str = ""
+) -> np.ndarray:
     """The k nearest neighbours (cosine) of every row, self excluded: int32 (n, k), each row
-    ranked by (similarity desc, index asc)."""
-    x = normalise_rows(x, name)
-    n = x.shape[0]
+    ranked by (similarity desc, index asc). `search` names a backend of SEARCHES; empty: the
+    fastest working one for `device`."""
+    unit = normalise_rows(x, name)
+    n, d = unit.shape
     if not 1 <= k < n:
         raise UserError(f"{name}: k = {k} needs more than {k} samples, got n = {n}")
-    m = min(n, k + 1 + SPARE)
-    sims, ids = search_backend(device, m)(x, m)
-    return rank_candidates(x, sims, ids, k)
+    m = min(n, k + 1 + MARGIN)
+    search = search or fastest_search(device, d)
+    if search == "faiss-gpu" and m > 2048:  # FAISS GPU k-selection stops at 2048
+        search = "torch-cuda"
+    sims, ids = SEARCHES[search](unit, m)
+    return rank_candidates(unit, np.asarray(sims), np.asarray(ids), k)
 
 
-def rank_candidates(x: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Pick k neighbours from m > k candidates per row under the documented tie rule."""
+def rank_candidates(unit: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """The exact graph from a backend's top-m (m > k) float32 candidates of every row.
+
+    Candidates are sorted by their float32 similarity; wherever two neighbours in that order
+    are within 2E (E = similarity_error), they form a cluster whose order is decided on s64,
+    then index. A row whose k-th candidate is not more than 2E above everything not fetched
+    goes to `exact_neighbours`."""
     n, m = ids.shape
-    sims = sims.astype(np.float32, copy=False)
+    err = similarity_error(unit.shape[1])
     ids = ids.astype(np.int64, copy=False)
-    # drop self (or, when it was not fetched, the last and least similar candidate)
-    self_at = np.where(ids == np.arange(n)[:, None], np.arange(m), m - 1).min(axis=1)
-    cols = np.arange(m - 1)[None, :]
-    cols = cols + (cols >= self_at[:, None])
-    sims = np.take_along_axis(sims, cols, axis=1)
-    ids = np.take_along_axis(ids, cols, axis=1)
-    # backends return rows by similarity desc: re-rank only rows where ties (or disorder)
-    # within the first k + 1 decide the set or its order
-    head = sims[:, : k + 1]
-    redo = np.flatnonzero((head[:, 1:] >= head[:, :-1]).any(axis=1))
+    sims = sims.astype(np.float64)
+    fetched = ids >= 0
+    unfetched_max = np.where(fetched, sims, np.inf).min(axis=1)  # bounds every row not fetched
+    sims[~fetched | (ids == np.arange(n)[:, None])] = -np.inf  # self is never a neighbour
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : m - 1]
+    sims = np.take_along_axis(sims, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    # linked[:, t]: candidates t and t + 1 may swap; the last column links to the unfetched
+    below = np.concatenate([sims[:, 1:], unfetched_max[:, None]], axis=1)
+    with np.errstate(invalid="ignore"):
+        linked = ~(sims - below > 2 * err)  # NaN from -inf - -inf: linked, so redone exactly
+    cut = ~linked[:, k - 1 :]
+    redo = ~cut.any(axis=1) | ~fetched.all(axis=1)
+    end = k - 1 + cut.argmax(axis=1)  # the first break at or after rank k: the set is certain
+    # float64 similarities for the members of clusters of two or more, up to the break
+    position = np.arange(m - 1)
+    in_cluster = linked | np.pad(linked[:, :-1], ((0, 0), (1, 0)))
+    need = in_cluster & (position <= end[:, None]) & ~redo[:, None]
+    row, col = np.nonzero(need)
+    exact = np.zeros_like(sims)
+    exact[row, col] = similarities(unit, row, ids[row, col])
+    if row.size and np.abs(exact[row, col] - sims[row, col]).max() > err:
+        raise RuntimeError("the search backend's similarities exceed the float32 error bound")
+    cluster = np.cumsum(~linked, axis=1) - ~linked  # breaks before each position
+    order = np.lexsort((ids, -exact, cluster), axis=1)
+    graph = np.take_along_axis(ids, order[:, :k], axis=1).astype(np.int32)
+    redo = np.flatnonzero(redo)
     if redo.size:
-        order = np.lexsort((ids[redo], -sims[redo]), axis=1)  # similarity desc, then index
-        sims[redo] = np.take_along_axis(sims[redo], order, axis=1)
-        ids[redo] = np.take_along_axis(ids[redo], order, axis=1)
-    graph = ids[:, :k].astype(np.int32)
-    if m < n:
-        # the last candidate bounds everything not fetched: a tie with it may hide more
-        unsure = np.flatnonzero((sims[:, k - 1] <= sims.min(axis=1)) | (ids < 0).any(axis=1))
-        if unsure.size:
-            graph[unsure] = exact_neighbours(x, unsure, k)
+        graph[redo] = exact_neighbours(unit, redo, k)
     return graph
 
 
-def exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Exact kNN of the given rows against all rows (a stable sort keeps ties by index)."""
-    out = np.empty((len(rows), k), dtype=np.int32)
-    for start in range(0, len(rows), block):
-        chunk = rows[start : start + block]
-        sims = x[chunk] @ x.T
+def exact_neighbours(unit: np.ndarray, index: np.ndarray, k: int, block: int = 256) -> np.ndarray:
+    """The exact graph of the given rows against all rows: every row within 2E of the k-th
+    float32 similarity is a candidate, decided on s64 then index."""
+    err = similarity_error(unit.shape[1])
+    out = np.empty((len(index), k), dtype=np.int32)
+    for start in range(0, len(index), block):
+        chunk = index[start : start + block]
+        sims = unit[chunk] @ unit.T
         sims[np.arange(len(chunk)), chunk] = -np.inf
-        out[start : start + block] = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+        row, col = np.nonzero(sims >= (kth - 2 * err)[:, None])
+        exact = similarities(unit, chunk[row], col)
+        order = np.lexsort((col, -exact, row))  # by row, then similarity desc, then index
+        row, col = row[order], col[order]
+        first = np.searchsorted(row, np.arange(len(chunk)))
+        take = first[:, None] + np.arange(k)
+        out[start : start + len(chunk)] = col[take]
     return out
 
 
-# -- backends: the GPU path is kept here, small and separate -------------------------------
-def search_backend(device: str, m: int) -> Callable[[np.ndarray, int], tuple]:
-    """cpu: FAISS on the CPU. cuda: a GPU or an error. auto: the GPU when one works."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cpu":
-        return search_cpu
-    gpu = gpu_search(m)
-    if gpu is None and device == "cuda":
-        raise UserError("--device cuda: no working GPU search (FAISS GPU or torch CUDA)")
-    return gpu or search_cpu
+# -- candidate searches: top-m float32 inner products of unit rows, by name ---------------------
+def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", block: int = 4096):
+    """Top-m of every row of x x^T from the blocks on and above the diagonal, each used for
+    its rows and, transposed, for its columns: about half the multiply-adds of the full
+    matrix, and one block of it in memory. gram(a, b) is the block x[a] x[b]^T (torch)."""
+    import torch
+
+    n = len(x)
+    starts = range(0, n, block)
+    found = {a: [] for a in starts}  # per block of rows: (similarities, ids) of its candidates
+    for a in starts:
+        rows = slice(a, min(a + block, n))
+        for b in range(a, n, block):
+            sims = gram(rows, slice(b, min(b + block, n)))
+            top = torch.topk(sims, min(m, sims.shape[1]), dim=1, sorted=False)
+            found[a].append((top.values, top.indices + b))
+            if b > a:  # the same block, seen from the rows of block b
+                top = torch.topk(sims, min(m, sims.shape[0]), dim=0, sorted=False)
+                found[b].append((top.values.T, top.indices.T + a))
+    sims, ids = [], []
+    for a in starts:
+        values = torch.cat([v for v, _ in found[a]], dim=1)
+        top = torch.topk(values, m, dim=1, sorted=False)
+        sims.append(top.values.cpu())
+        ids.append(torch.gather(torch.cat([i for _, i in found[a]], dim=1), 1, top.indices).cpu())
+    return torch.cat(sims).numpy(), torch.cat(ids).numpy()
 
 
-def gpu_search(m: int) -> Callable[[np.ndarray, int], tuple] | None:
-    """A GPU search that passed its smoke test: FAISS GPU first, then torch on CUDA."""
-    if m <= 2048 and working("faiss"):  # FAISS GPU k-selection stops at 2048
-        return search_faiss_gpu
-    if working("torch"):
-        return search_torch_cuda
-    return None
+def search_blas(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's BLAS for the blocks on and above the diagonal (`a @ a.T` on a diagonal block is
+    a symmetric rank-k update: the Gram floor's own kernel), FAISS's heaps for the top-m: one
+    comparison per similarity against each row's current m-th best, in C++ threads. Each
+    off-diagonal block serves its columns too, through its transposed copy, so the N x N
+    matrix is never held, only one block (and briefly its transpose)."""
+    import faiss
+
+    n = len(x)
+    block = -(-n // -(-n // block))  # equal blocks of at most `block` rows: 5,000 -> 2 x 2,500
+    sims = np.empty((n, m), dtype=np.float32)
+    ids = np.empty((n, m), dtype=np.int64)
+    heaps = faiss.float_minheap_array_t()  # min-heaps: keep the m largest of each row
+    heaps.k, heaps.nh = m, n
+    heaps.val, heaps.ids = faiss.swig_ptr(sims), faiss.swig_ptr(ids)
+    heaps.heapify()
+    for a in range(0, n, block):
+        rows = x[a : a + block]
+        for b in range(a, n, block):
+            gram = rows @ (rows if b == a else x[b : b + block]).T
+            heaps.addn(gram.shape[1], faiss.swig_ptr(gram), b, a, gram.shape[0])
+            if b > a:
+                gram = np.ascontiguousarray(gram.T)
+                heaps.addn(gram.shape[1], faiss.swig_ptr(gram), a, b, gram.shape[0])
+    return sims, ids
+
+
+def search_torch(
+    x: np.ndarray, m: int, device: str = "cpu", block: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """torch for the blocks and the top-k: the CUDA search, and the CPU's where torch's BLAS
+    measures faster."""
+    import torch
+
+    xt = torch.from_numpy(x).to(device)
+    block = block or (4096 if device == "cpu" else 16384)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break the float32 error bound
+    try:
+        return blocked_top(x, m, lambda a, b: xt[a] @ xt[b].T, device, block)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def search_faiss(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    return faiss.knn(x, x, m, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def search_faiss_gpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,16 +320,44 @@ def search_faiss_gpu(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     return faiss.knn_gpu(gpu_resources(), x, x, m, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def search_torch_cuda(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    import torch
+SEARCHES: dict[str, Callable[[np.ndarray, int], tuple]] = {
+    "blas": search_blas,
+    "torch": search_torch,
+    "faiss": search_faiss,
+    "torch-cuda": partial(search_torch, device="cuda"),
+    "faiss-gpu": search_faiss_gpu,
+}
+CPU_SEARCHES = ("blas", "torch", "faiss")
+GPU_SEARCHES = ("faiss-gpu", "torch-cuda")
 
-    xt = torch.from_numpy(x).cuda()
-    sims, ids = [], []
-    for start in range(0, len(x), block):
-        top = torch.topk(xt[start : start + block] @ xt.T, m, dim=1)
-        sims.append(top.values.cpu())
-        ids.append(top.indices.cpu())
-    return torch.cat(sims).numpy(), torch.cat(ids).numpy()
+
+def search_backends(device: str) -> tuple[str, ...]:
+    """cpu: the CPU searches. cuda: the GPU searches that work, or an error. auto: the GPU
+    searches when one works, else the CPU ones."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    gpu = () if device == "cpu" else tuple(name for name in GPU_SEARCHES if working(name))
+    if device == "cuda" and not gpu:
+        raise UserError("--device cuda: no working GPU search (FAISS GPU or torch CUDA)")
+    return gpu or CPU_SEARCHES
+
+
+@cache
+def fastest_search(device: str, d: int = 256) -> str:
+    """The backend for `device`, timed once per process and dimension on 2,048 random rows of
+    dimension d: which is fastest depends on the CPU (FAISS's is 3x slower than a matmul on
+    some, its GPU search faster on others) and on d."""
+    names = search_backends(device)
+    if len(names) == 1:
+        return names[0]
+    x = normalise_rows(np.random.default_rng(0).standard_normal((2048, d), dtype=np.float32))
+    seconds = {}
+    for name in names:
+        SEARCHES[name](x[:256], 32)  # warm-up: imports, kernels
+        start = time.perf_counter()
+        SEARCHES[name](x, 32)
+        seconds[name] = time.perf_counter() - start
+    return min(names, key=seconds.__getitem__)
 
 
 @cache
@@ -212,31 +368,34 @@ def gpu_resources():
 
 
 @cache
-def working(backend: str) -> bool:
-    """Smoke-test a GPU backend once: some CUDA FAISS wheels lack kernels for newer GPUs."""
+def working(name: str) -> bool:
+    """Smoke-test a GPU search once: some CUDA FAISS wheels lack kernels for newer GPUs, and
+    its similarities must keep to the float32 error bound (no TF32)."""
     try:
-        if backend == "faiss":
+        if name == "faiss-gpu":
             import faiss
 
             if not (faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources")):
                 return False
-            search = search_faiss_gpu
         else:
             import torch
 
             if not torch.cuda.is_available():
                 return False
-            search = search_torch_cuda
-        x = normalise_rows(np.random.default_rng(0).standard_normal((256, 32)))
-        want = np.argsort(-(x @ x.T), axis=1)[:, :8]  # numpy reference: needs no FAISS
-        _, got = search(x, 8)
-        if np.array_equal(np.sort(want, axis=1), np.sort(np.asarray(got), axis=1)):
+        unit = normalise_rows(np.random.default_rng(0).standard_normal((256, 32)))
+        exact = unit.astype(np.float64) @ unit.T.astype(np.float64)
+        want = np.sort(np.argsort(-exact, axis=1)[:, :8], axis=1)  # numpy reference
+        sims, ids = (np.asarray(a) for a in SEARCHES[name](unit, 8))
+        found = np.take_along_axis(exact, ids, axis=1)
+        if np.array_equal(want, np.sort(ids, axis=1)) and np.abs(found - sims).max() <= (
+            similarity_error(32)
+        ):
             return True
-        warnings.warn(f"GPU search via {backend} gave wrong neighbours; not using it", stacklevel=2)
+        warnings.warn(f"GPU search {name} gave wrong neighbours; not using it", stacklevel=2)
     except ImportError:  # no torch, or a FAISS build without the GPU
         return False
     except Exception as err:  # a missing kernel image, a driver error: fall back, say why
-        warnings.warn(f"GPU search via {backend} failed ({err}); falling back", stacklevel=2)
+        warnings.warn(f"GPU search {name} failed ({err}); falling back", stacklevel=2)
     return False
 
 
@@ -257,7 +416,7 @@ def score_graphs(
 ) -> np.ndarray:
     """(Li, Lt) float64 table of graph_overlap for every layer pair (on the GPU when device
     is not cpu and torch sees one: at n = 50,000 the CPU needs ~35 ms a pair)."""
-    if device != "cpu" and working("torch"):
+    if device != "cpu" and working("torch-cuda"):
         return score_graphs_cuda(image_graphs, text_graphs)
     scores = np.empty((len(image_graphs), len(text_graphs)), dtype=np.float64)
     for i, a in enumerate(image_graphs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from typer.testing import CliRunner
 import pipeline.commands  # noqa: F401  (registers the commands)
 from pipeline.app import app
 from stages.select import (
+    CPU_SEARCHES,
+    SEARCHES,
     graph_overlap,
     knn_graph,
     mutual_knn_scores,
@@ -25,8 +28,9 @@ from stages.select import (
     resolve_k,
     resolve_layers,
     sample_pairs,
-    search_backend,
-    search_cpu,
+    search_backends,
+    similarities,
+    similarity_error,
 )
 from store import FeatureStore, UserError
 from tests.helpers import write_features, write_pairs_manifest
@@ -34,31 +38,46 @@ from tests.helpers import write_features, write_pairs_manifest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# -- an independent reference: float64, full similarity matrix, Python sets ------------------
+# -- an independent reference: the documented float64 cosine in plain Python ----------------
+def tree(values: list[float]) -> float:
+    """Sum in the documented fixed tree: adjacent pairs, an odd last element carried up."""
+    while len(values) > 1:
+        pairs = [values[t] + values[t + 1] for t in range(0, len(values) - 1, 2)]
+        values = pairs + values[len(pairs) * 2 :]
+    return values[0]
+
+
+def reference_unit(row) -> list[float]:
+    """A row rounded to float32, divided by its norm in float64, rounded to float32."""
+    row = [float(v) for v in np.asarray(row, dtype=np.float32)]
+    norm = math.sqrt(tree([v * v for v in row]))
+    return [float(np.float32(v / norm)) for v in row]
+
+
+def reference_cosines(x: np.ndarray) -> list[list[float]]:
+    """s64 of every pair: exact products of the unit rows (float32 values), summed in the tree."""
+    units = [reference_unit(row) for row in x]
+    return [[tree([a * b for a, b in zip(u, v, strict=True)]) for v in units] for u in units]
+
+
 def brute_knn(x: np.ndarray, k: int) -> list[list[int]]:
     """Neighbours of each row by (cosine desc, index asc), self excluded."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sims = x @ x.T
-    n = len(x)
+    sims = reference_cosines(x)
+    n = len(sims)
     return [
-        sorted((j for j in range(n) if j != i), key=lambda j: (-sims[i, j], j))[:k]
+        sorted((j for j in range(n) if j != i), key=lambda j: (-sims[i][j], j))[:k]
         for i in range(n)
     ]
 
 
-def brute_mknn(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    na, nb = brute_knn(a, k), brute_knn(b, k)
-    return float(np.mean([len(set(p) & set(q)) / k for p, q in zip(na, nb, strict=True)]))
+def brute_mknn(a_graph: list[list[int]], b_graph: list[list[int]], k: int) -> float:
+    return float(np.mean([len(set(p) & set(q)) / k for p, q in zip(a_graph, b_graph, strict=True)]))
 
 
 def brute_table(image: np.ndarray, text: np.ndarray, k: int) -> np.ndarray:
-    return np.array(
-        [
-            [brute_mknn(image[:, i], text[:, j], k) for j in range(text.shape[1])]
-            for i in range(image.shape[1])
-        ]
-    )
+    image_graphs = [brute_knn(image[:, i], k) for i in range(image.shape[1])]
+    text_graphs = [brute_knn(text[:, j], k) for j in range(text.shape[1])]
+    return np.array([[brute_mknn(a, b, k) for b in text_graphs] for a in image_graphs])
 
 
 # -- math ---------------------------------------------------------------------------------
@@ -131,14 +150,91 @@ def test_scores_match_brute_force_with_ties():
 
 def test_candidate_order_from_the_backend_does_not_matter():
     rng = np.random.default_rng(6)
-    x = normalise_rows(np.concatenate([rng.standard_normal((60, 6))] * 2))  # ties everywhere
-    sims, ids = search_cpu(x, 14)
+    x = np.concatenate([rng.standard_normal((60, 6))] * 2)  # ties everywhere
+    unit = normalise_rows(x)
+    sims, ids = SEARCHES["faiss"](unit, 14)
     shuffle = np.argsort(rng.random(ids.shape), axis=1)
     shuffled = rank_candidates(
-        x, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5
+        unit, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5
     )
-    np.testing.assert_array_equal(shuffled, rank_candidates(x, sims, ids, 5))
+    np.testing.assert_array_equal(shuffled, rank_candidates(unit, sims, ids, 5))
     np.testing.assert_array_equal(shuffled, np.array(brute_knn(x, 5)))
+
+
+@pytest.mark.parametrize("name", ["blas", "torch"])
+def test_blocked_searches_find_the_top_candidates(name):
+    # blocks smaller than n: off-diagonal blocks serve their rows and, transposed, their columns
+    rng = np.random.default_rng(10)
+    x = np.concatenate([rng.standard_normal((250, 8)), rng.standard_normal((20, 8)).repeat(3, 0)])
+    unit = normalise_rows(x)
+    sims, ids = SEARCHES[name](unit, 12, block=64)
+    exact = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    found = np.take_along_axis(exact, ids, axis=1)
+    np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(found, axis=1), atol=1e-6)
+    # the 12 largest, up to float32 rounding: nothing left out is clearly larger
+    assert (np.sort(exact, axis=1)[:, -12] <= found.min(axis=1) + 1e-6).all()
+    np.testing.assert_array_equal(rank_candidates(unit, sims, ids, 5), np.array(brute_knn(x, 5)))
+
+
+def test_similarities_out_of_bound_are_an_error():
+    unit = normalise_rows(np.repeat(np.random.default_rng(7).standard_normal((10, 4)), 2, axis=0))
+    sims, ids = SEARCHES["blas"](unit, 6)
+    with pytest.raises(RuntimeError, match="error bound"):  # off by 10 E: not float32 rounding
+        rank_candidates(unit, sims + 10 * similarity_error(4), ids, 3)
+
+
+def test_duplicate_rows_get_bit_identical_similarities():
+    # BLAS picks kernels by CPU and by column position: two equal columns of x @ x.T can differ
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((301, 1024)).astype(np.float32)
+    copies = [5, 6, 100, 257, 300]
+    x[copies] = x[5]
+    unit = normalise_rows(x)
+    everyone = np.arange(len(x))
+    sims = [similarities(unit, everyone, np.full(len(x), j)) for j in copies]
+    for other in sims[1:]:
+        np.testing.assert_array_equal(other, sims[0])
+    # and they are the documented tree sums, bit for bit (a few rows, in plain Python)
+    for i in (0, 7, 300):
+        units = reference_unit(x[i]), reference_unit(x[5])
+        assert sims[0][i] == tree([a * b for a, b in zip(*units, strict=True)])
+
+
+def tied_and_near_tied_rows(seed: int = 9) -> np.ndarray:
+    """Sign vectors (integer dot products, so exact ties float32 may break either way),
+    duplicated rows and Gaussian rows."""
+    rng = np.random.default_rng(seed)
+    signs = rng.integers(-1, 2, size=(150, 40)).astype(np.float32)
+    signs[signs.any(axis=1) == 0, 0] = 1
+    x = np.concatenate([signs, np.repeat(rng.standard_normal((10, 40)), 5, axis=0)])
+    x = np.concatenate([x, rng.standard_normal((100, 40)), 3 * signs[:30]])
+    return x[rng.permutation(len(x))].astype(np.float32)
+
+
+GRAPHS_SCRIPT = """
+import sys, numpy as np
+from stages.select import CPU_SEARCHES, knn_graph
+x = np.load(sys.argv[1])
+np.save(sys.argv[2], np.stack([knn_graph(x, 9, "cpu", search=name) for name in CPU_SEARCHES]))
+"""
+
+
+def test_graphs_identical_across_backends_and_threads(tmp_path):
+    x = tied_and_near_tied_rows()
+    want = np.array(brute_knn(x, 9))
+    for name in CPU_SEARCHES:  # here with 2 threads (or what the machine has)
+        np.testing.assert_array_equal(knn_graph(x, 9, "cpu", search=name), want, err_msg=name)
+    np.save(tmp_path / "x.npy", x)
+    one_thread = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-c", GRAPHS_SCRIPT, tmp_path / "x.npy", tmp_path / "g.npy"],
+        cwd=ROOT,
+        env={**os.environ, **one_thread},
+        check=True,
+        timeout=120,
+    )
+    for graph in np.load(tmp_path / "g.npy"):
+        np.testing.assert_array_equal(graph, want)
 
 
 def test_normalise_rows_at_extreme_scales():
@@ -160,15 +256,15 @@ def test_identical_and_unrelated_layers():
     assert chance < 0.15
 
 
-def test_cpu_backend_is_faiss_and_cuda_needs_a_gpu():
-    assert search_backend("cpu", 10) is search_cpu
+def test_cpu_searches_and_cuda_needs_a_gpu():
+    assert search_backends("cpu") == CPU_SEARCHES
     with pytest.raises(UserError, match="--device"):
-        search_backend("tpu", 10)
+        search_backends("tpu")
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no working GPU"):
-            search_backend("cuda", 10)
+            search_backends("cuda")
 
 
 # -- k rules ----------------------------------------------------------------------------------
