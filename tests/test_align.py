@@ -18,7 +18,14 @@ from stages.align import TRAINERS, run_align
 from stages.heads import HEAD_BUILDERS, build_head, load_run
 from stages.losses import structure_regularizer
 from stages.pairs import PairSpec, split_pairs
-from stages.train import HISTORY_COLUMNS, AlignSettings, lambda_at, lr_at, train_heads
+from stages.train import (
+    HISTORY_COLUMNS,
+    AlignSettings,
+    lambda_at,
+    lr_at,
+    optimizer_step,
+    train_heads,
+)
 from store import FeatureStore, UserError
 from tests.helpers import write_features, write_pairs_manifest
 
@@ -240,3 +247,14 @@ def test_batch_plan_covers_every_pair_in_equal_batches():
 
 def test_every_head_kind_has_a_trainer():
     assert set(TRAINERS) == set(HEAD_BUILDERS)
+
+
+def test_optimizer_step_refuses_a_non_finite_loss_before_touching_the_weights():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with pytest.raises(UserError, match="the CSA objective became nan at step 7"):
+        optimizer_step(optimizer, (weight * float("nan")).sum(), 7, what="the CSA objective")
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+    optimizer_step(optimizer, (weight * weight).sum(), 8, clip=[weight])  # grad 2, clipped to 1
+    expected = 1 - 0.1 * 2 / np.linalg.norm([2.0, 2.0, 2.0])
+    torch.testing.assert_close(weight.detach(), torch.full((3,), expected, dtype=torch.float32))
