@@ -136,10 +136,13 @@ def align_child(store: str, cap: int, epochs: int, batch: int) -> None:
     what any training run holds (libraries, kernels, allocator pools) but no features."""
     import matplotlib.pyplot  # noqa: F401  (plot_curves imports it)
 
-    from stages.align import AlignSettings, open_pairs, run_align, train_heads
-    from store import FeatureStore
+    from stages.align import run_align
+    from stages.pairs import PairSpec, open_pairs
+    from stages.train import AlignSettings, train_heads
 
-    pairs = open_pairs(FeatureStore(store), "big", "train", "img", "txt", "layer.1", "layer.1")
+    spec = PairSpec(store=store, dataset="big", split="train", image_model="img", text_model="txt")
+    layers = ("layer.1", "layer.1")
+    pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     settings = AlignSettings(
         lam=10.0, out_dim=256, batch_size=batch, epochs=epochs, warmup_steps=10, patience=0,
         val_fraction=0.1,
@@ -151,10 +154,7 @@ def align_child(store: str, cap: int, epochs: int, batch: int) -> None:
     baseline = rss_mib()
     with tempfile.TemporaryDirectory() as out, PeakRSS() as peak:
         started = time.perf_counter()
-        config, _ = run_align(
-            store, "big", "train", "img", "txt", "layer.1", "layer.1", settings, out,
-            progress=False, memory_cap=cap,
-        )  # fmt: skip
+        config, _ = run_align(spec, layers, settings, out, progress=False, memory_cap=cap)
         seconds = time.perf_counter() - started
     peak = peak.value
     print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds,

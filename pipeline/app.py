@@ -29,6 +29,11 @@ def root(
     ctx.default_map = default_map(load_params(params))
 
 
+def echo_error(message: str) -> None:
+    """A stage's `log` for warnings: to stderr, beside the command's own output."""
+    typer.echo(message, err=True)
+
+
 def main() -> None:
     from pipeline import commands  # noqa: F401  (registers the commands on `app`)
 

@@ -7,9 +7,11 @@ with its own section; keys are option names with `-` or `_` (`lambda` maps to `-
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import typer
 import yaml
 
 from store.errors import UserError
@@ -45,6 +47,17 @@ def default_map(params: dict[str, Any]) -> dict[str, Any]:
         values = {**common, **_param_names(section)}
         defaults[command] = {k: _to_option(v) for k, v in values.items()}
     return defaults
+
+
+Settings = TypeVar("Settings")
+
+
+def section_settings(ctx: typer.Context, command: str, cls: type[Settings]) -> Settings:
+    """A settings dataclass from another command's defaults (its params.yaml section over
+    `common`): the fields that section sets, the dataclass defaults for the rest."""
+    section = (ctx.find_root().default_map or {}).get(command, {})
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in section.items() if k in names})
 
 
 def _to_option(value: Any) -> Any:

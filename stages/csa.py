@@ -44,31 +44,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.align import (
+from stages.heads import CSAHead
+from stages.losses import structure_regularizer, structure_targets
+from stages.pairs import PairData, PairSource, as_source
+from stages.train import (
     HISTORY_COLUMNS,
     AlignSettings,
-    MemoryPairs,
-    StorePairs,
-    TrainResult,
     lr_at,
-    validation_loss,
+    mean_clip_loss,
+    optimizer_step,
 )
-from stages.heads import register_head
-from stages.losses import structure_regularizer, structure_targets
 from store import UserError
 
-DEFAULT_RIDGE = 0.1
 MOMENT_CHUNK = 4096  # rows per pass when accumulating the covariances (and streaming)
 CSA_HISTORY = [*HISTORY_COLUMNS, "mean_corr", "val_mean_corr"]
 
@@ -213,7 +210,7 @@ def canonical_rotation(
     )
 
 
-def cca_from_moments(m: Moments, dim: int, ridge: float = DEFAULT_RIDGE) -> CCASolution:
+def cca_from_moments(m: Moments, dim: int, ridge: float = AlignSettings.csa_ridge) -> CCASolution:
     """Top-d (ridge) CCA: the leading singular pairs of T = W_x C_xy W_y."""
     check_dimensions(m.n, len(m.mean_x), len(m.mean_y), dim)
     w = whiten(m, ridge)
@@ -221,7 +218,9 @@ def cca_from_moments(m: Moments, dim: int, ridge: float = DEFAULT_RIDGE) -> CCAS
     return canonical_rotation(m, w, u[:, :dim], vt[:dim].T, ridge)
 
 
-def fit_cca(x: np.ndarray, y: np.ndarray, dim: int, ridge: float = DEFAULT_RIDGE) -> CCASolution:
+def fit_cca(
+    x: np.ndarray, y: np.ndarray, dim: int, ridge: float = AlignSettings.csa_ridge
+) -> CCASolution:
     """Ridge CCA of paired rows x (n, Dx), y (n, Dy) with dim canonical dimensions."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
@@ -239,29 +238,6 @@ def csa_similarity(zx: np.ndarray, zy: np.ndarray, corr: np.ndarray) -> np.ndarr
 
 
 # -- the head ---------------------------------------------------------------------------------
-class CSAHead(nn.Module):
-    """Centre, project to d canonical dimensions, L2-normalise, weight; plus a slack dimension
-    that brings the output to unit norm (output size d + 1, float64 buffers).
-
-    The image head carries weight = rho, the text head weight = 1: the dot product (= cosine) of
-    the two outputs is CSA's score."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim, dtype=torch.float64))
-        self.register_buffer("proj", torch.zeros(in_dim, out_dim, dtype=torch.float64))
-        self.register_buffer("weight", torch.ones(out_dim, dtype=torch.float64))
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = F.normalize((x.to(torch.float64) - self.mean) @ self.proj, dim=-1)
-        z = z * self.weight
-        slack = (1.0 - (z * z).sum(dim=-1, keepdim=True)).clamp_min(0.0).sqrt()
-        return torch.cat([z, slack], dim=-1)
-
-
-register_head("csa", lambda in_dim, out_dim, hidden_dim, **_: CSAHead(in_dim, out_dim))
-
-
 def csa_heads(solution: CCASolution) -> tuple[CSAHead, CSAHead]:
     """(image head, text head) computing CSA's score as the cosine of their outputs."""
     heads = []
@@ -293,7 +269,8 @@ class Refinement:
 
 
 def _batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[list[np.ndarray]]:
-    """Per epoch, the shuffled index batches (the ragged end dropped, like align)."""
+    """Per epoch, the shuffled index batches of `batch` pairs, the ragged end dropped (unlike
+    stages.train, whose batch_plan spreads every pair over near-equal batches)."""
     generator = torch.Generator().manual_seed(seed)
     per_epoch = n // batch
     for _ in range(epochs):
@@ -306,22 +283,21 @@ def _batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[list[np.nda
 
 
 def refine_with_structure(
-    source: MemoryPairs | StorePairs,
+    source: PairSource,
     m: Moments,
     start: CCASolution,
-    lam: float,
-    levels: int = 1,
-    temperature: float = 0.05,
-    epochs: int = 100,
-    batch_size: int = 4096,
-    lr: float = 1e-3,
-    seed: int = 0,
-    on_epoch=None,
+    settings: AlignSettings,
+    *,
+    epochs: int,
+    on_epoch: Callable[[int, int, CCASolution, dict[str, float]], None] | None = None,
     progress: bool = False,
 ) -> Refinement:
-    """Refine the CCA subspaces by Adam on lambda * (R_S(X, Z_x) + R_S(Y, Z_y)) - mean rho, then
-    re-whiten and rotate (canonical_rotation). `on_epoch(epoch, step, solution, row)` may add to
-    each epoch's history row (epoch 0 is the starting point)."""
+    """Refine the CCA subspaces for `epochs` epochs by Adam on lambda * (R_S(X, Z_x) +
+    R_S(Y, Z_y)) - mean rho (lambda, levels, temperature, batch size, lr and seed from
+    `settings`), then re-whiten and rotate (canonical_rotation). `on_epoch(epoch, step,
+    solution, row)` may add to each epoch's history row (epoch 0 is the starting point)."""
+    lam, levels, temperature = settings.lam, settings.levels, settings.temperature
+    batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
     w = whiten(m, start.ridge)
     # the start in whitened coordinates: W_x^{-1} proj_x has orthonormal columns
     g_x = torch.from_numpy(np.linalg.solve(w.w_x, start.proj_x)).requires_grad_(True)
@@ -366,8 +342,16 @@ def refine_with_structure(
 
     def record(epoch: int, step: int, sums: np.ndarray, lr_t: float) -> dict[str, float]:
         loss, rs_x, rs_y, corr = sums
-        row = {"epoch": epoch, "step": step, "rs_image": rs_x, "rs_text": rs_y, "lambda": lam,
-               "train_loss": loss, "lr": lr_t, "mean_corr": corr}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "rs_image": rs_x,
+            "rs_text": rs_y,
+            "lambda": lam,
+            "train_loss": loss,
+            "lr": lr_t,
+            "mean_corr": corr,
+        }
         if on_epoch is not None:
             on_epoch(epoch, step, current(), row)
         return row
@@ -380,14 +364,7 @@ def refine_with_structure(
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, lr)
                 loss, rs_x, rs_y, corr = objective(xw, yw, t_x, t_y)
-                if not math.isfinite(loss.item()):
-                    raise UserError(
-                        f"the CSA + R_S objective became {loss.item()} at step {step}; "
-                        "lower --lr or --lambda"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                optimizer_step(optimizer, loss, step, what="the CSA + R_S objective")
                 step += 1
             else:
                 with torch.no_grad():
@@ -411,16 +388,18 @@ def refine_with_structure(
     return Refinement(current(), history, step, (float(rs[0]), float(rs[1])))
 
 
-# -- training entry point (run_align dispatches `--head csa` here) ----------------------------
+# -- training entry point (stages.align's TRAINERS["csa"]) -----------------------------------
 @dataclass
-class CSAResult(TrainResult):
-    info: dict[str, Any] = field(default_factory=dict)
+class CSAResult:
+    """The CSA heads (eval mode) of the last refinement epoch (of CCA itself when lambda = 0),
+    the per-epoch history and a summary for the run's config.json (`info`)."""
 
-
-def _source(data) -> MemoryPairs | StorePairs | None:
-    if data is None:
-        return None
-    return MemoryPairs(*data) if isinstance(data, tuple) else data
+    image_head: nn.Module
+    text_head: nn.Module
+    history: pd.DataFrame
+    steps: int
+    seconds: float
+    info: dict[str, Any]
 
 
 def _chunks(n: int) -> list[np.ndarray]:
@@ -440,17 +419,16 @@ def _pair_corr(solution: CCASolution, m: Moments | None) -> float:
 
 
 def train_csa(
-    train: tuple[np.ndarray, np.ndarray] | MemoryPairs | StorePairs,
-    val: tuple[np.ndarray, np.ndarray] | MemoryPairs | StorePairs | None,
+    train: PairData,
+    val: PairData | None,
     settings: AlignSettings,
     progress: bool = True,
 ) -> CSAResult:
     """Fit CSA (d = settings.out_dim, ridge = settings.csa_ridge); with settings.lam > 0 refine
     it with R_S for settings.epochs epochs. Returns heads, history and a summary (`info`)."""
-    settings.check()
     s = settings
     started = time.perf_counter()
-    source, val_source = _source(train), _source(val)
+    source, val_source = as_source(train), as_source(val)
     if len(source) < 2:
         raise UserError(f"{len(source)} training pair(s): CSA needs at least 2; raise --n-pairs")
     if val_source is not None and len(val_source) < 2:
@@ -464,9 +442,9 @@ def train_csa(
 
     def losses(solution: CCASolution) -> tuple[float, float]:
         image_head, text_head = csa_heads(solution)
-        train_loss = validation_loss(image_head, text_head, source, batch, s.temperature)
+        train_loss = mean_clip_loss(image_head, text_head, source, batch, s.temperature)
         val_loss = (
-            validation_loss(image_head, text_head, val_source, batch, s.temperature)
+            mean_clip_loss(image_head, text_head, val_source, batch, s.temperature)
             if val_source
             else float("nan")
         )
@@ -478,9 +456,8 @@ def train_csa(
 
     epochs = s.epochs if s.lam > 0 else 0
     refined = refine_with_structure(
-        source, m, cca, s.lam, s.levels, s.temperature, epochs, s.batch_size, s.lr, s.seed,
-        on_epoch=on_epoch, progress=progress,
-    )  # fmt: skip
+        source, m, cca, s, epochs=epochs, on_epoch=on_epoch, progress=progress
+    )
     solution = refined.solution if s.lam > 0 else cca
     history = pd.DataFrame(refined.history, columns=CSA_HISTORY)
     first, last = history.iloc[0], history.iloc[-1]
@@ -507,13 +484,14 @@ def train_csa(
         "grad_clip": None,
         "lr_schedule": "cosine to 0" if s.lam > 0 else None,
         "early_stopping": "none: CCA, then a fixed number of R_S refinement epochs",
+        # config.json's keys of the kept weights: here those of the last epoch
+        "best_epoch": int(last["epoch"]),
+        "best_val_loss": float(last["val_loss"]),
     }
     return CSAResult(
         image_head=image_head,
         text_head=text_head,
         history=history,
-        best_epoch=int(last["epoch"]),
-        best_val_loss=float(last["val_loss"]),
         steps=refined.steps,
         seconds=time.perf_counter() - started,
         info=info,

@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 
 from stages.heads import load_run
-from store import FeatureStore, UserError, image_table, pair_rows
+from store import FeatureStore, UserError, image_table, pair_rows, write_text_atomic
 
 ArrayLike = torch.Tensor | np.ndarray
 
 # score matrices are built this many elements at a time (64 MiB of float32)
+METRICS = "metrics.json"  # a run's metrics, written by `evaluate` (and `table`)
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -358,7 +359,7 @@ def comparison_table(runs: Sequence[str | Path], names: Sequence[str] | None = N
     rows = []
     for label, path in zip(labels, paths, strict=True):
         metrics = _read_json(
-            path / "metrics.json", f"run `python -m pipeline evaluate --run {path}` first"
+            path / METRICS, f"run `python -m pipeline evaluate --run {path}` first"
         )
         config = _read_json(path / "config.json", "is it a run directory written by `align`?")
         summary = run_summary(config, path)
@@ -387,3 +388,11 @@ def to_markdown(table: pd.DataFrame) -> str:
     for row in table.itertuples(index=False):
         lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_table(table: pd.DataFrame, md: Path | None = None, csv: Path | None = None) -> None:
+    """A comparison table as Markdown (to_markdown) and as CSV (4 decimals), each atomically."""
+    if md:
+        write_text_atomic(md, to_markdown(table))
+    if csv:
+        write_text_atomic(csv, table.to_csv(index=False, float_format="%.4f"))

@@ -1,24 +1,24 @@
 """Projection heads and the run checkpoint: `head.safetensors` + `config.json` in a run directory.
 
 A head maps one frozen encoder's layer features (in_dim) into the shared space (out_dim).
-Every kind is built from the run's config through `HEAD_BUILDERS`, so a later kind (CSA, a
-CCA-based projection) plugs in by registering a builder; its fixed matrices travel as buffers
-in the same safetensors file. Never pickle.
+Every kind (linear, mlp, CSA's) is built from the run's config through the static registry
+`HEAD_BUILDERS`; a new kind is one class and one entry there. Fixed matrices (CSA's) travel as
+buffers in the same safetensors file. Never pickle.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from store.errors import UserError
+from store import UserError, write_json_atomic
 
 CHECKPOINT = "head.safetensors"
 CONFIG = "config.json"
@@ -48,35 +48,43 @@ class MLPHead(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-# kind -> builder(in_dim, out_dim, hidden_dim, **options); options come from config["head_options"]
-HeadBuilder = Callable[..., nn.Module]
-HEAD_BUILDERS: dict[str, HeadBuilder] = {
-    "linear": lambda in_dim, out_dim, hidden_dim, **_: LinearHead(in_dim, out_dim),
-    "mlp": lambda in_dim, out_dim, hidden_dim, **_: MLPHead(in_dim, out_dim, hidden_dim),
+class CSAHead(nn.Module):
+    """CSA's head (stages.csa fits it): centre, project to d canonical dimensions, L2-normalise,
+    weight; plus a slack dimension that brings the output to unit norm (output size d + 1,
+    float64 buffers).
+
+    The image head carries weight = rho, the text head weight = 1: the dot product (= cosine) of
+    the two outputs is CSA's score."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim, dtype=torch.float64))
+        self.register_buffer("proj", torch.zeros(in_dim, out_dim, dtype=torch.float64))
+        self.register_buffer("weight", torch.ones(out_dim, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize((x.to(torch.float64) - self.mean) @ self.proj, dim=-1)
+        z = z * self.weight
+        slack = (1.0 - (z * z).sum(dim=-1, keepdim=True)).clamp_min(0.0).sqrt()
+        return torch.cat([z, slack], dim=-1)
+
+
+# kind -> builder(in_dim, out_dim, hidden_dim): every head kind, built (and loaded) by name
+HEAD_BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
+    "linear": lambda in_dim, out_dim, hidden_dim: LinearHead(in_dim, out_dim),
+    "mlp": lambda in_dim, out_dim, hidden_dim: MLPHead(in_dim, out_dim, hidden_dim),
+    "csa": lambda in_dim, out_dim, hidden_dim: CSAHead(in_dim, out_dim),
 }
 
 
-# kinds that live in their own module, imported the first time one is built or loaded
-HEAD_MODULES = {"csa": "stages.csa"}
-
-
-def register_head(kind: str, builder: HeadBuilder) -> None:
-    """Make a new head kind buildable (and loadable by `load_run`)."""
-    HEAD_BUILDERS[kind] = builder
-
-
-def build_head(
-    kind: str, in_dim: int, out_dim: int, hidden_dim: int = 1024, **options: Any
-) -> nn.Module:
-    if kind not in HEAD_BUILDERS and kind in HEAD_MODULES:
-        importlib.import_module(HEAD_MODULES[kind])
+def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 1024) -> nn.Module:
     if kind not in HEAD_BUILDERS:
         raise UserError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_BUILDERS)}")
     if min(in_dim, out_dim, hidden_dim) < 1:
         raise UserError(
             f"head dimensions must be >= 1 (in {in_dim}, out {out_dim}, hidden {hidden_dim})"
         )
-    return HEAD_BUILDERS[kind](in_dim, out_dim, hidden_dim, **options)
+    return HEAD_BUILDERS[kind](in_dim, out_dim, hidden_dim)
 
 
 def save_run(
@@ -89,7 +97,7 @@ def save_run(
     tensors.update({f"text.{k}": v for k, v in text_head.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     save_file(tensors, str(run_dir / CHECKPOINT), metadata={"head": str(config.get("head"))})
-    (run_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(run_dir / CONFIG, config, sort_keys=True)
     return run_dir
 
 
@@ -117,7 +125,6 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], nn.Module, nn.Module]
                 config[f"{side}_dim"],
                 config["out_dim"],
                 config.get("hidden_dim", 1024),
-                **config.get("head_options", {}),
             )
         except KeyError as err:
             raise UserError(f"{run_dir}/{CONFIG} lacks the key {err}") from err

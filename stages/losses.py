@@ -17,14 +17,11 @@ elementwise passes (and memory) that autograd through softmax, log and KL would 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-LN2 = math.log(2.0)
 
 
 def clip_loss(image_emb: Tensor, text_emb: Tensor, temperature: float = 0.05) -> Tensor:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -53,7 +52,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from store import FeatureStore, UserError, pair_rows
+from stages.pairs import PairSpec
+from store import FeatureStore, UserError, pair_rows, write_json_atomic
 
 K_RULES = ("rice", "sqrt", "sturges")
 
@@ -533,27 +533,37 @@ def sample_pairs(
     return image_rows[chosen], text_rows[chosen]
 
 
+@dataclass(frozen=True)
+class SelectSettings:
+    """The settings of a selection, with the defaults of the `select` command."""
+
+    n_samples: int = 5000  # pairs sampled, one per image (<= 0: all)
+    k: int | str = "rice"  # neighbours: an integer, or rice | sqrt | sturges of n
+    seed: int = 0
+    device: str = "auto"  # kNN search on auto | cpu | cuda
+
+
 def run_selection(
-    store: FeatureStore,
-    dataset: str,
-    split: str,
-    image_model: str,
-    text_model: str,
+    spec: PairSpec,
     out: Path,
-    n_samples: int = 5000,
-    k: int | str = "rice",
-    seed: int = 0,
-    device: str = "auto",
+    settings: SelectSettings = SelectSettings(),
+    *,
     progress: bool = True,
     scheduler: str = "",
 ) -> Selection:
-    """Score every layer pair on a seeded sample and write scores.parquet, selection.json and
-    heatmap.png to `out`. With a dask `scheduler` (address or local:N) the kNN graphs are
-    built on the workers, one task per layer."""
+    """Score every layer pair of `spec`'s features on a seeded sample and write scores.parquet,
+    selection.json and heatmap.png to `out`. With a dask `scheduler` (address or local:N) the
+    kNN graphs are built on the workers, one task per layer."""
     from tqdm import tqdm
 
-    image = store.open(dataset, split, "image", image_model)
-    text = store.open(dataset, split, "text", text_model)
+    dataset, split, image_model, text_model = (
+        spec.dataset,
+        spec.split,
+        spec.image_model,
+        spec.text_model,
+    )
+    n_samples, k, seed, device = settings.n_samples, settings.k, settings.seed, settings.device
+    store, image, text = spec.arrays()
     image.require_complete()
     text.require_complete()
     manifest = store.manifest(dataset, split)
@@ -611,7 +621,7 @@ def run_selection(
 def write_selection(selection: Selection, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     selection.table().to_parquet(out / "scores.parquet", index=False)
-    (out / "selection.json").write_text(json.dumps(selection.info, indent=2) + "\n")
+    write_json_atomic(out / "selection.json", selection.info)
     plot_heatmap(selection, out / "heatmap.png")
 
 
@@ -666,34 +676,29 @@ def top_pairs(selection: Selection, n: int = 10) -> pd.DataFrame:
 # --layers for align: auto | last | IMG,TXT
 # ------------------------------------------------------------------------------------------
 def resolve_layers(
-    spec: str,
-    store: FeatureStore,
-    dataset: str,
-    split: str,
-    image_model: str,
-    text_model: str,
+    layers: str,
+    spec: PairSpec,
     select_dir: Path,
-    n_samples: int = 5000,
-    k: int | str = "rice",
-    seed: int = 0,
+    settings: SelectSettings = SelectSettings(),
+    *,
+    log: Callable[[str], None] = print,
 ) -> tuple[str, str]:
-    """(image layer name, text layer name) for `align --layers`.
+    """(image layer name, text layer name) of `spec`'s features for `align --layers`.
 
     auto: the pair in select_dir/selection.json when it was made for these models, dataset and
-    split (and its layers exist); otherwise the selection is computed there first.
+    split (and its layers exist); otherwise the selection is computed there first (`settings`).
     last: the last layer of each array. IMG,TXT: each by index (negative allowed) or name."""
-    image = store.open(dataset, split, "image", image_model)
-    text = store.open(dataset, split, "text", text_model)
-    spec = spec.strip()
-    if spec == "last":
+    _, image, text = spec.arrays()
+    layers = layers.strip()
+    if layers == "last":
         return image.layer_names[-1], text.layer_names[-1]
-    if spec == "auto":
+    if layers == "auto":
         info = read_selection(Path(select_dir))
         wanted = {
-            "image_model": image_model,
-            "text_model": text_model,
-            "dataset": dataset,
-            "split": split,
+            "image_model": spec.image_model,
+            "text_model": spec.text_model,
+            "dataset": spec.dataset,
+            "split": spec.split,
         }
         if (
             info is None
@@ -702,17 +707,14 @@ def resolve_layers(
             or info.get("text_layer") not in text.layer_names
         ):
             if info is not None:
-                print(
-                    f"{select_dir}/selection.json is for other features; selecting again",
-                    file=sys.stderr,
-                )
-            info = run_selection(
-                store, dataset, split, image_model, text_model, Path(select_dir), n_samples, k, seed
-            ).info
+                log(f"{select_dir}/selection.json is for other features; selecting again")
+            info = run_selection(spec, Path(select_dir), settings).info
         return info["image_layer"], info["text_layer"]
-    parts = [p.strip() for p in spec.split(",")]
+    parts = [p.strip() for p in layers.split(",")]
     if len(parts) != 2 or not all(parts):
-        raise UserError(f"--layers must be auto, last or IMAGE,TEXT (index or name), got {spec!r}")
+        raise UserError(
+            f"--layers must be auto, last or IMAGE,TEXT (index or name), got {layers!r}"
+        )
     return (
         image.layer_names[image.layer_index(parts[0])],
         text.layer_names[text.layer_index(parts[1])],

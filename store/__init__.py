@@ -2,6 +2,7 @@
 
 from store.errors import UserError
 from store.features import FeatureArray, FeatureStore, StoreEntry, array_path
+from store.io import write_json_atomic, write_text_atomic
 from store.manifest import (
     PAIR_COLUMNS,
     fingerprint,
@@ -22,5 +23,7 @@ __all__ = [
     "image_table",
     "pair_rows",
     "read_manifest",
+    "write_json_atomic",
     "write_manifest",
+    "write_text_atomic",
 ]

@@ -14,26 +14,35 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.app import app
-from stages.align import (
+from stages.align import TRAINERS, run_align
+from stages.heads import HEAD_BUILDERS, build_head, load_run
+from stages.losses import structure_regularizer
+from stages.pairs import PairSpec, split_pairs
+from stages.train import (
     HISTORY_COLUMNS,
     AlignSettings,
     lambda_at,
     lr_at,
-    run_align,
-    split_pairs,
+    optimizer_step,
     train_heads,
 )
-from stages.heads import build_head, load_run
-from stages.losses import structure_regularizer
 from store import FeatureStore, UserError
 from tests.helpers import write_features, write_pairs_manifest
 
 IMAGE_LAYERS = ["block.0", "final_norm"]
 TEXT_LAYERS = ["embeddings", "layer.0"]
 FAST = AlignSettings(
-    lam=1.0, out_dim=16, hidden_dim=32, batch_size=128, epochs=40, lr=1e-2,
-    warmup_steps=20, patience=10, val_fraction=0.2, seed=0,
-)  # fmt: skip
+    lam=1.0,
+    out_dim=16,
+    hidden_dim=32,
+    batch_size=128,
+    epochs=40,
+    lr=1e-2,
+    warmup_steps=20,
+    patience=10,
+    val_fraction=0.2,
+    seed=0,
+)
 
 
 def planted(n: int, rng: np.random.Generator, maps) -> tuple[np.ndarray, np.ndarray]:
@@ -60,10 +69,10 @@ def store(tmp_path_factory):
 
 
 def align(store, out, settings=FAST, image_layer="final_norm", text_layer="layer.0", **kw):
-    return run_align(
-        store, "planted", "train", "img", "txt", image_layer, text_layer, settings, out,
-        progress=False, **kw,
-    )  # fmt: skip
+    spec = PairSpec(
+        store=store, dataset="planted", split="train", image_model="img", text_model="txt"
+    )
+    return run_align(spec, (image_layer, text_layer), settings, out, progress=False, **kw)
 
 
 def recall_at_1(image_head, text_head, image: np.ndarray, text: np.ndarray) -> float:
@@ -226,7 +235,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 
 
 def test_batch_plan_covers_every_pair_in_equal_batches():
-    from stages.align import batch_plan
+    from stages.pairs import batch_plan
 
     assert batch_plan(450, 256) == (2, 225)
     assert batch_plan(1294, 256) == (6, 216)
@@ -234,3 +243,18 @@ def test_batch_plan_covers_every_pair_in_equal_batches():
     for n, size in [(7, 3), (1000, 999), (4097, 4096)]:
         steps, batch = batch_plan(n, size)
         assert batch <= size and steps * batch >= n > (steps - 1) * batch
+
+
+def test_every_head_kind_has_a_trainer():
+    assert set(TRAINERS) == set(HEAD_BUILDERS)
+
+
+def test_optimizer_step_refuses_a_non_finite_loss_before_touching_the_weights():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with pytest.raises(UserError, match="the CSA objective became nan at step 7"):
+        optimizer_step(optimizer, (weight * float("nan")).sum(), 7, what="the CSA objective")
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+    optimizer_step(optimizer, (weight * weight).sum(), 8, clip=[weight])  # grad 2, clipped to 1
+    expected = 1 - 0.1 * 2 / np.linalg.norm([2.0, 2.0, 2.0])
+    torch.testing.assert_close(weight.detach(), torch.full((3,), expected, dtype=torch.float32))

@@ -12,7 +12,8 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from stages import cluster as cluster_mod
 from stages.cluster import check_scheduler
 from stages.extract import ExtractOptions, extract
-from stages.select import run_selection
+from stages.pairs import PairSpec
+from stages.select import SelectSettings, run_selection
 from store import FeatureStore, UserError
 from tests.helpers import one_line_error, run_cli
 
@@ -129,10 +130,8 @@ def test_a_bad_image_on_a_worker_is_one_line_error(tmp_path, address, capsys):
 
 
 def test_select_on_local_cluster_equals_one_process(tmp_path, reference, capsys):
-    local = run_selection(
-        FeatureStore(reference), "digits", "train", MODELS["image"], MODELS["text"],
-        tmp_path / "one", k=5, device="cpu", progress=False,
-    )  # fmt: skip
+    spec = PairSpec(reference, "digits", "train", MODELS["image"], MODELS["text"])
+    local = run_selection(spec, tmp_path / "one", SelectSettings(k=5, device="cpu"), progress=False)
     args = ["select", "--store", reference, "--out", tmp_path / "dask", "--k", "5"]
     code, out, err = run_cli([*args, "--device", "cpu", "--scheduler", "local:2"], capsys)
     assert code == 0, err

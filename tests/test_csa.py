@@ -14,7 +14,6 @@ import torch
 import yaml
 from sklearn.cross_decomposition import CCA
 
-from stages.align import AlignSettings
 from stages.csa import (
     csa_heads,
     csa_similarity,
@@ -25,6 +24,7 @@ from stages.csa import (
 )
 from stages.evaluate import l2_normalise, retrieval_recall
 from stages.losses import structure_regularizer
+from stages.train import AlignSettings
 from store import UserError
 from tests.helpers import (
     one_line_error,
@@ -282,12 +282,10 @@ def test_table_command_writes_the_nine_rows_per_size(store, tmp_path, capsys):
 
 
 def test_streamed_from_the_store_gives_the_same_csa(store):
-    from stages.align import MemoryPairs, StorePairs, open_pairs
-    from store import FeatureStore
+    from stages.pairs import MemoryPairs, PairSpec, StorePairs, open_pairs
 
-    pairs = open_pairs(
-        FeatureStore(store), "toy", "train", "img", "txt", "final_norm", "embeddings"
-    )
+    spec = PairSpec(store=store, dataset="toy", split="train", image_model="img", text_model="txt")
+    pairs = open_pairs(spec, image_layer="final_norm", text_layer="embeddings")
     (image, text), subset = pairs.load(), np.arange(0, 160, 2)
     s = AlignSettings(head="csa", out_dim=4, epochs=2, batch_size=32, lr=0.01, lam=1.0)
     streamed = train_csa(StorePairs(pairs, subset, window_rows=40), None, s, progress=False)

@@ -20,13 +20,15 @@ from transformers import (
     Dinov2Model,
 )
 
-from stages.align import AlignSettings, run_align
+from stages.align import run_align
 from stages.datasets import digits_source
 from stages.encoders import load_encoder, truncate_encoder
 from stages.evaluate import evaluate_run, zero_shot_accuracy
 from stages.extract import ExtractOptions, extract
 from stages.heads import build_head, save_run
 from stages.model import AlignedModel, export_model
+from stages.pairs import PairSpec
+from stages.train import AlignSettings
 from store import FeatureStore, UserError, image_table
 from tests.helpers import one_line_error, run_cli
 
@@ -48,10 +50,14 @@ def demo(tmp_path_factory) -> dict:
             extract(store, "digits", split, "digits", "tiny-random-vit", opts)
         extract(store, "digits", split, "digits", "tiny-random-text", opts)
     run = root / "run"
-    run_align(
-        store, "digits", "train", "tiny-random-vit", "tiny-random-text", "block.1", "layer.1",
-        SETTINGS, run, progress=False,
-    )  # fmt: skip
+    spec = PairSpec(
+        store=store,
+        dataset="digits",
+        split="train",
+        image_model="tiny-random-vit",
+        text_model="tiny-random-text",
+    )
+    run_align(spec, ("block.1", "layer.1"), SETTINGS, run, progress=False)
     return {"store": store, "run": run, "root": root}
 
 

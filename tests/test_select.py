@@ -17,9 +17,11 @@ from typer.testing import CliRunner
 
 import pipeline.commands  # noqa: F401  (registers the commands)
 from pipeline.app import app
+from stages.pairs import PairSpec
 from stages.select import (
     CPU_SEARCHES,
     SEARCHES,
+    SelectSettings,
     graph_overlap,
     knn_graph,
     mutual_knn_scores,
@@ -487,8 +489,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 def test_resolve_layers(tmp_path):
     store_path, sel = tmp_path / "f.zarr", tmp_path / "sel"
     planted_store(store_path)
-    fs = FeatureStore(store_path)
-    args = (fs, "toy", "train", "img-model", "txt-model", sel)
+    args = (PairSpec(store_path, "toy", "train", "img-model", "txt-model"), sel)
     assert resolve_layers("last", *args) == ("final_norm", "layer.3")
     assert resolve_layers("1,layer.0", *args) == ("block.1", "layer.0")
     assert resolve_layers("-2, 4", *args) == ("block.2", "layer.3")
@@ -501,7 +502,10 @@ def test_resolve_layers(tmp_path):
             resolve_layers(bad, *args)
 
     # auto: computed when absent, written to the select run dir
-    assert resolve_layers("auto", *args, n_samples=0, k=8, seed=1) == ("block.1", "layer.1")
+    assert resolve_layers("auto", *args, SelectSettings(n_samples=0, k=8, seed=1)) == (
+        "block.1",
+        "layer.1",
+    )
     info = json.loads((sel / "selection.json").read_text())
     assert info["k"] == 8 and info["n"] == 150
     # auto: an existing selection for these features is used as it is
@@ -511,5 +515,5 @@ def test_resolve_layers(tmp_path):
     # auto: a selection made for other models is replaced
     info.update(text_model="someone-else")
     (sel / "selection.json").write_text(json.dumps(info))
-    assert resolve_layers("auto", *args, n_samples=0, k=8) == ("block.1", "layer.1")
+    assert resolve_layers("auto", *args, SelectSettings(n_samples=0, k=8)) == ("block.1", "layer.1")
     assert json.loads((sel / "selection.json").read_text())["text_model"] == "txt-model"

@@ -6,23 +6,32 @@ import numpy as np
 import pytest
 import torch
 
-import stages.align
-from stages.align import (
-    AlignSettings,
+import stages.pairs
+from stages.align import run_align
+from stages.pairs import (
+    PairSpec,
     StorePairs,
     gather_rows,
     open_pairs,
     pair_sources,
     parse_memory_cap,
-    run_align,
 )
-from store import FeatureStore, UserError
+from stages.train import AlignSettings
+from store import UserError
 from tests.helpers import one_line_error, run_cli, write_features, write_pairs_manifest
 
 SETTINGS = AlignSettings(
-    lam=1.0, out_dim=8, hidden_dim=16, batch_size=32, epochs=3, lr=1e-2, warmup_steps=5,
-    patience=0, val_fraction=0.2, seed=0,
-)  # fmt: skip
+    lam=1.0,
+    out_dim=8,
+    hidden_dim=16,
+    batch_size=32,
+    epochs=3,
+    lr=1e-2,
+    warmup_steps=5,
+    patience=0,
+    val_fraction=0.2,
+    seed=0,
+)
 N_IMAGES, CAPTIONS, DI, DT = 120, 2, 12, 10
 
 
@@ -49,9 +58,21 @@ def weights(result) -> dict[str, torch.Tensor]:
 def train(store, tmp_path, name: str, cap: int, **changes):
     settings = AlignSettings(**{**SETTINGS.__dict__, **changes})
     return run_align(
-        store, "p", "train", "img", "txt", "layer.1", "layer.1", settings, tmp_path / name,
-        progress=False, memory_cap=cap,
-    )  # fmt: skip
+        spec(store),
+        ("layer.1", "layer.1"),
+        settings,
+        tmp_path / name,
+        progress=False,
+        memory_cap=cap,
+    )
+
+
+def spec(store) -> PairSpec:
+    return PairSpec(store=store, dataset="p", split="train", image_model="img", text_model="txt")
+
+
+def layer_1(store):
+    return open_pairs(spec(store), image_layer="layer.1", text_layer="layer.1")
 
 
 @pytest.mark.parametrize(
@@ -60,7 +81,7 @@ def train(store, tmp_path, name: str, cap: int, **changes):
     ids=["linear", "mlp-levels2", "full-batch", "no-validation"],
 )
 def test_streamed_training_equals_in_memory(store, tmp_path, changes):
-    pairs = open_pairs(FeatureStore(store), "p", "train", "img", "txt", "layer.1", "layer.1")
+    pairs = layer_1(store)
     row = pairs.nbytes(1)
     config_m, memory = train(store, tmp_path, "memory", 0, **changes)
     # a cap of 2 * 40 rows: windows of 40 rows, one batch of 32 each; and 2 * 70: two batches
@@ -88,7 +109,7 @@ class CountingReads:
 
 
 def test_gather_reads_one_block_at_a_time_in_any_order(store):
-    pairs = open_pairs(FeatureStore(store), "p", "train", "img", "txt", "layer.1", "layer.1")
+    pairs = layer_1(store)
     text = pairs.text
     rows = np.random.default_rng(1).integers(0, text.shape[0], 150)  # repeats, any order
     expected = text.read_layer(1)[rows]
@@ -101,7 +122,7 @@ def test_gather_reads_one_block_at_a_time_in_any_order(store):
 
 
 def test_windows_hold_whole_batches_within_the_cap(store, monkeypatch):
-    pairs = open_pairs(FeatureStore(store), "p", "train", "img", "txt", "layer.1", "layer.1")
+    pairs = layer_1(store)
     subset = np.arange(100)
     train, _ = pair_sources(pairs, subset, subset[:0], memory_cap=2 * 45 * pairs.nbytes(1))
     assert isinstance(train, StorePairs) and train.window_rows == 45
@@ -112,7 +133,7 @@ def test_windows_hold_whole_batches_within_the_cap(store, monkeypatch):
         reads.append(len(rows))
         return gather_rows(array, layer, rows, what)
 
-    monkeypatch.setattr(stages.align, "gather_rows", spy)
+    monkeypatch.setattr(stages.pairs, "gather_rows", spy)
     batches = [np.arange(i, i + 20) for i in range(0, 100, 20)]
     got = [bi for bi, _ in train.take(batches)]
     assert reads == [40, 40, 40, 40, 20, 20]  # (image, text) per window: 40 + 40 + 20 rows

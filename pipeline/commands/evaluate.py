@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from pipeline.app import app
-from stages.evaluate import comparison_table, evaluate_run, to_markdown
-from store import UserError
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write via a temporary file so a crash never leaves half a metrics file or table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from stages.evaluate import METRICS, comparison_table, evaluate_run, to_markdown, write_table
+from store import UserError, write_json_atomic
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -50,12 +40,10 @@ def write_comparison(
     table = comparison_table(runs, [n.strip() for n in names.split(",")] if names else None)
     markdown = to_markdown(table)
     typer.echo(markdown, nl=False)
-    if out_md:
-        _write_text(out_md, markdown)
-        typer.echo(f"wrote {out_md}")
-    if out_csv:
-        _write_text(out_csv, table.to_csv(index=False, float_format="%.4f"))
-        typer.echo(f"wrote {out_csv}")
+    write_table(table, out_md, out_csv)
+    for path in (out_md, out_csv):
+        if path:
+            typer.echo(f"wrote {path}")
 
 
 NAMES_HELP = "Comma-separated row names, one per run (default: the run folder names)."
@@ -84,8 +72,8 @@ def evaluate(
     if run is None:
         raise UserError("give the run directory with --run DIR (or compare runs with --compare)")
     metrics = evaluate_run(run, store, dataset, split, prompts_split)
-    path = out or run / "metrics.json"
-    _write_text(path, json.dumps(metrics, indent=2) + "\n")
+    path = out or run / METRICS
+    write_json_atomic(path, metrics)
     typer.echo(format_metrics(metrics))
     typer.echo(f"wrote {path}")
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import typer
 
 from pipeline.app import app
-from stages.select import run_selection, top_pairs
-from store import FeatureStore
+from stages.pairs import PairSpec
+from stages.select import SelectSettings, run_selection, top_pairs
+
+D = SelectSettings()
 
 
 @app.command()
@@ -19,11 +21,11 @@ def select(
     dataset: str = typer.Option("digits", help="Dataset whose pairs are scored."),
     split: str = typer.Option("train", help="Split with the image-text pairs."),
     n_samples: int = typer.Option(
-        5000, help="Pairs sampled, one per image (0: all; all when fewer)."
+        D.n_samples, help="Pairs sampled, one per image (0: all; all when fewer)."
     ),
-    k: str = typer.Option("rice", help="Neighbours: an integer, or rice | sqrt | sturges of n."),
-    seed: int = typer.Option(0, help="Seed of the pair sample."),
-    device: str = typer.Option("auto", help="kNN search on auto | cpu | cuda."),
+    k: str = typer.Option(D.k, help="Neighbours: an integer, or rice | sqrt | sturges of n."),
+    seed: int = typer.Option(D.seed, help="Seed of the pair sample."),
+    device: str = typer.Option(D.device, help="kNN search on auto | cpu | cuda."),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     out: Path = typer.Option(Path("runs/select"), help="Run directory for the outputs."),
     top: int = typer.Option(10, help="How many of the best pairs to print."),
@@ -34,19 +36,11 @@ def select(
     ),
 ) -> None:
     """Pick the layer pair whose kNN graphs agree most (mutual kNN, FAISS exact search)."""
-    selection = run_selection(
-        FeatureStore(store),
-        dataset,
-        split,
-        image_model,
-        text_model,
-        out,
-        n_samples=n_samples,
-        k=k,
-        seed=seed,
-        device=device,
-        scheduler=scheduler,
+    spec = PairSpec(
+        store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
+    settings = SelectSettings(n_samples=n_samples, k=k, seed=seed, device=device)
+    selection = run_selection(spec, out, settings, scheduler=scheduler)
     info = selection.info
     table = top_pairs(selection, top)
     typer.echo(f"mutual kNN on n={info['n']} pairs of {dataset}/{split}, k={info['k']}")

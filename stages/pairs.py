@@ -1,0 +1,281 @@
+"""Stored image-text pairs as training data: which pairs (`PairSpec`), checked and opened
+(`open_pairs`), split into train / validation, and served in batches by a pair source.
+
+Rows reach a training loop through a pair source: in memory (`MemoryPairs`), or, when the
+chosen layers of the pairs exceed `memory_cap`, streamed from the store (`StorePairs`): each
+epoch's shuffled batches are cut into windows that fit the cap, and each window is gathered with
+one pass over the store blocks it touches. Both sources yield the same batches, so for one seed
+the weights are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from store import FeatureArray, FeatureStore, UserError, pair_rows
+
+# the attributes of a stored array that say where its features came from (config.json keeps them)
+PROVENANCE_KEYS = (
+    "model_id",
+    "revision",
+    "pooling",
+    "source",
+    "source_fingerprint",
+    "model_fingerprint",
+)
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Which stored pairs: a feature store, one dataset split, and the two models as extracted."""
+
+    store: str | Path
+    dataset: str
+    split: str
+    image_model: str
+    text_model: str
+
+    def arrays(self) -> tuple[FeatureStore, FeatureArray, FeatureArray]:
+        """(store, image array, text array); nothing of the features is read."""
+        store = FeatureStore(self.store)
+        image = store.open(self.dataset, self.split, "image", self.image_model)
+        text = store.open(self.dataset, self.split, "text", self.text_model)
+        return store, image, text
+
+
+def batch_plan(n: int, batch_size: int) -> tuple[int, int]:
+    """(steps per epoch, batch size): every pair in every epoch, in batches of equal size
+    (+-1) no larger than batch_size; no tiny ragged batch with few negatives, no pair left out."""
+    steps = math.ceil(n / min(batch_size, n))
+    return steps, math.ceil(n / steps)
+
+
+def finite_rows(values: np.ndarray, what: str) -> np.ndarray:
+    """`values` unchanged, or a UserError naming the rows with NaN or inf."""
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise UserError(
+            f"{what} has {bad.sum()} row(s) with NaN or inf (first: {rows[:5].tolist()}); "
+            "extract them again (float16 overflow: --dtype float32 --overwrite)"
+        )
+    return values
+
+
+def provenance(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Where a stored array's features came from: model, revision, pooling, source, hashes."""
+    return {k: attrs[k] for k in PROVENANCE_KEYS if k in attrs}
+
+
+@dataclass
+class StoredPairs:
+    """The two stored arrays, the chosen layer of each and the rows that pair up (not read)."""
+
+    image: FeatureArray
+    text: FeatureArray
+    image_layer: int
+    text_layer: int
+    image_rows: np.ndarray
+    text_rows: np.ndarray
+    info: dict[str, Any]
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.image.shape[2], self.text.shape[2]
+
+    def nbytes(self, n_pairs: int) -> int:
+        """Memory of n pairs of the chosen layers as float32 (what in-memory training holds)."""
+        return n_pairs * sum(self.dims) * 4
+
+    def what(self, modality: str) -> str:
+        array, layer = (
+            (self.image, self.image_layer) if modality == "image" else (self.text, self.text_layer)
+        )
+        return f"{modality} features {array.path} layer {array.layer_names[layer]}"
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text): both chosen layers in memory as float32, one row per pair."""
+        image = self.image.read_layer(self.image_layer)[self.image_rows]
+        text = self.text.read_layer(self.text_layer)[self.text_rows]
+        return finite_rows(image, self.what("image")), finite_rows(text, self.what("text"))
+
+
+def open_pairs(spec: PairSpec, *, image_layer: str, text_layer: str) -> StoredPairs:
+    """Check the arrays, layers and manifest; nothing of the features is read yet."""
+    store, image, text = spec.arrays()
+    image_index, text_index = image.layer_index(image_layer), text.layer_index(text_layer)
+    image_rows, text_rows = pair_rows(store.manifest(spec.dataset, spec.split))
+    where = f"{spec.dataset}/{spec.split}"
+    if len(image_rows) == 0:
+        raise UserError(f"{where} has no image-text pairs to train on")
+    for array, rows in ((image, image_rows), (text, text_rows)):
+        array.require_complete()
+        if rows.max() >= array.shape[0]:
+            raise UserError(
+                f"the manifest of {where} points past the {array.shape[0]} rows of "
+                f"{array.path}; extract this split again with --overwrite"
+            )
+    info = {
+        "image_layer": image.layer_names[image_index],
+        "text_layer": text.layer_names[text_index],
+        "image_layer_index": image_index,
+        "text_layer_index": text_index,
+        "store_fingerprint": {"image": provenance(image.attrs), "text": provenance(text.attrs)},
+    }
+    return StoredPairs(image, text, image_index, text_index, image_rows, text_rows, info)
+
+
+# -- pair sources: where a training loop gets its batches --------------------------------------
+class MemoryPairs:
+    """Paired float32 rows held in memory; `take` yields the rows of each index array."""
+
+    def __init__(self, image: np.ndarray | Tensor, text: np.ndarray | Tensor):
+        self.image = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))
+        self.text = torch.as_tensor(np.ascontiguousarray(text, dtype=np.float32))
+        if len(self.image) != len(self.text):
+            raise UserError(
+                f"{len(self.image)} image rows but {len(self.text)} text rows; they must pair up"
+            )
+        for x, what in ((self.image, "image"), (self.text, "text")):
+            if not torch.isfinite(x).all():
+                raise UserError(f"the {what} training features hold NaN or inf")
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.image.shape[1], self.text.shape[1]
+
+    def take(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        for idx in batches:
+            idx = torch.as_tensor(idx)
+            yield self.image[idx], self.text[idx]
+
+
+class StorePairs:
+    """Pairs `subset` (indices into the stored pairs) read from the store as they are needed.
+
+    `take` gathers consecutive batches in windows of at most `window_rows` rows, each with one
+    pass over the store blocks the window touches (one block of one layer read at a time), so
+    memory holds about two windows (the one in use, the next) whatever the size of the store."""
+
+    def __init__(self, pairs: StoredPairs, subset: np.ndarray, window_rows: int):
+        self.pairs, self.subset, self.window_rows = pairs, np.asarray(subset), max(1, window_rows)
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.pairs.dims
+
+    def take(self, batches: Sequence[np.ndarray]) -> Iterator[tuple[Tensor, Tensor]]:
+        p, i = self.pairs, 0
+        while i < len(batches):
+            group = [np.asarray(batches[i])]  # at least one batch, however small the window
+            while (
+                i + len(group) < len(batches)
+                and sum(map(len, group)) + len(batches[i + len(group)]) <= self.window_rows
+            ):
+                group.append(np.asarray(batches[i + len(group)]))
+            pairs = self.subset[np.concatenate(group)]
+            image = gather_rows(p.image, p.image_layer, p.image_rows[pairs], p.what("image"))
+            text = gather_rows(p.text, p.text_layer, p.text_rows[pairs], p.what("text"))
+            image, text = torch.from_numpy(image), torch.from_numpy(text)
+            start = 0
+            for idx in group:
+                yield image[start : start + len(idx)], text[start : start + len(idx)]
+                start += len(idx)
+            i += len(group)
+
+
+PairSource = MemoryPairs | StorePairs
+# what the trainers accept: (image, text) arrays or a pair source
+PairData = tuple[np.ndarray, np.ndarray] | PairSource
+
+
+def as_source(data: PairData | None) -> PairSource | None:
+    """A pair source from arrays (held in memory) or a source as it is; None stays None."""
+    return MemoryPairs(*data) if isinstance(data, tuple) else data
+
+
+def gather_rows(array: FeatureArray, layer: int, rows: np.ndarray, what: str) -> np.ndarray:
+    """array[rows, layer] as float32 in the order of `rows`, reading one store block of that
+    layer at a time (one inner chunk), so memory holds the result plus one block."""
+    out = np.empty((len(rows), array.shape[2]), dtype=np.float32)
+    blocks = rows // array.block_rows
+    order = np.argsort(blocks, kind="stable")
+    found, starts = np.unique(blocks[order], return_index=True)
+    for block, lo, hi in zip(found, starts, [*starts[1:], len(order)]):
+        span = array.block_slice(int(block))
+        where = order[lo:hi]
+        values = np.asarray(array.data[span, layer, :], dtype=np.float32)
+        out[where] = values[rows[where] - span.start]
+    return finite_rows(out, what)
+
+
+def parse_memory_cap(text: str | int) -> int:
+    """Bytes from `0` (no cap), `123456`, `512MiB`, `2GiB`, `1.5GB`..."""
+    from dask.utils import parse_bytes
+
+    try:
+        cap = parse_bytes(str(text).strip()) if str(text).strip() else 0
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"--memory-cap must be a size such as 2GiB, 512MB or 0 (no cap), got {text!r}"
+        ) from err
+    if cap < 0:
+        raise UserError(f"--memory-cap must be >= 0 (0 = no cap), got {text!r}")
+    return int(cap)
+
+
+def pair_sources(
+    pairs: StoredPairs, train: np.ndarray, val: np.ndarray, memory_cap: int = 0
+) -> tuple[PairSource, PairSource]:
+    """(train, validation) sources: in memory when the chosen layers of these pairs fit
+    `memory_cap` bytes (0 = no cap), else streamed from the store in windows within it."""
+    need = pairs.nbytes(len(train) + len(val))
+    if memory_cap <= 0 or need <= memory_cap:
+        image, text = pairs.load()
+        return MemoryPairs(image[train], text[train]), MemoryPairs(image[val], text[val])
+    window = memory_cap // (2 * pairs.nbytes(1))  # the window in use and the next one
+    return StorePairs(pairs, train, window), StorePairs(pairs, val, window)
+
+
+def split_pairs(
+    image_rows: np.ndarray, n_pairs: int, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) pair indices: a seeded subset of n_pairs (0 = all), then a seeded
+    hold-out of about val_fraction of it, whole images at a time (its captions stay together)."""
+    total = len(image_rows)
+    if n_pairs > total:
+        raise UserError(f"--n-pairs {n_pairs} exceeds the {total} pairs available")
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(total)[: n_pairs or total]
+    # at least 2 validation pairs: a CLIP loss needs a negative
+    n_val = 0 if val_fraction == 0 else max(2, round(val_fraction * len(chosen)))
+    groups = image_rows[chosen]
+    val_groups: set[int] = set()
+    count = 0
+    for group in rng.permutation(np.unique(groups)):
+        if count >= n_val:
+            break
+        val_groups.add(int(group))
+        count += int((groups == group).sum())
+    is_val = np.isin(groups, list(val_groups))
+    train, val = np.sort(chosen[~is_val]), np.sort(chosen[is_val])
+    if len(train) < 2:
+        raise UserError(
+            f"only {len(train)} training pair(s) after holding out {len(val)} for validation; "
+            "CLIP needs at least 2: raise --n-pairs or lower --val-fraction"
+        )
+    return train, val

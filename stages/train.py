@@ -1,0 +1,308 @@
+"""Gradient training of the two projection heads on paired features (CLIP loss + lambda * R_S).
+
+    L = L_A(f1(X1), f2(X2)) + lambda_t * (R_S(X1, f1(X1)) + R_S(X2, f2(X2)))
+
+Plain loop (nanoGPT's shape): AdamW, cosine learning rate, lambda warmed up linearly, gradient
+clipping, early stopping on the validation CLIP loss (the best weights are kept). Also the
+pieces other trainers share: the settings, the schedules, the mean CLIP loss of a pair source
+and the guarded optimiser step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from stages.heads import HEAD_BUILDERS, build_head
+from stages.losses import clip_loss, structure_regularizer, structure_targets
+from stages.pairs import MemoryPairs, PairData, PairSource, StorePairs, as_source, batch_plan
+from store import UserError
+
+BETAS = (0.9, 0.95)
+GRAD_CLIP = 1.0
+HISTORY_COLUMNS = [
+    "epoch",
+    "step",
+    "clip_loss",
+    "rs_image",
+    "rs_text",
+    "lambda",
+    "train_loss",
+    "val_loss",
+    "lr",
+]
+
+
+@dataclass(frozen=True)
+class AlignSettings:
+    """Every hyperparameter of one training run, with the defaults of the `align` command (the
+    paper's setting; params.yaml's `align` section scales some down for the offline demo).
+    Checked on construction: a bad value is a one-line UserError naming the option."""
+
+    head: str = "linear"
+    lam: float = 10.0
+    levels: int = 1
+    temperature: float = 0.05
+    n_pairs: int = 0
+    epochs: int = 100
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    patience: int = 10
+    out_dim: int = 512
+    hidden_dim: int = 1024
+    val_fraction: float = 0.1
+    seed: int = 0
+    csa_ridge: float = 0.1  # --head csa: canonical ridge, relative to the mean variance
+
+    def __post_init__(self) -> None:
+        problems = [
+            (
+                self.head not in HEAD_BUILDERS,
+                f"unknown head {self.head!r}; choose one of {', '.join(HEAD_BUILDERS)}",
+            ),
+            (self.lam < 0, f"--lambda must be >= 0, got {self.lam}"),
+            (not 1 <= self.levels <= 5, f"--levels must be 1 to 5, got {self.levels}"),
+            (self.temperature <= 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.n_pairs < 0, f"--n-pairs must be >= 0 (0 = all), got {self.n_pairs}"),
+            (self.epochs < 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size < 2, f"--batch-size must be >= 2, got {self.batch_size}"),
+            (self.lr <= 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay < 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_steps < 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.patience < 0, f"--patience must be >= 0 (0 = off), got {self.patience}"),
+            (
+                not 0 <= self.val_fraction < 1,
+                f"--val-fraction must be in [0, 1), got {self.val_fraction}",
+            ),
+            (self.csa_ridge < 0, f"--csa-ridge must be >= 0, got {self.csa_ridge}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise UserError(message)
+
+
+@dataclass
+class TrainResult:
+    """Trained heads (eval mode) with the weights of `best_epoch`, and the per-epoch history."""
+
+    image_head: nn.Module
+    text_head: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_loss: float
+    steps: int
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)  # what the run's config.json adds
+
+
+# -- schedules ----------------------------------------------------------------------------------
+def lambda_at(step: int, lam: float, warmup_steps: int) -> float:
+    """Linear ramp from 0 to lam over warmup_steps."""
+    return lam if warmup_steps == 0 else lam * min(1.0, step / warmup_steps)
+
+
+def lr_at(step: int, total_steps: int, lr: float) -> float:
+    """Cosine decay from lr to 0 over total_steps."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+# -- pieces shared by the trainers ---------------------------------------------------------------
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    step: int,
+    what: str = "the training loss",
+    clip: list[nn.Parameter] | None = None,
+) -> None:
+    """One optimiser step on `loss`, clipping the gradient norm of `clip` to GRAD_CLIP when
+    given; a UserError first when the loss is not finite (one NaN step ruins every weight)."""
+    if not math.isfinite(loss.item()):
+        raise UserError(
+            f"{what} became {loss.item()} at step {step}; "
+            "lower --lr or --lambda, or raise --temperature"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, GRAD_CLIP)
+    optimizer.step()
+
+
+@torch.no_grad()
+def mean_clip_loss(
+    image_head: nn.Module, text_head: nn.Module, source: PairSource, batch: int, tau: float
+) -> float:
+    """Mean CLIP loss of the heads over near-equal chunks of `source` of at least `batch` pairs
+    (NaN with fewer than 2 pairs: a CLIP loss needs a negative)."""
+    if len(source) < 2:
+        return float("nan")
+    chunks = np.array_split(np.arange(len(source)), max(1, len(source) // batch))
+    losses = [
+        clip_loss(image_head(xi), text_head(xt), tau).item() for xi, xt in source.take(chunks)
+    ]
+    return float(np.mean(losses))
+
+
+def _optimizer(modules: list[nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # decay the matrices, not the biases (nanoGPT's rule)
+    params = [p for m in modules for p in m.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    other = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
+
+
+@dataclass
+class EarlyStopping:
+    """The best weights seen so far (lowest score) and when `patience` epochs brought none
+    better (patience 0: never stop early)."""
+
+    patience: int
+    best_score: float = math.inf
+    best_epoch: int = 0
+    best_state: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, score: float, modules: list[nn.Module]) -> bool:
+        """Record one epoch's score; True when training should stop."""
+        if score < self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+            return False
+        self.bad_epochs += 1
+        return bool(self.patience) and self.bad_epochs >= self.patience
+
+    def restore(self, modules: list[nn.Module]) -> None:
+        for module, state in zip(modules, self.best_state, strict=True):
+            module.load_state_dict(state)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def train_heads(
+    train: PairData,
+    val: PairData | None,
+    settings: AlignSettings,
+    progress: bool = True,
+) -> TrainResult:
+    """Train an image head and a text head on paired float32 features (row i of each pairs up),
+    given as arrays or as a pair source (in memory or streamed from the store)."""
+    s = settings
+    source = as_source(train)
+    if len(source) < 2:
+        raise UserError(f"{len(source)} training pair(s): CLIP needs at least 2; raise --n-pairs")
+    val_source = as_source(val)
+    if val_source is None or len(val_source) < 2:
+        val_source = MemoryPairs(np.zeros((0, source.dims[0])), np.zeros((0, source.dims[1])))
+    torch.manual_seed(s.seed)
+    image_head = build_head(s.head, source.dims[0], s.out_dim, s.hidden_dim)
+    text_head = build_head(s.head, source.dims[1], s.out_dim, s.hidden_dim)
+    heads = [image_head, text_head]
+    params = [*image_head.parameters(), *text_head.parameters()]
+    optimizer = _optimizer(heads, s.lr, s.weight_decay)
+    shuffle = torch.Generator().manual_seed(s.seed)
+
+    n = len(source)
+    steps_per_epoch, batch = batch_plan(n, s.batch_size)
+    total_steps = s.epochs * steps_per_epoch
+    # early stopping and best weights only once lambda is fully on: during its warm-up the
+    # validation CLIP loss says nothing about the regularised model being trained
+    first_candidate_step = min(s.warmup_steps, total_steps) if s.lam > 0 else 0
+    full_batch = steps_per_epoch == 1
+    use_rs = s.lam > 0
+    if full_batch and isinstance(source, StorePairs):  # one batch: read it once, not per epoch
+        source = MemoryPairs(*next(source.take([np.arange(n)])))
+    # one batch = all the data: order does not matter to either loss, so the original-side
+    # targets of R_S are computed once for the whole run
+    cached = (
+        (
+            structure_targets(source.image, s.levels, s.temperature),
+            structure_targets(source.text, s.levels, s.temperature),
+        )
+        if use_rs and full_batch
+        else None
+    )
+
+    history, step, stopping = [], 0, EarlyStopping(s.patience)
+    start_time = time.perf_counter()
+    bar = tqdm(range(1, s.epochs + 1), desc="align", unit="epoch", disable=not progress)
+    for epoch in bar:
+        image_head.train()
+        text_head.train()
+        order = torch.arange(n) if full_batch else torch.randperm(n, generator=shuffle)
+        sums = np.zeros(4)  # clip, rs_image, rs_text, total
+        batches = [part.numpy() for part in torch.tensor_split(order, steps_per_epoch)]
+        for bi, bt in source.take(batches):
+            lam_t, lr_t = lambda_at(step, s.lam, s.warmup_steps), lr_at(step, total_steps, s.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_t
+            zi, zt = image_head(bi), text_head(bt)
+            loss_a = clip_loss(zi, zt, s.temperature)
+            if use_rs:
+                ti, tt = cached or (
+                    structure_targets(bi, s.levels, s.temperature),
+                    structure_targets(bt, s.levels, s.temperature),
+                )
+                rs_i = structure_regularizer(ti, zi, s.levels, s.temperature)
+                rs_t = structure_regularizer(tt, zt, s.levels, s.temperature)
+                loss = loss_a + lam_t * (rs_i + rs_t)
+            else:
+                rs_i = rs_t = torch.zeros(())
+                loss = loss_a
+            optimizer_step(optimizer, loss, step, clip=params)
+            step += 1
+            sums += [loss_a.item(), rs_i.item(), rs_t.item(), loss.item()]
+        image_head.eval()
+        text_head.eval()
+        val_loss = mean_clip_loss(image_head, text_head, val_source, batch, s.temperature)
+        clip_mean, rs_i_mean, rs_t_mean, train_mean = sums / steps_per_epoch
+        history.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "clip_loss": clip_mean,
+                "rs_image": rs_i_mean,
+                "rs_text": rs_t_mean,
+                "lambda": lam_t,
+                "train_loss": train_mean,
+                "val_loss": val_loss,
+                "lr": lr_t,
+            }
+        )
+        bar.set_postfix(loss=f"{train_mean:.4f}", val=f"{val_loss:.4f}")
+        if step < first_candidate_step:
+            continue
+        # without a validation set the last weights are kept
+        score = val_loss if math.isfinite(val_loss) else -epoch
+        if stopping.update(epoch, score, heads):
+            break
+    bar.close()
+    stopping.restore(heads)
+    best_val_loss = float(stopping.best_score) if len(val_source) else float("nan")
+    return TrainResult(
+        image_head=image_head.eval(),
+        text_head=text_head.eval(),
+        history=pd.DataFrame(history, columns=HISTORY_COLUMNS),
+        best_epoch=stopping.best_epoch,
+        best_val_loss=best_val_loss,
+        steps=step,
+        seconds=time.perf_counter() - start_time,
+        info={
+            "betas": list(BETAS),
+            "grad_clip": GRAD_CLIP,
+            "lr_schedule": "cosine to 0",
+            "early_stopping": "validation CLIP loss",
+            "best_epoch": stopping.best_epoch,
+            "best_val_loss": best_val_loss,
+        },
+    )
