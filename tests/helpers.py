@@ -45,6 +45,30 @@ def write_features(
         array.write_block(block, [x[array.block_slice(block)] for x in layers])
 
 
+def write_old_layout(
+    root: str | Path, path: str, values: np.ndarray, layer_names: Sequence[str], block_rows: int
+) -> None:
+    """Complete float16 features in the layout before per-layer widths, as the store wrote
+    them: one (N, L, D) array `features`, shards (block_rows, L, D) of inner chunks
+    (block_rows, 1, D), attributes on that array. `path` is dataset/split/modality/model."""
+    import zarr
+
+    dataset, split, modality, model = path.split("/")
+    group = zarr.open_group(root, mode="a", zarr_format=3).require_group(path)
+    n, n_layers, dim = values.shape
+    attrs = {"dataset": dataset, "split": split, "modality": modality, "model": model,
+             "layer_names": list(layer_names), "dtype": "float16",
+             "block_rows": block_rows}  # fmt: skip
+    data = group.create_array(
+        "features", shape=values.shape, shards=(block_rows, n_layers, dim),
+        chunks=(block_rows, 1, dim), dtype="float16", fill_value=np.nan, compressors=None,
+        attributes=attrs,
+    )  # fmt: skip
+    data[:] = values
+    done = group.create_array("complete", shape=(-(-n // block_rows),), chunks=(1,), dtype="uint8")
+    done[:] = 1
+
+
 def write_pairs_manifest(
     store_path: str | Path,
     dataset: str,

@@ -6,7 +6,13 @@ import pytest
 
 from store import FeatureStore, UserError, image_table, pair_rows, read_manifest, write_manifest
 from store.features import model_key
-from tests.helpers import one_line_error, run_cli, write_features, write_pairs_manifest
+from tests.helpers import (
+    one_line_error,
+    run_cli,
+    write_features,
+    write_old_layout,
+    write_pairs_manifest,
+)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -60,28 +66,11 @@ def test_corrupt_chunk_is_a_one_line_error(tmp_path, capsys):
     assert array.read_rows(1, slice(0, 16)).shape == (16, 4)  # the other blocks still read
 
 
-def write_old_layout(root, modality, values, names, block_rows):
-    """Features as the store wrote them before per-layer widths: one (N, L, D) array."""
-    import zarr
-
-    group = zarr.open_group(root, mode="a", zarr_format=3).require_group(f"d/train/{modality}/m")
-    n, n_layers, dim = values.shape
-    attrs = {"dataset": "d", "split": "train", "modality": modality, "model": "m",
-             "layer_names": names, "dtype": "float16", "block_rows": block_rows}  # fmt: skip
-    data = group.create_array(
-        "features", shape=values.shape, shards=(block_rows, n_layers, dim),
-        chunks=(block_rows, 1, dim), dtype="float16", fill_value=np.nan, compressors=None,
-        attributes=attrs,
-    )  # fmt: skip
-    data[:] = values
-    done = group.create_array("complete", shape=(-(-n // block_rows),), chunks=(1,), dtype="uint8")
-    done[:] = 1
-
-
 def test_old_layout_is_refused_then_migrated(tmp_path, capsys):
     values = np.random.default_rng(1).normal(size=(50, 3, 6)).astype(np.float16)
-    write_old_layout(tmp_path / "s.zarr", "text", values, ["embeddings", "layer.0", "layer.1"], 16)
-    write_old_layout(tmp_path / "s.zarr", "image", values[:, :2], ["block.0", "final_norm"], 16)
+    text_layers, image_layers = ["embeddings", "layer.0", "layer.1"], ["block.0", "final_norm"]
+    write_old_layout(tmp_path / "s.zarr", "d/train/text/m", values, text_layers, 16)
+    write_old_layout(tmp_path / "s.zarr", "d/train/image/m", values[:, :2], image_layers, 16)
     with pytest.raises(UserError, match="store migrate --store"):
         FeatureStore(tmp_path / "s.zarr").open("d", "train", "text", "m")
     code, out, _ = run_cli(["store", "ls", "--store", tmp_path / "s.zarr"], capsys)
