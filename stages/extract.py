@@ -1,6 +1,6 @@
 """Stage 1: run a frozen encoder once over a split and store every layer's pooled embedding.
 
-Rows are processed block by block (a block is one shard of the store); batches never cross a
+Rows are processed block by block (a block is one chunk of each layer); batches never cross a
 block, so a block's bytes depend only on the block, and a run that was killed and started again
 skips the blocks already marked complete and ends byte-identical to an uninterrupted run.
 """
@@ -342,7 +342,7 @@ def load_worker_job(
 
 
 def embed_block_task(block: int, plugin_name: str) -> str:
-    """One cluster task: embed and write one block (one shard, this task its only writer).
+    """One cluster task: embed and write one block (its chunks, this task their only writer).
     A bad input comes back as its message, not raised: retrying it would not help."""
     from stages.cluster import loaded
 

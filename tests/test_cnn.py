@@ -91,12 +91,15 @@ def test_timm_map_models_from_local_weights(tmp_path, monkeypatch, name):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
-    # preprocessing from timm's config for the name: a uint8 crop of its input size
+    # preprocessing from timm's config for the name: uint8 crops in the workers that, scaled
+    # and normalised on the device, are the pixels of timm's own eval transform
     from PIL import Image
 
-    image = Image.new("RGB", (300, 260), (10, 200, 30))
+    image = Image.fromarray(np.uint8(np.random.default_rng(1).integers(0, 256, (260, 300, 3))))
     pixels = encoder.prepare(image)
     assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == config["input_size"]
+    timm_pixels = timm.data.create_transform(**config, is_training=False)(image)
+    torch.testing.assert_close((pixels.float() / 255 - mean[0]) / std[0], timm_pixels)
 
 
 def test_fingerprint_covers_the_weights_file(tmp_path):
