@@ -59,6 +59,7 @@ class Encoder:
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     embed: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
     config: dict[str, Any] = field(default_factory=dict)
+    processor: Any = None  # the HF image processor or tokenizer (saved by `export`)
 
     @property
     def dim(self) -> int:
@@ -214,6 +215,7 @@ def hf_image_encoder(spec: str, model, processor, revision: str) -> Encoder:
         collate=collate,
         embed=embed,
         config=model.config.to_dict(),
+        processor=processor,
     )
     if maps:
         encoder.layer_dims = probe_widths(encoder)
@@ -254,6 +256,7 @@ def hf_text_encoder(spec: str, model, tokenizer, revision: str) -> Encoder:
         collate=collate,
         embed=embed,
         config=model.config.to_dict(),
+        processor=tokenizer,
     )
 
 
@@ -493,3 +496,55 @@ def load_encoder(
         f"unknown model {spec!r}; known: {', '.join(known_models())}; or a Hugging Face id "
         "(org/name), a local model directory, or timm:<name>"
     )
+
+
+# -- running an encoder only up to one layer (used by stages.model) -----------------------------
+def blocks_needed(layer_name: str, n_blocks: int) -> int:
+    """How many transformer blocks compute the stored layer `layer_name`: `block.i` and
+    `layer.i` need i + 1, `embeddings` none, `final_norm` (or an unknown name) all of them."""
+    kind, _, number = layer_name.rpartition(".")
+    if kind in ("block", "layer") and number.isdigit():
+        return int(number) + 1
+    return 0 if layer_name == "embeddings" else n_blocks
+
+
+def block_list(model: torch.nn.Module, n_blocks: int) -> tuple[torch.nn.Module, str] | None:
+    """(parent, attribute name) of the model's list of its n_blocks transformer blocks
+    (`encoder.layer` in BERT, ViT and DINOv2, `blocks` in timm), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_blocks and name:
+            parent, _, attr = name.rpartition(".")
+            return model.get_submodule(parent), attr
+    return None
+
+
+def truncate_encoder(encoder: Encoder, layer: int) -> int:
+    """Drop, in place, the blocks after the one that computes `encoder.layer_names[layer]`, so
+    they are never run. The kept blocks are a prefix, so `encoder.embed(batch)[:, layer]` stays
+    that layer with extraction's pooling. Returns the number of blocks still run."""
+    model = encoder.model
+    n_blocks = len(encoder.layer_names) - 1  # image: blocks + final_norm; text: embeddings + layers
+    # at least one block: with none, Hugging Face models return no hidden states at all
+    keep = max(blocks_needed(encoder.layer_names[layer], n_blocks), 1)
+    if keep >= n_blocks:
+        return n_blocks
+    if encoder.config.get("timm"):
+        if not hasattr(model, "blocks"):
+            return n_blocks
+        # timm's own pruning: later blocks, the final norm and the head go
+        model.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
+        return keep
+    # only transformers whose hidden states are one per block (not CNN stages); any other
+    # architecture runs whole, which is still correct
+    found = block_list(model, n_blocks)
+    if getattr(model.config, "num_hidden_layers", None) != n_blocks or found is None:
+        return n_blocks
+    parent, attr = found
+    setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[:keep]))
+    # so that save_pretrained writes a config of the truncated model
+    config = model.config
+    config.num_hidden_layers = keep
+    if hasattr(config, "stage_names"):  # backbone configs (DINOv2): one stage per block
+        config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, keep + 1)]
+        config.set_output_features_output_indices(out_features=None, out_indices=None)
+    return keep

@@ -1,3 +1,15 @@
 """One module per command; importing them registers them on `pipeline.app.app`."""
 
-from pipeline.commands import align, evaluate, extract, select, store, table  # noqa: F401
+from pipeline.commands import (  # noqa: F401
+    align,
+    classify,
+    embed,
+    evaluate,
+    export,
+    extract,
+    index,
+    search,
+    select,
+    store,
+    table,
+)

@@ -1,0 +1,183 @@
+"""The aligned model: encode_image against the full encoder's bare forward, and search latency.
+
+    python -m benchmarks.model                                    # DINOv2-S, layer block.5 of 12
+    python -m benchmarks.model --image-model /work/models/dinov2-small --layer block.8
+    python -m benchmarks.model --arch large --layer block.17 --images 256 --device cuda
+    python -m benchmarks.model --rows 1000000 --dim 256            # search part only: --images 0
+
+1. Throughput in images/s, in one process, on the same PIL images (224 px after the processor):
+   the bare forward of the whole encoder on already preprocessed pixels (the baseline), the
+   truncated forward alone, and `AlignedModel.encode_image` end to end (preprocessing, the
+   truncated encoder, the head, L2 normalisation). The run is made up (random linear heads)
+   around a real encoder directory, or, by default, a DINOv2 architecture of `--arch` size with
+   random weights saved to a temporary directory (the timings do not depend on the weights).
+2. Search latency over `--rows` unit embeddings of `--dim`: the exact FAISS IndexFlatIP that
+   `index` builds below 2M rows, for one query and a batch of 100, against torch matmul + topk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.encoders import load_encoder
+from stages.heads import build_head, save_run
+from stages.index import make_index, unit_rows
+from stages.model import AlignedModel
+
+ARCHS = {  # DINOv2 sizes: hidden, blocks, heads
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+
+def best_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def random_dinov2(folder: Path, arch: str) -> str:
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    hidden, blocks, heads = ARCHS[arch]
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=heads)
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(folder)
+    processor = BitImageProcessor(size={"shortest_edge": 256}, crop_size=224, do_convert_rgb=True)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def made_up_run(folder: Path, image_model: str, layer: str, text_model: str) -> Path:
+    """A run directory around real encoders: random linear heads to a 256-d space."""
+    image, text = load_encoder(image_model), load_encoder(text_model)
+    config = {
+        "image_model": image_model,
+        "text_model": text_model,
+        "image_layer": layer,
+        "text_layer": text.layer_names[-1],
+        "head": "linear",
+        "image_dim": image.dim,
+        "text_dim": text.dim,
+        "out_dim": 256,
+        "temperature": 0.05,
+        "store_fingerprint": {
+            "image": {"model_fingerprint": image.fingerprint()},
+            "text": {"model_fingerprint": text.fingerprint()},
+        },
+    }
+    heads = [build_head("linear", config[f"{s}_dim"], 256) for s in ("image", "text")]
+    return save_run(folder / "run", *heads, config)
+
+
+def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
+    image_model = args.image_model or random_dinov2(tmp / "vit", args.arch)
+    run = made_up_run(tmp, image_model, args.layer, args.text_model)
+    model = AlignedModel.from_run(run, device=args.device)
+    full = load_encoder(image_model)  # the same encoder, whole
+    device = model.device
+    full.model.to(device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+        for _ in range(args.images)
+    ]
+    encoder = model.encoders["image"]
+    chunks = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    batches = [
+        {k: v.to(device) for k, v in encoder.collate([encoder.prepare(x) for x in c]).items()}
+        for c in chunks
+    ]
+    # the baseline gets its pixels ready-made by the processor, as a user of the model would
+    pixels = [
+        full.processor(images=c, return_tensors="pt")["pixel_values"].to(device) for c in chunks
+    ]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    def bare_forward() -> None:
+        with torch.inference_mode(), autocast:
+            for x in pixels:
+                full.model(pixel_values=x)
+
+    def truncated_forward() -> None:
+        with torch.inference_mode(), autocast:
+            for batch in batches:
+                encoder.embed(batch)
+
+    kept, total = model.blocks["image"]
+    print(f"image encoder {image_model}, layer {args.layer}: {kept} of {total} blocks run")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {args.images} images")
+    base = best_seconds(bare_forward, args.repeats, sync)
+    rows = [
+        ("bare forward, whole encoder (baseline)", base),
+        ("truncated forward + pooling", best_seconds(truncated_forward, args.repeats, sync)),
+        (
+            "encode_image end to end (PIL in)",
+            best_seconds(lambda: model.encode_image(images, args.batch_size), args.repeats, sync),
+        ),
+    ]
+    for name, seconds in rows:
+        rate = args.images / seconds
+        print(f"  {name:40} {rate:8.1f} img/s   {base / seconds:5.2f}x the baseline")
+
+
+def search_benchmark(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    stored = unit_rows(rng.standard_normal((args.rows, args.dim), dtype=np.float32))
+    queries = unit_rows(rng.standard_normal((100, args.dim), dtype=np.float32))
+    start = time.perf_counter()
+    index, kind, _ = make_index(stored)
+    built = time.perf_counter() - start
+    print(f"search over {args.rows:,} x {args.dim} embeddings: {kind}, built in {built:.2f} s")
+    matrix = torch.from_numpy(stored)
+    for n in (1, 100):
+        q = queries[:n]
+        faiss_s = best_seconds(lambda q=q: index.search(q, 10), args.repeats, lambda: None)
+        torch_s = best_seconds(
+            lambda q=q: (torch.from_numpy(q) @ matrix.T).topk(10, dim=1), args.repeats, lambda: None
+        )
+        print(
+            f"  {n:3} queries, top 10: FAISS {1000 * faiss_s:8.1f} ms, "
+            f"torch matmul + topk {1000 * torch_s:8.1f} ms ({torch_s / faiss_s:.2f}x FAISS's time)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-model", default="", help="encoder directory or spec")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="small")
+    parser.add_argument("--layer", default="block.5", help="the run's chosen image layer")
+    parser.add_argument("--text-model", default="tiny-random-text")
+    parser.add_argument("--images", type=int, default=64, help="0: skip the encoder part")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="0: skip the search part")
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.images:
+        with tempfile.TemporaryDirectory() as tmp:
+            encode_benchmark(args, Path(tmp))
+    if args.rows:
+        search_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

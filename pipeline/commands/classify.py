@@ -1,0 +1,59 @@
+"""`python -m pipeline classify --run R --labels "cat,dog" IMAGE...`: zero-shot classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from pipeline.app import app
+from pipeline.commands.export import RUN_HELP
+from stages.model import AlignedModel
+from store import UserError
+
+
+def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    """Class names from a comma-separated list and/or a file (one per line)."""
+    names = [n.strip() for n in (labels or "").split(",")]
+    if labels_file is not None:
+        if not labels_file.is_file():
+            raise UserError(f"labels file {labels_file} does not exist")
+        names += [line.strip() for line in labels_file.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError("give the class names with --labels a,b,c or --labels-file FILE")
+    return names
+
+
+@app.command("classify")
+def classify_command(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    run: Path = typer.Option(..., "--run", help=RUN_HELP),
+    labels: str = typer.Option(None, help="Comma-separated class names."),
+    labels_file: Path = typer.Option(None, help="A file with one class name per line."),
+    top_k: int = typer.Option(3, min=1, help="Classes shown per image."),
+    csv: Path = typer.Option(None, "--csv", help="Write the table as CSV instead of printing it."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Each image's top-k classes and probabilities (templates averaged as in `evaluate`)."""
+    names = read_labels(labels, labels_file)
+    model = AlignedModel.load(run, device)
+    result = model.classify([str(p) for p in images], names, k=top_k)
+    table = pd.DataFrame(
+        [
+            {"image": str(image), "rank": r + 1, "class": names[int(c)], "probability": float(p)}
+            for image, probs, classes in zip(
+                images, result.top_probs, result.top_classes, strict=True
+            )
+            for r, (p, c) in enumerate(zip(probs, classes, strict=True))
+        ]
+    )
+    if csv:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = csv.with_name(csv.name + ".tmp")
+        table.to_csv(tmp, index=False, float_format="%.6f")
+        tmp.replace(csv)
+        typer.echo(f"wrote {csv}")
+    else:
+        typer.echo(table.to_string(index=False, float_format=lambda p: f"{p:.4f}"))

@@ -1,0 +1,33 @@
+"""`python -m pipeline embed --run R --source SPEC --split S --out FILE.parquet`: embed any data
+source into the run's shared space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.app import app
+from pipeline.commands.export import RUN_HELP
+from stages.model import AlignedModel, embed_source, write_parquet
+
+
+@app.command("embed")
+def embed_command(
+    run: Path = typer.Option(..., "--run", help=RUN_HELP),
+    source: str = typer.Option(
+        ..., help="digits | pairs:FILE | coco:ROOT | imagefolder:ROOT | torchvision:NAME."
+    ),
+    split: str = typer.Option("test", help="Split of the source."),
+    out: Path = typer.Option(..., "--out", help="Parquet file to write."),
+    modality: str = typer.Option("both", help="image, text or both."),
+    limit: int = typer.Option(0, min=0, help="Only the first N images (or texts); 0 = all."),
+    batch_size: int = typer.Option(64, min=1),
+    num_workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (bf16 autocast on cuda)."),
+) -> None:
+    """One row per image and caption: modality, id, path, caption, label_name, embedding."""
+    model = AlignedModel.load(run, device)
+    table = embed_source(model, source, split, modality, limit, batch_size, num_workers)
+    write_parquet(table, out)
+    typer.echo(f"wrote {out}: {len(table)} rows of dim {len(table['embedding'].iloc[0])}")

@@ -1,0 +1,37 @@
+"""`python -m pipeline search --index DIR "a text"` (or `--image PATH`): top-k indexed images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.app import app
+from stages.index import check_model_matches, open_index, search
+from stages.model import AlignedModel
+from store import UserError
+
+
+@app.command("search")
+def search_command(
+    query: str = typer.Argument(None, help="A text query."),
+    index: Path = typer.Option(..., "--index", help="Index directory written by `index`."),
+    image: Path = typer.Option(None, "--image", help="Search by this image instead of a text."),
+    run: Path = typer.Option(
+        None, "--run", help="Run or export directory of the model (default: the index's run)."
+    ),
+    k: int = typer.Option(10, "-k", "--top-k", min=1, help="Results shown."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Rank, score (cosine), id and path of the top-k images for the query."""
+    if (query is None) == (image is None):
+        raise UserError('give either a text query or --image PATH, e.g. search --index DIR "a dog"')
+    faiss_index, rows, meta = open_index(index)
+    model = AlignedModel.load(run or meta["run"], device)
+    check_model_matches(meta, model.run_id, index)
+    vector = model.encode_image(image) if image is not None else model.encode_text([query])
+    hits = search(faiss_index, rows, vector.numpy(), k)[0]
+    columns = ["rank", "score", "id", "path"] + (
+        ["label_name"] if (hits["label_name"] != "").any() else []
+    )
+    typer.echo(hits[columns].to_string(index=False, float_format=lambda s: f"{s:.4f}"))
