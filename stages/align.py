@@ -123,7 +123,8 @@ def _finite(values: np.ndarray, what: str) -> np.ndarray:
 
 
 def _fingerprint(attrs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("model_id", "revision", "pooling", "source", "source_fingerprint", "model_fingerprint")
+    keys = ("model_id", "revision", "pooling", "weights", "source", "source_fingerprint",
+            "model_fingerprint")  # fmt: skip
     return {k: attrs[k] for k in keys if k in attrs}
 
 

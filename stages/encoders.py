@@ -520,7 +520,7 @@ def block_list(model: torch.nn.Module, n_blocks: int) -> tuple[torch.nn.Module, 
 
 def truncate_encoder(encoder: Encoder, layer: int) -> int:
     """Drop, in place, the blocks after the one that computes `encoder.layer_names[layer]`, so
-    they are never run. The kept blocks are a prefix, so `encoder.embed(batch)[:, layer]` stays
+    they are never run. The kept blocks are a prefix, so `encoder.embed(batch)[layer]` stays
     that layer with extraction's pooling. Returns the number of blocks still run."""
     model = encoder.model
     n_blocks = len(encoder.layer_names) - 1  # image: blocks + final_norm; text: embeddings + layers
