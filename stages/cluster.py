@@ -8,7 +8,7 @@
 Tasks are plain module-level functions that return small values; anything heavy (a model, a
 data source) is built once per worker by a `LoadOnce` plugin and looked up with `loaded(name)`.
 A task whose worker dies is re-run elsewhere by the scheduler; a task that raises is retried
-`retries` times. Tasks must therefore be idempotent: each writes only its own shard.
+`retries` times. Tasks must therefore be idempotent: each writes only its own block.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@
 A spec is one of
   - an alias of `ALIASES` (`dinov2` = DINOv2 ViT-L/14, `roberta-large`, `minilm`, ...),
   - `tiny-random-vit` / `tiny-random-text`: offline encoders with RANDOM weights (tests, demo),
-  - `timm:<name>` (pretrained timm weights),
+  - `timm:<name>` (timm's pretrained weights, or a local file given as `weights`),
   - any Hugging Face id (`org/name`) or a local directory in `save_pretrained` layout.
 
-Every encoder maps a batch to a (B, L, D) float32 tensor of pooled per-layer embeddings:
-  image models: the CLS token of every transformer block's output (`block.i`), then the final
+Every encoder maps a batch to one pooled (B, D_l) tensor per layer (widths may differ):
+  image transformers: the CLS token of every block's output (`block.i`), then the final
                 normalised output (`final_norm`), the model's usual embedding;
+  CNNs and Swin: the spatial mean (global average pooling) of every stage's (B, C, H, W) map
+                (`stage.i`), then the model's own pooled embedding (`final`);
   text models:  the attention-masked mean of every hidden state, embedding output first
                 (`embeddings`, then `layer.i`).
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,18 @@ class Encoder:
     modality: str
     pooling: str
     layer_names: list[str]
-    dim: int
+    layer_dims: list[int]  # the width of each layer (CNN stages differ: 64, 128, ...)
     model: torch.nn.Module
     prepare: Callable[[Any], Any]
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
-    embed: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    embed: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
     config: dict[str, Any] = field(default_factory=dict)
     processor: Any = None  # the HF image processor or tokenizer (saved by `export`)
+
+    @property
+    def dim(self) -> int:
+        """The width of the last layer (the model's usual embedding)."""
+        return self.layer_dims[-1]
 
     def fingerprint(self) -> str:
         """Hash of the architecture and all weights: a changed model never mixes into a store."""
@@ -72,7 +79,12 @@ class Encoder:
 # -- pooling: small pure functions ------------------------------------------------------------
 def cls_token(hidden: torch.Tensor) -> torch.Tensor:
     """(B, T, D) token states -> (B, D) CLS; (B, C, H, W) conv maps -> (B, C) spatial mean."""
-    return hidden[:, 0] if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+    return hidden[:, 0] if hidden.ndim == 3 else spatial_mean(hidden)
+
+
+def spatial_mean(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) feature maps -> (B, C): global average pooling, a CNN's usual embedding."""
+    return maps.float().mean(dim=(2, 3))
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,6 +114,7 @@ def uint8_transform(processor) -> Callable[[Image.Image], torch.Tensor] | None:
         getattr(processor, "do_pad", False)
         or not getattr(processor, "do_resize", False)
         or not mode
+        or getattr(processor, "crop_pct", None)  # ConvNeXt's resize-then-crop rule: slow path
     ):
         return None
     size = processor.size
@@ -124,23 +137,42 @@ def uint8_normaliser(processor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Rescale and normalise a uint8 batch on its device, as the processor would."""
     scale = processor.rescale_factor if getattr(processor, "do_rescale", True) else 1.0
     normalise = getattr(processor, "do_normalize", True)
-    mean = torch.tensor(processor.image_mean if normalise else [0.0] * 3).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std if normalise else [1.0] * 3).view(1, 3, 1, 1)
+    mean = processor.image_mean if normalise else [0.0] * 3
+    std = processor.image_std if normalise else [1.0] * 3
+    return device_normaliser(scale, mean, std)
+
+
+def device_normaliser(
+    scale: float, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(batch * scale - mean) / std per channel, on the batch's device."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to_pixels(batch: torch.Tensor) -> torch.Tensor:
         # copied to the device once: a copy per batch would wait for the GPU every time
         if batch.device not in on_device:
-            on_device[batch.device] = (mean.to(batch.device), std.to(batch.device))
+            on_device[batch.device] = (mean_t.to(batch.device), std_t.to(batch.device))
         mean_d, std_d = on_device[batch.device]
         return (batch.float() * scale - mean_d) / std_d
 
     return to_pixels
 
 
+def probe_widths(encoder: Encoder) -> list[int]:
+    """Each layer's width, from one blank image through the encoder's own path (for models
+    whose stage widths are not one config field: CNNs, Swin)."""
+    blank = Image.new("RGB", (64, 64))
+    with torch.inference_mode():
+        return [int(t.shape[1]) for t in encoder.embed(encoder.collate([encoder.prepare(blank)]))]
+
+
 def hf_image_encoder(spec: str, model, processor, revision: str) -> Encoder:
-    n_blocks = model.config.num_hidden_layers
-    dim = model.config.hidden_size
+    """Transformers (ViT, DINOv2): the CLS token of every block and of the normalised output.
+    Hierarchical models (ResNet, ConvNeXt, Swin: a `depths` config): the spatial mean of every
+    stage's (B, C, H, W) map, the stem first, and the model's pooled output (`final`)."""
+    maps = getattr(model.config, "depths", None) is not None
     fast = uint8_transform(processor)
     # fast path: workers only decode, resize and crop (uint8, 4x less to copy to the GPU);
     # rescaling and normalisation run batched on the device
@@ -154,20 +186,30 @@ def hf_image_encoder(spec: str, model, processor, revision: str) -> Encoder:
     def collate(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack(items)}
 
-    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         pixels = to_pixels(batch["pixel_values"])
         out = model(pixel_values=pixels, output_hidden_states=True)
-        layers = [cls_token(h) for h in out.hidden_states[1:]] + [cls_token(out.last_hidden_state)]
-        return torch.stack(layers, dim=1).float()
+        if maps:  # Swin's hidden_states are token lists; its reshaped_hidden_states are maps
+            stages = getattr(out, "reshaped_hidden_states", None) or out.hidden_states
+            pooled = getattr(out, "pooler_output", None)
+            final = spatial_mean(out.last_hidden_state) if pooled is None else pooled.flatten(1)
+            return [spatial_mean(h) for h in stages] + [final]
+        return [cls_token(h) for h in out.hidden_states[1:]] + [cls_token(out.last_hidden_state)]
 
-    return Encoder(
+    if maps:
+        n_stages = len(model.config.depths) + 1  # the stem (embeddings) output first
+        names = [f"stage.{i}" for i in range(n_stages)] + ["final"]
+    else:
+        n_blocks = model.config.num_hidden_layers
+        names = [f"block.{i}" for i in range(n_blocks)] + ["final_norm"]
+    encoder = Encoder(
         spec=spec,
         model_id=str(getattr(model, "name_or_path", "") or spec),
         revision=revision,
         modality="image",
-        pooling="cls",
-        layer_names=[f"block.{i}" for i in range(n_blocks)] + ["final_norm"],
-        dim=dim,
+        pooling="gap" if maps else "cls",
+        layer_names=names,
+        layer_dims=[] if maps else [model.config.hidden_size] * len(names),
         model=model,
         prepare=prepare,
         collate=collate,
@@ -175,6 +217,13 @@ def hf_image_encoder(spec: str, model, processor, revision: str) -> Encoder:
         config=model.config.to_dict(),
         processor=processor,
     )
+    if maps:
+        encoder.layer_dims = probe_widths(encoder)
+        if len(encoder.layer_dims) != len(names):
+            raise UserError(
+                f"{spec}: {len(encoder.layer_dims)} pooled stages, expected {len(names)}"
+            )
+    return encoder
 
 
 def hf_text_encoder(spec: str, model, tokenizer, revision: str) -> Encoder:
@@ -189,10 +238,10 @@ def hf_text_encoder(spec: str, model, tokenizer, revision: str) -> Encoder:
         )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
-    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         out = model(**batch, output_hidden_states=True)
         mask = batch["attention_mask"]
-        return torch.stack([masked_mean(h, mask) for h in out.hidden_states], dim=1)
+        return [masked_mean(h, mask) for h in out.hidden_states]
 
     return Encoder(
         spec=spec,
@@ -201,7 +250,7 @@ def hf_text_encoder(spec: str, model, tokenizer, revision: str) -> Encoder:
         modality="text",
         pooling="masked_mean",
         layer_names=["embeddings"] + [f"layer.{i}" for i in range(n_layers)],
-        dim=model.config.hidden_size,
+        layer_dims=[model.config.hidden_size] * (n_layers + 1),
         model=model,
         prepare=str,
         collate=collate,
@@ -246,49 +295,127 @@ def load_hf(spec: str, model_id: str, revision: str | None, trust_remote_code: b
 
 
 # -- timm -------------------------------------------------------------------------------------
-def load_timm(spec: str, name: str) -> Encoder:
-    import timm
+def timm_preprocessing(model) -> tuple[Callable[[Image.Image], torch.Tensor], Callable]:
+    """timm's eval transform for the model's data config, split as the HF fast path is: the
+    resize and crop in the DataLoader workers (ending in uint8), the scaling to [0, 1] and the
+    normalisation batched on the device (same pixels as timm's transform)."""
+    import torchvision.transforms as T
     from timm.data import create_transform, resolve_model_data_config
 
+    config = resolve_model_data_config(model)
+    transform = create_transform(**config, is_training=False)
+    tensor_steps = ("ToTensor", "MaybeToTensor", "Normalize")
+    steps = [t for t in transform.transforms if type(t).__name__ not in tensor_steps]
+    uint8 = T.Compose([*steps, T.PILToTensor()])
+    return uint8, device_normaliser(1 / 255, config["mean"], config["std"])
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, or from a .pth / .bin / .pt file through
+    torch.load(weights_only=True) (tensors only: no code runs while loading)."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise UserError(f"--weights {path} is not a readable safetensors file: {err}") from err
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise UserError(f"--weights takes a .safetensors, .pth, .pt or .bin file, not {path.name}")
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refuses objects that are not plain tensors and containers
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--weights {path} cannot be loaded with torch.load(weights_only=True) ({first}); "
+            "save its state_dict to a safetensors file instead"
+        ) from err
+    for key in ("state_dict", "model", "state_dict_ema"):  # common training-checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def load_timm_weights(model, name: str, path: Path) -> str:
+    """Load a local state dict into the timm architecture; the classifier's tensors may be in
+    the file (the model here has none), every other tensor must match. Returns the file's
+    SHA-256, which the model fingerprint covers."""
+    state = read_weights(path)
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        first = str(err).strip().splitlines()
+        raise UserError(
+            f"--weights {path} does not fit timm:{name}: {' '.join(first[1:2] or first)[:200]}"
+        ) from err
+    if missing or unexpected:
+        raise UserError(
+            f"--weights {path} does not fit timm:{name}: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_timm(spec: str, name: str, weights: str | None = None) -> Encoder:
+    """A timm model through forward_intermediates: ViTs (prefix tokens) per block in NLC, the
+    CLS token (or the token mean) of each; every other model (ResNet, ConvNeXt, EfficientNet,
+    Swin, ...) per stage in NCHW, spatially averaged. `final` is the model's own pooled
+    embedding (forward_head with pre_logits). `weights`: a local file instead of timm's
+    pretrained weights (the architecture and preprocessing still come from timm's NAME)."""
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=weights is None, num_classes=0)
     except OSError as err:
         raise download_hint(f"timm/{name}", err) from err
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise UserError(f"unknown timm model {name!r}: {err}") from err
     if not hasattr(model, "forward_intermediates"):
         raise UserError(f"timm model {name!r} does not expose forward_intermediates")
+    config = {"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}}
+    if weights:
+        config["weights_sha256"] = load_timm_weights(model, name, Path(weights).expanduser())
     model.eval().requires_grad_(False)
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    n_blocks = len(model.blocks) if hasattr(model, "blocks") else len(model.stages)
+    prepare, to_pixels = timm_preprocessing(model)
+    tokens = hasattr(model, "num_prefix_tokens")  # ViT family: NLC outputs
     prefix = getattr(model, "num_prefix_tokens", 0)
 
-    def pool(tokens: torch.Tensor, prefix_tokens: torch.Tensor | None) -> torch.Tensor:
-        if prefix_tokens is not None and prefix_tokens.shape[1] > 0:
-            return prefix_tokens[:, 0]
-        return tokens.mean(1) if tokens.ndim == 3 else tokens.mean(dim=(2, 3))
+    def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        pixels = to_pixels(batch["pixel_values"])
+        if tokens:
+            final, blocks = model.forward_intermediates(
+                pixels, output_fmt="NLC", return_prefix_tokens=prefix > 0, norm=False
+            )
+            layers = [b[1][:, 0] if prefix else b.mean(1) for b in blocks]
+        else:
+            final, maps = model.forward_intermediates(pixels, output_fmt="NCHW")
+            layers = [spatial_mean(m) for m in maps]
+        return [*layers, model.forward_head(final, pre_logits=True)]
 
-    def embed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        final, blocks = model.forward_intermediates(
-            batch["pixel_values"], output_fmt="NLC", return_prefix_tokens=prefix > 0, norm=False
-        )
-        layers = [pool(*b) if isinstance(b, tuple) else pool(b, None) for b in blocks]
-        layers.append(final[:, 0] if prefix > 0 else pool(final, None))
-        return torch.stack(layers, dim=1).float()
-
+    # ViTs: `block.i` and `final_norm` as for Hugging Face ViTs; maps: `stage.i` and `final`
+    names = [f"{'block' if tokens else 'stage'}.{i}" for i in range(len(model.feature_info))]
+    names.append("final_norm" if tokens else "final")
+    hub_id = str(model.pretrained_cfg.get("hf_hub_id") or name)
     return Encoder(
         spec=spec,
         model_id=f"timm/{name}",
-        revision=str(model.pretrained_cfg.get("hf_hub_id") or name),
+        revision=f"file:{Path(weights).name}" if weights else hub_id,
         modality="image",
-        pooling="cls" if prefix else "mean",
-        layer_names=[f"block.{i}" for i in range(n_blocks)] + ["final_norm"],
-        dim=model.num_features,
+        pooling=("cls" if prefix else "mean") if tokens else "gap",
+        layer_names=names,
+        layer_dims=[int(f["num_chs"]) for f in model.feature_info] + [int(model.num_features)],
         model=model,
-        prepare=lambda image: transform(image.convert("RGB")),
+        prepare=lambda image: prepare(image.convert("RGB")),
         collate=lambda items: {"pixel_values": torch.stack(items)},
         embed=embed,
-        config={"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}},
+        config=config,
     )
 
 
@@ -345,13 +472,19 @@ def known_models() -> list[str]:
 
 
 def load_encoder(
-    spec: str, revision: str | None = None, trust_remote_code: bool = False
+    spec: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    weights: str | None = None,
 ) -> Encoder:
-    """Resolve a model spec (see the module docstring) to a frozen encoder on the CPU."""
+    """Resolve a model spec (see the module docstring) to a frozen encoder on the CPU;
+    `weights`: a local weights file for a timm:NAME architecture."""
+    if weights and not spec.startswith("timm:"):
+        raise UserError(f"--weights is for timm:<name> models; {spec!r} is not one")
     if spec in TINY:
         return TINY[spec](spec)
     if spec.startswith("timm:"):
-        return load_timm(spec, spec.removeprefix("timm:"))
+        return load_timm(spec, spec.removeprefix("timm:"), weights)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_hf(spec, str(path), revision, trust_remote_code)
@@ -387,7 +520,7 @@ def block_list(model: torch.nn.Module, n_blocks: int) -> tuple[torch.nn.Module, 
 
 def truncate_encoder(encoder: Encoder, layer: int) -> int:
     """Drop, in place, the blocks after the one that computes `encoder.layer_names[layer]`, so
-    they are never run. The kept blocks are a prefix, so `encoder.embed(batch)[:, layer]` stays
+    they are never run. The kept blocks are a prefix, so `encoder.embed(batch)[layer]` stays
     that layer with extraction's pooling. Returns the number of blocks still run."""
     model = encoder.model
     n_blocks = len(encoder.layer_names) - 1  # image: blocks + final_norm; text: embeddings + layers

@@ -1,6 +1,6 @@
 """Stage 1: run a frozen encoder once over a split and store every layer's pooled embedding.
 
-Rows are processed block by block (a block is one shard of the store); batches never cross a
+Rows are processed block by block (a block is one chunk of each layer); batches never cross a
 block, so a block's bytes depend only on the block, and a run that was killed and started again
 skips the blocks already marked complete and ends byte-identical to an uninterrupted run.
 """
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from stages.datasets import Source, load_source
 from stages.encoders import Encoder, load_encoder
 from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
+from store.features import width_summary
 from store.manifest import normalise_manifest
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
@@ -48,6 +49,7 @@ class ExtractOptions:
     skip_bad: bool = False
     revision: str | None = None
     trust_remote_code: bool = False
+    weights: str = ""  # a local weights file for a timm:NAME architecture
     progress: bool = True
     scheduler: str = ""  # a dask scheduler address or local:N; empty = this process
     retries: int = 2  # re-runs of a failed cluster task (a killed worker's are re-run anyway)
@@ -161,7 +163,6 @@ def open_array(
     opts: ExtractOptions,
 ) -> FeatureArray:
     """The existing array when it matches this source and model, else a new empty one."""
-    shape = (n_rows, len(encoder.layer_names), encoder.dim)
     if store.has(dataset, split, encoder.modality, encoder.spec) and not opts.overwrite:
         array = store.open(dataset, split, encoder.modality, encoder.spec, check_source=False)
         wanted = {**attrs, "dtype": opts.dtype}
@@ -170,7 +171,7 @@ def open_array(
             for k in ("source_fingerprint", "model_fingerprint", "dtype")
             if array.attrs.get(k) != wanted[k]
         ]
-        if array.shape != shape:
+        if array.n_rows != n_rows or array.layer_dims != encoder.layer_dims:
             changed.append("shape")
         if changed:
             raise UserError(
@@ -185,7 +186,7 @@ def open_array(
         encoder.spec,
         n_rows,
         encoder.layer_names,
-        encoder.dim,
+        encoder.layer_dims,
         opts.dtype,
         opts.block_rows,
         attrs,
@@ -213,7 +214,7 @@ def load_inputs(
     the coordinator and every cluster worker load alike."""
     source = load_source(source_spec, split)
     manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
-    encoder = load_encoder(model, opts.revision, opts.trust_remote_code)
+    encoder = load_encoder(model, opts.revision, opts.trust_remote_code, opts.weights or None)
     fetch, names = rows_to_embed(source, manifest, encoder.modality)
     return manifest, encoder, fetch, names
 
@@ -231,6 +232,7 @@ def plan_extraction(
         "model_id": encoder.model_id,
         "revision": encoder.revision,
         "pooling": encoder.pooling,
+        "weights": opts.weights,
         "source": source_spec,
         "source_fingerprint": fingerprint(manifest, encoder.modality),
         "model_fingerprint": encoder.fingerprint(),
@@ -258,7 +260,7 @@ def extract(
     job = plan_extraction(store_path, dataset, split, source_spec, model, opts)
     array, encoder = job.array, job.encoder
     if not job.todo:
-        print(f"{array.path}: already complete ({array.shape[0]} rows), nothing to do")
+        print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
         return ExtractResult(array, 0, 0.0)
     n_todo = block_rows_total(array, job.todo)
     if opts.scheduler:
@@ -272,7 +274,8 @@ def extract(
     if opts.skip_bad and encoder.modality == "image":
         record_skipped(job.store, dataset, split, job.manifest, array)
     print(
-        f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers x {encoder.dim} "
+        f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers of width "
+        f"{width_summary(encoder.layer_dims)} "
         f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
     )
     return ExtractResult(array, n_todo, seconds)
@@ -326,7 +329,7 @@ def load_worker_job(
         "model_fingerprint": encoder.fingerprint(),
     }
     differs = [k for k, v in seen.items() if array.attrs.get(k) != v]
-    if differs or array.shape[0] != len(names):
+    if differs or array.n_rows != len(names):
         raise UserError(
             f"a dask worker sees other {' and '.join(differs) or 'row counts'} than the "
             f"coordinator for {array.path}; give every worker the same data, model and store"
@@ -339,7 +342,7 @@ def load_worker_job(
 
 
 def embed_block_task(block: int, plugin_name: str) -> str:
-    """One cluster task: embed and write one block (one shard, this task its only writer).
+    """One cluster task: embed and write one block (its chunks, this task their only writer).
     A bad input comes back as its message, not raised: retrying it would not help."""
     from stages.cluster import loaded
 
@@ -407,7 +410,8 @@ def run_blocks(
     DataLoader prepares the next batches; a full block is copied to the host once and written
     by a background thread while the next block is embedded (one write in flight at a time).
     """
-    n_layers, dim = len(encoder.layer_names), encoder.dim
+    # one (rows, sum of widths) buffer per block: the layers side by side, split on the host
+    offsets = np.cumsum([0, *encoder.layer_dims])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     unit = " img" if encoder.modality == "image" else " txt"
     bar = tqdm(
@@ -433,7 +437,7 @@ def run_blocks(
                 block = int(rows[0]) // array.block_rows
                 span = array.block_slice(block)
                 buffer = torch.full(
-                    (span.stop - span.start, n_layers, dim), float("nan"), device=device
+                    (span.stop - span.start, int(offsets[-1])), float("nan"), device=device
                 )
                 filled, skipped = 0, np.zeros(len(buffer), dtype=bool)
             skipped[rows[bad] - span.start] = True
@@ -446,13 +450,14 @@ def run_blocks(
                 )
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with torch.inference_mode(), autocast:
-                    buffer[good] = encoder.embed(batch).float()
+                    buffer[good] = torch.cat(encoder.embed(batch), dim=1).float()
             filled += len(rows)
             if filled == len(buffer):
                 # checked and cast to the store's dtype on the device: half the bytes to copy
-                finite = torch.isfinite(buffer).flatten(1).all(1).cpu().numpy()
+                finite = torch.isfinite(buffer).all(1).cpu().numpy()
                 check_finite(finite, skipped, encoder.spec, span)
-                values = buffer.to(getattr(torch, str(array.data.dtype))).cpu().numpy()
+                values = buffer.to(getattr(torch, str(array.dtype))).cpu().numpy()
+                values = np.split(values, offsets[1:-1], axis=1)
                 if writing is not None:
                     writing.result()
                 writing = writer.submit(array.write_block, block, values)
@@ -476,7 +481,7 @@ def record_skipped(
     store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, array: FeatureArray
 ) -> None:
     """Mark in the manifest the images whose rows hold NaN (unreadable, skipped)."""
-    nan_rows = np.flatnonzero(np.isnan(np.asarray(array.data[:, -1, 0], dtype=np.float32)))
+    nan_rows = np.flatnonzero(np.isnan(array.read_rows(-1, slice(None))[:, 0]))
     skipped = manifest["image_row"].isin(nan_rows)
     if skipped.any():
         print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")

@@ -81,7 +81,8 @@ def load_checked_encoder(
 ) -> Encoder:
     """Extraction's encoder for `spec`, refused when its weights differ from those whose
     features the run was trained on (the fingerprint the store recorded)."""
-    encoder = load_encoder(spec, _commit(recorded.get("revision")), trust_remote_code)
+    weights = recorded.get("weights") or None  # timm:NAME --weights FILE, as extracted
+    encoder = load_encoder(spec, _commit(recorded.get("revision")), trust_remote_code, weights)
     expected = recorded.get("model_fingerprint")
     if expected and encoder.fingerprint() != expected:
         raise UserError(
@@ -231,7 +232,7 @@ class AlignedModel:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with torch.inference_mode():
                     with autocast:
-                        features = encoder.embed(batch)[:, layer].float()
+                        features = encoder.embed(batch)[layer].float()
                     try:  # the head in float32, as on the stored features
                         outputs.append(l2_normalise(head(features).float()).cpu())
                     except RuntimeError as err:  # a shape mismatch: another model or layer

@@ -27,6 +27,7 @@ PROVENANCE_KEYS = (
     "model_id",
     "revision",
     "pooling",
+    "weights",
     "source",
     "source_fingerprint",
     "model_fingerprint",
@@ -89,7 +90,7 @@ class StoredPairs:
 
     @property
     def dims(self) -> tuple[int, int]:
-        return self.image.shape[2], self.text.shape[2]
+        return self.image.layer_dims[self.image_layer], self.text.layer_dims[self.text_layer]
 
     def nbytes(self, n_pairs: int) -> int:
         """Memory of n pairs of the chosen layers as float32 (what in-memory training holds)."""
@@ -211,14 +212,14 @@ def as_source(data: PairData | None) -> PairSource | None:
 def gather_rows(array: FeatureArray, layer: int, rows: np.ndarray, what: str) -> np.ndarray:
     """array[rows, layer] as float32 in the order of `rows`, reading one store block of that
     layer at a time (one inner chunk), so memory holds the result plus one block."""
-    out = np.empty((len(rows), array.shape[2]), dtype=np.float32)
+    out = np.empty((len(rows), array.layer_dims[layer]), dtype=np.float32)
     blocks = rows // array.block_rows
     order = np.argsort(blocks, kind="stable")
     found, starts = np.unique(blocks[order], return_index=True)
     for block, lo, hi in zip(found, starts, [*starts[1:], len(order)]):
         span = array.block_slice(int(block))
         where = order[lo:hi]
-        values = np.asarray(array.data[span, layer, :], dtype=np.float32)
+        values = array.read_rows(layer, span)
         out[where] = values[rows[where] - span.start]
     return finite_rows(out, what)
 

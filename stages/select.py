@@ -456,21 +456,37 @@ def layer_graphs(
 
 
 def mutual_knn_scores(
-    image_feats: np.ndarray, text_feats: np.ndarray, k: int, device: str = "auto"
+    image_feats: np.ndarray | Sequence[np.ndarray],
+    text_feats: np.ndarray | Sequence[np.ndarray],
+    k: int,
+    device: str = "auto",
 ) -> np.ndarray:
-    """Mutual-kNN score of every (image layer, text layer) pair: (N, Li, Di), (N, Lt, Dt) ->
-    (Li, Lt) float64. Row i of both arrays must be the same sample."""
-    if image_feats.ndim != 3 or text_feats.ndim != 3:
-        raise ValueError("expected arrays of shape (N, L, D)")
-    if len(image_feats) != len(text_feats):
+    """Mutual-kNN score of every (image layer, text layer) pair -> (Li, Lt) float64. Each side
+    is an (N, L, D) array or a sequence of (N, D_l) arrays (layers of different widths). Row i
+    of both sides must be the same sample."""
+    image_layers, text_layers = as_layers(image_feats), as_layers(text_feats)
+    n_image, n_text = len(image_layers[0]), len(text_layers[0])
+    if n_image != n_text:
         raise UserError(
-            f"image and text features have {len(image_feats)} and {len(text_feats)} rows; "
+            f"image and text features have {n_image} and {n_text} rows; "
             "they must be the same paired samples"
         )
-    k = resolve_k(k, len(image_feats))
-    a = layer_graphs((image_feats[:, i] for i in range(image_feats.shape[1])), k, device)
-    b = layer_graphs((text_feats[:, j] for j in range(text_feats.shape[1])), k, device)
+    k = resolve_k(k, n_image)
+    a = layer_graphs(image_layers, k, device)
+    b = layer_graphs(text_layers, k, device)
     return score_graphs(a, b, device)
+
+
+def as_layers(feats: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """An (N, L, D) array or a sequence of (N, D_l) arrays -> a list of (N, D_l) arrays."""
+    if isinstance(feats, np.ndarray) and feats.ndim == 3:
+        return [feats[:, i] for i in range(feats.shape[1])]
+    layers = list(feats)
+    if not layers or any(np.ndim(x) != 2 for x in layers):
+        raise ValueError("expected an (N, L, D) array or a sequence of (N, D_l) arrays")
+    if len({len(x) for x in layers}) != 1:
+        raise ValueError(f"layers have different row counts: {[len(x) for x in layers]}")
+    return layers
 
 
 # ------------------------------------------------------------------------------------------

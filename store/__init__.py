@@ -1,4 +1,4 @@
-"""The feature store: one Zarr v3 group of (N, L, D) layer embeddings plus Parquet manifests."""
+"""The feature store: one Zarr v3 group of per-layer (N, D_l) embeddings plus Parquet manifests."""
 
 from store.errors import UserError
 from store.features import FeatureArray, FeatureStore, StoreEntry, array_path

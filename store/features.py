@@ -1,16 +1,24 @@
-"""Zarr v3 feature store: one (N, L, D) array per (dataset, split, modality, model).
+"""Zarr v3 feature store: one (N, D_l) array per layer of each (dataset, split, modality, model).
 
 Layout inside the group (one directory on disk):
 
-    {dataset}/{split}/manifest.parquet                    the samples and the pair table
-    {dataset}/{split}/{modality}/{model_key}/features     (N, L, D), float16 or float32
-    {dataset}/{split}/{modality}/{model_key}/complete     (n_blocks,) uint8, 1 = block written
+    {dataset}/{split}/manifest.parquet                          the samples and the pair table
+    {dataset}/{split}/{modality}/{model_key}/                   a group; its attributes: model,
+                                                                layer names and widths, dtype...
+    {dataset}/{split}/{modality}/{model_key}/layers/{i}         (N, D_i) float16 or float32
+    {dataset}/{split}/{modality}/{model_key}/complete           (n_blocks,) uint8, 1 = written
 
-Rows are written in blocks of `block_rows`; each block is one shard (block_rows, L, D) made of
-inner chunks (block_rows, 1, D), so a block is one file with one writer and reading one layer
-of all rows touches one inner chunk per shard. Block completion lives in its own tiny array
-(chunks of 1) and is written after the block's data: a killed run never marks a half-written
-block complete, and attributes (which rewrite zarr.json) are only written at creation.
+Layers of one model may differ in width (CNN and Swin stages: 64, 128, ..., 2048): each layer
+is its own array, so nothing is padded. Rows are written in blocks of `block_rows`; a block of
+a layer is one chunk (block_rows, D_i), i.e. one file with one writer, and reading one layer of
+all rows reads one file per block and nothing of the other layers. Every chunk carries a
+crc32c checksum: a corrupted file is an error, never silently wrong features. Block completion
+lives in its own tiny array (chunks of 1) and is written after every layer of the block: a
+killed run never marks a half-written block complete, and attributes (which rewrite zarr.json)
+are only written at creation.
+
+Stores written before per-layer widths hold one (N, L, D) `features` array per model; they are
+refused with the command that converts them in place (`python -m pipeline store migrate`).
 """
 
 from __future__ import annotations
@@ -25,12 +33,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from store.errors import UserError
 from store.manifest import fingerprint, read_manifest
 
 MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
+OLD_ARRAY = "features"  # the (N, L, D) array of the layout before per-layer widths
+MIGRATE_COMMAND = "python -m pipeline store migrate"
 
 
 def model_key(model: str) -> str:
@@ -47,6 +58,23 @@ def array_path(dataset: str, split: str, modality: str, model: str) -> str:
     return f"{dataset}/{split}/{modality}/{model_key(model)}"
 
 
+def old_layout_error(root: Path, path: str) -> UserError:
+    return UserError(
+        f"{path} in {root} is in the old (N, L, D) store layout; convert the store once with: "
+        f"{MIGRATE_COMMAND} --store {root}"
+    )
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def width_summary(dims: Sequence[int]) -> str:
+    """`768` when every layer has that width, else the range `64-2048`."""
+    low, high = min(dims), max(dims)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 @dataclass(frozen=True)
 class StoreEntry:
     dataset: str
@@ -54,12 +82,16 @@ class StoreEntry:
     modality: str
     model: str
     n: int
-    layers: int
-    dim: int
+    layer_dims: tuple[int, ...]
     dtype: str
     bytes: int
     blocks_done: int
     blocks: int
+    old_layout: bool = False
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_dims)
 
     @property
     def complete(self) -> bool:
@@ -67,19 +99,34 @@ class StoreEntry:
 
 
 class FeatureArray:
-    """One (N, L, D) feature array and its block-completion record."""
+    """The per-layer arrays of one model over one split, and its block-completion record."""
 
     def __init__(self, group: zarr.Group, path: str, root: Path):
         self.path = path
         self.root = root
-        self.data: zarr.Array = group["features"]
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.layers: list[zarr.Array] = [
+            group[f"layers/{i}"] for i in range(len(self.attrs["layer_names"]))
+        ]
         self.done: zarr.Array = group["complete"]
-        self.attrs: dict[str, Any] = dict(self.data.attrs)
 
     # -- shape and names -------------------------------------------------------------------
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.data.shape)  # type: ignore[return-value]
+    def n_rows(self) -> int:
+        return int(self.layers[0].shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, layers); the widths differ per layer: `layer_dims`."""
+        return self.n_rows, len(self.layers)
+
+    @property
+    def layer_dims(self) -> list[int]:
+        return [int(a.shape[1]) for a in self.layers]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.attrs["dtype"])
 
     @property
     def layer_names(self) -> list[str]:
@@ -95,7 +142,7 @@ class FeatureArray:
 
     def block_slice(self, block: int) -> slice:
         start = block * self.block_rows
-        return slice(start, min(start + self.block_rows, self.shape[0]))
+        return slice(start, min(start + self.block_rows, self.n_rows))
 
     def layer_index(self, layer: int | str) -> int:
         """Resolve a layer given by index (negative allowed), digit string or name."""
@@ -127,20 +174,25 @@ class FeatureArray:
             )
 
     # -- writing ----------------------------------------------------------------------------
-    def write_block(self, block: int, values: np.ndarray) -> None:
-        """Write one whole block of rows (all layers), then mark it complete."""
+    def write_block(self, block: int, values: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Write one whole block of rows: one (rows, D_l) array per layer (or one (rows, L, D)
+        array when all widths are equal), then mark the block complete."""
         rows = self.block_slice(block)
-        expected = (rows.stop - rows.start, *self.shape[1:])
-        if values.shape != expected:
-            raise ValueError(f"block {block} has shape {values.shape}, expected {expected}")
+        if isinstance(values, np.ndarray) and values.ndim == 3:
+            values = [values[:, i] for i in range(values.shape[1])]
+        shapes = [tuple(v.shape) for v in values]
+        expected = [(rows.stop - rows.start, dim) for dim in self.layer_dims]
+        if shapes != expected:
+            raise ValueError(f"block {block} has layer shapes {shapes}, expected {expected}")
         with np.errstate(over="ignore"):  # overflow is reported below, with the fix
-            cast = values.astype(self.data.dtype, copy=False)
-        if np.isinf(cast).any():
+            cast = [v.astype(self.dtype, copy=False) for v in values]
+        if any(np.isinf(v).any() for v in cast):
             raise UserError(
-                f"features of {self.path} overflow {self.data.dtype} in rows {rows.start}-"
+                f"features of {self.path} overflow {self.dtype} in rows {rows.start}-"
                 f"{rows.stop - 1}; extract again with --dtype float32 --overwrite"
             )
-        self.data[rows] = cast
+        for layer, v in zip(self.layers, cast):
+            layer[rows] = v
         self.done[block] = 1
 
     def remove_partial_files(self) -> int:
@@ -151,27 +203,53 @@ class FeatureArray:
         return len(leftovers)
 
     # -- reading ----------------------------------------------------------------------------
+    def read_rows(self, layer: int | str, rows: slice) -> np.ndarray:
+        """Rows of one layer as float32 (n, D_l), complete or not (unwritten rows are NaN);
+        a chunk whose checksum does not match is a UserError naming the array and layer."""
+        index = self.layer_index(layer)
+        try:
+            return np.asarray(self.layers[index][rows], dtype=np.float32)
+        except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum ..."
+            raise UserError(
+                f"corrupt feature data in {self.root}/{self.path} layer "
+                f"{self.layer_names[index]} ({str(err).splitlines()[0][:80]}); "
+                "extract it again with --overwrite"
+            ) from err
+
     def read_layer(self, layer: int | str) -> np.ndarray:
-        """One layer as float32 (N, D)."""
+        """One layer of all rows as float32 (N, D_l)."""
         self.require_complete()
-        return np.asarray(self.data[:, self.layer_index(layer), :], dtype=np.float32)
+        return self.read_rows(layer, slice(None))
 
-    def read(self, layers: Sequence[int | str] | None = None) -> np.ndarray:
-        """Several layers (default all) as float32 (N, len(layers), D)."""
+    def read(self, layers: Sequence[int | str] | None = None) -> list[np.ndarray]:
+        """Several layers (default all), one float32 (N, D_l) array each."""
         self.require_complete()
-        if layers is None:
-            return np.asarray(self.data[:], dtype=np.float32)
-        return np.stack([self.read_layer(layer) for layer in layers], axis=1)
+        return [self.read_rows(layer, slice(None)) for layer in (layers or range(len(self.layers)))]
 
-    def to_dask(self):
-        """The whole array as a dask array, chunked by row block and layer."""
+    def to_dask(self, layer: int | str):
+        """One layer as an (N, D_l) dask array chunked by row block, for work larger than
+        memory."""
         import dask.array as da
 
         self.require_complete()
-        return da.from_zarr(self.data)
+        return da.from_zarr(self.layers[self.layer_index(layer)])
 
-    def nbytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in (self.root / self.path).rglob("*") if f.is_file())
+
+def create_layer_arrays(
+    group: zarr.Group, n_rows: int, dims: Sequence[int], dtype: str, block_rows: int
+) -> None:
+    """The per-layer arrays: one chunk of (block_rows, D_l) per block, crc32c-checksummed."""
+    for i, dim in enumerate(dims):
+        group.create_array(
+            f"layers/{i}",
+            shape=(n_rows, dim),
+            chunks=(block_rows, dim),
+            dtype=dtype,
+            fill_value=np.nan,
+            compressors=[Crc32cCodec()],
+            dimension_names=("row", "dim"),
+            overwrite=True,
+        )
 
 
 class FeatureStore:
@@ -200,15 +278,18 @@ class FeatureStore:
         return read_manifest(self.manifest_path(dataset, split))
 
     def has(self, dataset: str, split: str, modality: str, model: str) -> bool:
-        return f"{array_path(dataset, split, modality, model)}/features" in self.group
+        path = array_path(dataset, split, modality, model)
+        return f"{path}/complete" in self.group or f"{path}/{OLD_ARRAY}" in self.group
 
     def open(
         self, dataset: str, split: str, modality: str, model: str, check_source: bool = True
     ) -> FeatureArray:
-        """The array of (dataset, split, modality, model); refuses features whose source
+        """The features of (dataset, split, modality, model); refuses features whose source
         differs from the split's manifest (stale after `extract --overwrite` of another model)."""
         path = array_path(dataset, split, modality, model)
-        if f"{path}/features" not in self.group:
+        if f"{path}/{OLD_ARRAY}" in self.group:
+            raise old_layout_error(self.root, path)
+        if f"{path}/complete" not in self.group:
             raise UserError(
                 f"the store {self.root} has no {modality} features of {model} for "
                 f"{dataset}/{split}; make them with: python -m pipeline extract --model {model} "
@@ -232,22 +313,24 @@ class FeatureStore:
         model: str,
         n_rows: int,
         layer_names: Sequence[str],
-        dim: int,
+        dims: int | Sequence[int],
         dtype: str,
         block_rows: int,
         attributes: dict[str, Any],
     ) -> FeatureArray:
-        """Create (or replace) an empty array; every row reads NaN until its block is written."""
+        """Create (or replace) empty features: one array per layer, of width dims[l] (an int:
+        the same width for every layer); every row reads NaN until its block is written."""
         if dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         if n_rows < 1:
             raise UserError(f"{dataset}/{split} has no rows to extract")
+        dims = [dims] * len(layer_names) if isinstance(dims, int) else [int(d) for d in dims]
+        if len(dims) != len(layer_names):
+            raise ValueError(f"{len(layer_names)} layer names but {len(dims)} widths")
         path = array_path(dataset, split, modality, model)
         if path in self.group:
             del self.group[path]
-        group = self.group.require_group(path)
         block_rows = min(block_rows, n_rows)
-        n_layers = len(layer_names)
         attrs = {
             **attributes,
             "dataset": dataset,
@@ -255,49 +338,78 @@ class FeatureStore:
             "modality": modality,
             "model": model,
             "layer_names": list(layer_names),
+            "layer_dims": dims,
             "dtype": dtype,
             "block_rows": block_rows,
         }
-        group.create_array(
-            "features",
-            shape=(n_rows, n_layers, dim),
-            shards=(block_rows, n_layers, dim),
-            chunks=(block_rows, 1, dim),
-            dtype=dtype,
-            fill_value=np.nan,
-            compressors=None,
-            dimension_names=("row", "layer", "dim"),
-            attributes=attrs,
-        )
+        group = self.group.create_group(path, attributes=attrs)
+        create_layer_arrays(group, n_rows, dims, dtype, block_rows)
         n_blocks = -(-n_rows // block_rows)
         group.create_array("complete", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
         return FeatureArray(group, path, self.root)
 
-    def entries(self) -> list[StoreEntry]:
-        """Every feature array in the store, sorted by dataset, split, modality, model."""
-        found = []
+    def model_paths(self) -> tuple[list[str], list[str]]:
+        """(paths in the per-layer layout, paths in the old (N, L, D) layout)."""
         with warnings.catch_warnings():  # manifests are Parquet files beside the arrays
             warnings.simplefilter("ignore")
-            members = list(self.group.members(max_depth=None))
-        for name, node in members:
-            if not (isinstance(node, zarr.Array) and name.endswith("/features")):
-                continue
-            path = name.rsplit("/", 1)[0]
-            arr = FeatureArray(self.group[path], path, self.root)
-            n, layers, dim = arr.shape
+            members = [name for name, node in self.group.members(max_depth=None)
+                       if isinstance(node, zarr.Array)]  # fmt: skip
+        old = sorted(n.rsplit("/", 1)[0] for n in members if n.endswith(f"/{OLD_ARRAY}"))
+        new = sorted(
+            p for p in (n.rsplit("/", 1)[0] for n in members if n.endswith("/complete"))
+            if p not in old
+        )  # fmt: skip
+        return new, old
+
+    def entries(self) -> list[StoreEntry]:
+        """Every model's features in the store, sorted by dataset, split, modality, model
+        (those in the old layout too, flagged, so that `store ls` can say to migrate them)."""
+        new, old = self.model_paths()
+        found = []
+        for path in [*new, *old]:
+            group = self.group[path]
+            if path in old:
+                data = group[OLD_ARRAY]
+                attrs, n_rows = {**data.attrs, "dtype": str(data.dtype)}, data.shape[0]
+                dims = [data.shape[2]] * data.shape[1]
+            else:
+                array = FeatureArray(group, path, self.root)
+                attrs, n_rows, dims = array.attrs, array.n_rows, array.layer_dims
+            done = np.asarray(group["complete"][:], dtype=bool)
             found.append(
                 StoreEntry(
-                    dataset=arr.attrs["dataset"],
-                    split=arr.attrs["split"],
-                    modality=arr.attrs["modality"],
-                    model=arr.attrs["model"],
-                    n=n,
-                    layers=layers,
-                    dim=dim,
-                    dtype=str(arr.data.dtype),
-                    bytes=arr.nbytes_on_disk(),
-                    blocks_done=int(arr.completed_blocks().sum()),
-                    blocks=arr.n_blocks,
+                    dataset=attrs["dataset"],
+                    split=attrs["split"],
+                    modality=attrs["modality"],
+                    model=attrs["model"],
+                    n=n_rows,
+                    layer_dims=tuple(dims),
+                    dtype=attrs["dtype"],
+                    bytes=directory_bytes(self.root / path),
+                    blocks_done=int(done.sum()),
+                    blocks=done.size,
+                    old_layout=path in old,
                 )
             )
         return sorted(found, key=lambda e: (e.dataset, e.split, e.modality, e.model))
+
+    def migrate(self) -> list[str]:
+        """Convert every model in the old (N, L, D) layout to per-layer arrays, in place, one
+        block of one layer in memory at a time; returns the converted paths. The old array is
+        deleted last, so an interrupted migration is simply run again."""
+        _, old = self.model_paths()
+        for path in old:
+            group = self.group[path]
+            data = group[OLD_ARRAY]
+            n_rows, n_layers, dim = data.shape
+            attrs = dict(data.attrs)
+            block_rows = int(attrs["block_rows"])
+            create_layer_arrays(group, n_rows, [dim] * n_layers, str(data.dtype), block_rows)
+            for layer in range(n_layers):
+                target = group[f"layers/{layer}"]
+                for start in range(0, n_rows, block_rows):
+                    rows = slice(start, min(start + block_rows, n_rows))
+                    target[rows] = data[rows, layer, :]
+            group.attrs.update({**attrs, "layer_dims": [dim] * n_layers})
+            del group[OLD_ARRAY]
+        return old

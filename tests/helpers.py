@@ -17,14 +17,17 @@ def write_features(
     split: str,
     modality: str,
     model: str,
-    values: np.ndarray,
+    values: np.ndarray | Sequence[np.ndarray],
     layer_names: Sequence[str] | None = None,
     block_rows: int = 64,
     dtype: str = "float32",
 ) -> None:
-    """Store an (N, L, D) array as complete features, as `extract` would."""
-    n, n_layers, dim = values.shape
-    names = list(layer_names) if layer_names else [f"layer.{i}" for i in range(n_layers)]
+    """Store an (N, L, D) array, or one (N, D_l) array per layer, as complete features, as
+    `extract` would."""
+    is_3d = isinstance(values, np.ndarray) and values.ndim == 3
+    layers = [values[:, i] for i in range(values.shape[1])] if is_3d else list(values)
+    n, dims = len(layers[0]), [x.shape[1] for x in layers]
+    names = list(layer_names) if layer_names else [f"layer.{i}" for i in range(len(layers))]
     store = FeatureStore(store_path, create=True)
     array = store.create(
         dataset,
@@ -33,13 +36,37 @@ def write_features(
         model,
         n,
         names,
-        dim,
+        dims,
         dtype,
         block_rows,
         {"model_id": model, "pooling": "synthetic"},
     )
     for block in range(array.n_blocks):
-        array.write_block(block, values[array.block_slice(block)])
+        array.write_block(block, [x[array.block_slice(block)] for x in layers])
+
+
+def write_old_layout(
+    root: str | Path, path: str, values: np.ndarray, layer_names: Sequence[str], block_rows: int
+) -> None:
+    """Complete float16 features in the layout before per-layer widths, as the store wrote
+    them: one (N, L, D) array `features`, shards (block_rows, L, D) of inner chunks
+    (block_rows, 1, D), attributes on that array. `path` is dataset/split/modality/model."""
+    import zarr
+
+    dataset, split, modality, model = path.split("/")
+    group = zarr.open_group(root, mode="a", zarr_format=3).require_group(path)
+    n, n_layers, dim = values.shape
+    attrs = {"dataset": dataset, "split": split, "modality": modality, "model": model,
+             "layer_names": list(layer_names), "dtype": "float16",
+             "block_rows": block_rows}  # fmt: skip
+    data = group.create_array(
+        "features", shape=values.shape, shards=(block_rows, n_layers, dim),
+        chunks=(block_rows, 1, dim), dtype="float16", fill_value=np.nan, compressors=None,
+        attributes=attrs,
+    )  # fmt: skip
+    data[:] = values
+    done = group.create_array("complete", shape=(-(-n // block_rows),), chunks=(1,), dtype="uint8")
+    done[:] = 1
 
 
 def write_pairs_manifest(
@@ -88,6 +115,27 @@ def write_prompts_manifest(
     return write_manifest(
         FeatureStore(store_path, create=True).manifest_path(dataset, "prompts"), table
     )
+
+
+def save_tiny_resnet(directory: Path) -> Path:
+    """A 4-stage Hugging Face ResNet with RANDOM (seeded) weights and stage widths 8, 16, 24,
+    32 (the stem 8), and the image processor of microsoft/resnet-50 at 32 px, saved with
+    save_pretrained: a CNN whose layers differ in width, loaded like a user's local model."""
+    import torch
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
+
+    config = ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic"
+    )
+    torch.manual_seed(0)
+    ResNetModel(config).save_pretrained(directory)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(directory)
+    return directory
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path: to compare stores byte for byte."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
 
 
 def run_cli(args: Sequence[str], capsys) -> tuple[int, str, str]:

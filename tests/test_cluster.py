@@ -15,7 +15,7 @@ from stages.extract import ExtractOptions, extract
 from stages.pairs import PairSpec
 from stages.select import SelectSettings, run_selection
 from store import FeatureStore, UserError
-from tests.helpers import one_line_error, run_cli
+from tests.helpers import files, one_line_error, run_cli
 
 MODELS = {"image": "tiny-random-vit", "text": "tiny-random-text"}
 ARGS = ["--limit", "200", "--block-rows", "32", "--batch-size", "24", "--num-workers", "0"]
@@ -40,16 +40,13 @@ def reference(tmp_path_factory):
     return path
 
 
-def files(root: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
-
-
 def assert_same_store(a: Path, b: Path, modality: str) -> None:
-    """Every file of the array (shards, completion chunks, metadata) equal, byte for byte."""
+    """Every file of the array (layer chunks, completion chunks, metadata) equal, byte for
+    byte."""
     x = FeatureStore(a).open("digits", "train", modality, MODELS[modality])
-    assert x.complete and np.isfinite(x.read(None)).all()
+    assert x.complete and all(np.isfinite(layer).all() for layer in x.read())
     mine, theirs = files(a / x.path), files(b / x.path)
-    assert sorted(mine) == sorted(theirs) and len(mine) > 7  # 7 shards, 7 marks, metadata
+    assert sorted(mine) == sorted(theirs) and len(mine) > 7 * 6  # 7 blocks x 5 layers, 7 marks
     assert all(mine[name] == theirs[name] for name in theirs)
 
 
@@ -89,8 +86,9 @@ class KillOnce(WorkerPlugin):
                 fd = None
             if fd is not None:
                 os.close(fd)
-                array.data[array.block_slice(block)] = np.zeros_like(values, array.data.dtype)
-                (array.root / array.path / "features" / "leftover.partial").write_bytes(b"x")
+                rows = array.block_slice(block)  # the first layer written wrong, then killed
+                array.layers[0][rows] = np.zeros_like(values[0], array.dtype)
+                (array.root / array.path / "layers" / "0" / "leftover.partial").write_bytes(b"x")
                 os.kill(os.getpid(), signal.SIGKILL)
             real(array, block, values)
 

@@ -26,8 +26,9 @@ INTENDED = {
     ("align", "batch_size"): (256, 4096),
     ("align", "lr"): (0.003, 0.001),
     ("align", "patience"): (20, 10),
-    # evaluate without params.yaml takes the run's own dataset; with it, `common.dataset`
+    # evaluate and index without params.yaml take the run's own dataset; with it, `common.dataset`
     ("evaluate", "dataset"): ("digits", None),
+    ("index", "dataset"): ("digits", None),
 }
 
 
@@ -71,4 +72,5 @@ def test_cli_defaults_are_the_settings_defaults(command, settings):
 
 def test_every_command_has_a_params_section():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(COMMANDS) - {"compare"} <= set(params)
+    # compare has no options to default; index and embed read only the common section
+    assert set(COMMANDS) - {"compare", "index", "embed"} <= set(params)

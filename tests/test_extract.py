@@ -16,7 +16,7 @@ from stages.datasets import digits_split, load_source
 from stages.encoders import load_encoder, masked_mean
 from stages.extract import ExtractOptions, extract
 from store import FeatureStore, UserError, pair_rows
-from tests.helpers import one_line_error, run_cli
+from tests.helpers import files, one_line_error, run_cli, save_tiny_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ExtractOptions(batch_size=24, block_rows=64, num_workers=0, progress=False)
@@ -37,7 +37,7 @@ def test_text_pooling_is_masked_mean():
     texts = ["a", "a much longer caption than the first"]
     batch = encoder.collate(texts)
     with torch.no_grad():
-        got = encoder.embed(batch).double().numpy()
+        got = torch.stack(encoder.embed(batch), 1).double().numpy()
         hidden = encoder.model(**batch, output_hidden_states=True).hidden_states
     mask = batch["attention_mask"].numpy()
     assert mask[0].sum() < mask[1].sum()  # the short text is padded
@@ -98,10 +98,10 @@ def test_real_size_architectures_load_from_a_local_directory(saved_models):
     assert vit.layer_names[-1] == "final_norm"
     pixels = vit.collate([vit.prepare(Image.new("RGB", (20, 30)))])
     assert pixels["pixel_values"].shape == (1, 3, 56, 56)  # the saved processor's crop
-    assert vit.embed(pixels).shape == (1, 13, 384)
+    assert [tuple(t.shape) for t in vit.embed(pixels)] == [(1, 384)] * 13
     text = load_encoder(str(text_dir))
     assert text.modality == "text" and len(text.layer_names) == 7 and text.dim == 128
-    assert text.embed(text.collate(["hello"])).shape == (1, 7, 128)
+    assert [tuple(t.shape) for t in text.embed(text.collate(["hello"]))] == [(1, 128)] * 7
 
 
 def test_image_pooling_matches_hand_computation(saved_models):
@@ -115,7 +115,7 @@ def test_image_pooling_matches_hand_computation(saved_models):
     images = [Image.fromarray(np.uint8(rng.integers(0, 255, (70, 90, 3)))) for _ in range(3)]
     pixels = AutoImageProcessor.from_pretrained(vit_dir)(images=images, return_tensors="pt")
     with torch.no_grad():
-        got = encoder.embed(encoder.collate([encoder.prepare(im) for im in images]))
+        got = torch.stack(encoder.embed(encoder.collate([encoder.prepare(im) for im in images])), 1)
         out = encoder.model(pixel_values=pixels["pixel_values"], output_hidden_states=True)
     hidden = out.hidden_states
     assert len(hidden) == 13 and got.shape == (3, 13, 384)
@@ -160,16 +160,16 @@ def test_extract_digits_end_to_end(tmp_path, capsys):
     fs = FeatureStore(store)
     image = fs.open("digits", "train", "image", "tiny-random-vit")
     text = fs.open("digits", "train", "text", "tiny-random-text")
-    assert image.shape == (100, 5, 64) and text.shape == (100, 5, 64)
+    assert image.shape == (100, 5) and text.shape == (100, 5)
+    assert image.layer_dims == [64] * 5 and text.layer_dims == [64] * 5
     assert image.attrs["pooling"] == "cls" and text.attrs["pooling"] == "masked_mean"
     assert image.attrs["model_fingerprint"] and image.attrs["source_fingerprint"]
     # stored rows equal a direct forward of the same images
     source = load_source("digits", "train")
     encoder = load_encoder("tiny-random-vit")
     with torch.no_grad():
-        direct = encoder.embed(
-            encoder.collate([encoder.prepare(source.load_image(r)) for r in (0, 77)])
-        ).numpy()
+        batch = encoder.collate([encoder.prepare(source.load_image(r)) for r in (0, 77)])
+        direct = torch.stack(encoder.embed(batch), 1).numpy()
     np.testing.assert_allclose(
         image.read_layer("final_norm")[[0, 77]], direct[:, -1], rtol=2e-3, atol=2e-3
     )  # float16 storage
@@ -188,9 +188,9 @@ KILLER = textwrap.dedent("""
     def write_block(self, block, values):
         global calls
         calls += 1
-        if calls == 3:  # die half-way: block data (wrong) written, never marked complete
-            self.data[self.block_slice(block)] = np.zeros_like(values).astype(self.data.dtype)
-            (self.root / self.path / "features" / "leftover.partial").write_bytes(b"x")
+        if calls == 3:  # die half-way: a layer's data (wrong) written, never marked complete
+            self.layers[1][self.block_slice(block)] = np.zeros_like(values[1]).astype(self.dtype)
+            (self.root / self.path / "layers" / "1" / "leftover.partial").write_bytes(b"x")
             os.kill(os.getpid(), signal.SIGKILL)
         real_write(self, block, values)
     FeatureArray.write_block = write_block
@@ -200,13 +200,20 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_resume_after_kill_is_byte_identical(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_resnet(tmp_path_factory) -> Path:
+    return save_tiny_resnet(tmp_path_factory.mktemp("models") / "tiny-resnet")
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path, tiny_resnet):
+    """A CNN (layers 8 to 32 wide) killed with SIGKILL after its third block wrote one layer:
+    resumed, every file of its features equals those of an uninterrupted run."""
     args = [
         "extract",
         "--model",
-        "tiny-random-text",
+        str(tiny_resnet),
         "--limit",
-        "300",
+        "200",
         "--block-rows",
         "64",
         "--batch-size",
@@ -222,8 +229,8 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
         text=True,
     )
     assert killed.returncode == -9
-    partial = FeatureStore(tmp_path / "k.zarr").open("digits", "train", "text", "tiny-random-text")
-    assert partial.completed_blocks().tolist() == [True, True, False, False, False]
+    partial = FeatureStore(tmp_path / "k.zarr").open("digits", "train", "image", str(tiny_resnet))
+    assert partial.completed_blocks().tolist() == [True, True, False, False]
     resumed = subprocess.run(
         [sys.executable, "-m", "pipeline", *args, "--store", tmp_path / "k.zarr"],
         env=env,
@@ -232,19 +239,21 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
         cwd=tmp_path,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming, 2 of 5 blocks already done, removed 1 partial files" in resumed.stdout
+    assert "resuming, 2 of 4 blocks already done, removed 1 partial files" in resumed.stdout
     extract(
         str(tmp_path / "u.zarr"),
         "digits",
         "train",
         "digits",
-        "tiny-random-text",
-        ExtractOptions(limit=300, block_rows=64, batch_size=24, num_workers=0, progress=False),
+        str(tiny_resnet),
+        ExtractOptions(limit=200, block_rows=64, batch_size=24, num_workers=0, progress=False),
     )
-    a = FeatureStore(tmp_path / "k.zarr").open("digits", "train", "text", "tiny-random-text")
-    b = FeatureStore(tmp_path / "u.zarr").open("digits", "train", "text", "tiny-random-text")
+    a = FeatureStore(tmp_path / "k.zarr").open("digits", "train", "image", str(tiny_resnet))
+    b = FeatureStore(tmp_path / "u.zarr").open("digits", "train", "image", str(tiny_resnet))
     assert a.complete and b.complete
-    assert np.asarray(a.data[:]).tobytes() == np.asarray(b.data[:]).tobytes()
+    assert len(set(a.layer_dims)) > 1  # layers of different widths
+    mine, theirs = files(tmp_path / "k.zarr" / a.path), files(tmp_path / "u.zarr" / b.path)
+    assert sorted(mine) == sorted(theirs) and all(mine[f] == theirs[f] for f in theirs)
     assert not list((tmp_path / "k.zarr").rglob("*.partial"))
 
 
@@ -410,14 +419,18 @@ def test_timm_encoder_layers_and_pooling(monkeypatch):
     assert len(encoder.layer_names) == 13 and encoder.layer_names[-1] == "final_norm"
     model = encoder.model
     image = Image.fromarray(np.uint8(np.random.default_rng(0).integers(0, 255, (60, 80, 3))))
-    pixels = torch.nn.functional.interpolate(
-        encoder.collate([encoder.prepare(image)])["pixel_values"], size=56
-    )
+    # workers give uint8 pixels; embed scales and normalises them with timm's data config
+    raw = encoder.collate([encoder.prepare(image)])["pixel_values"]
+    assert raw.dtype == torch.uint8
+    raw = torch.nn.functional.interpolate(raw.float(), size=56)
+    config = timm.data.resolve_model_data_config(encoder.model)
+    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+    pixels = (raw / 255 - mean) / torch.tensor(config["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
-        got = encoder.embed({"pixel_values": pixels})
+        got = encoder.embed({"pixel_values": raw})
         tokens = model._pos_embed(model.patch_embed(pixels))
         tokens = model.norm_pre(tokens)
         for i, block in enumerate(model.blocks):
             tokens = block(tokens)
-            torch.testing.assert_close(got[:, i], tokens[:, 0], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(got[:, -1], model.norm(tokens)[:, 0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[i], tokens[:, 0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[-1], model.norm(tokens)[:, 0], rtol=1e-4, atol=1e-4)

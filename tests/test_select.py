@@ -109,6 +109,27 @@ def test_scores_match_brute_force_on_random_input(k):
     assert np.ptp(scores) > 0.1  # the latent makes the pairs differ: a real test of the ranking
 
 
+def test_scores_of_layers_of_different_widths():
+    """A sequence of (N, D_l) arrays (CNN stages) scores as each pair's brute force; the
+    (N, L, D) form of equal-width layers gives the same numbers as its list of layers."""
+    rng = np.random.default_rng(4)
+    latent = rng.standard_normal((60, 3))
+    image = [latent @ rng.standard_normal((3, d)) * w + rng.standard_normal((60, d))
+             for d, w in ((4, 0.0), (16, 1.0), (64, 3.0))]  # fmt: skip
+    text = [latent @ rng.standard_normal((3, d)) + rng.standard_normal((60, d)) for d in (8, 5)]
+    scores = mutual_knn_scores(image, text, 5, device="cpu")
+    want = [[brute_mknn(a, b, 5) for b in text] for a in image]
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-12)
+    assert np.ptp(scores) > 0.1
+    same = np.stack([text[0], text[0][:, ::-1]], axis=1)
+    np.testing.assert_array_equal(
+        mutual_knn_scores(image, same, 5, device="cpu"),
+        mutual_knn_scores(image, list(same.transpose(1, 0, 2)), 5, device="cpu"),
+    )
+    with pytest.raises(ValueError, match="sequence of \\(N, D_l\\) arrays"):
+        mutual_knn_scores([latent[:, 0]], text, 5, device="cpu")
+
+
 def duplicated_rows(rng: np.random.Generator, n_distinct: int, dim: int) -> np.ndarray:
     """Rows repeated and rescaled by powers of two (exact, so cosines tie exactly)."""
     base = rng.standard_normal((n_distinct, dim))
@@ -413,8 +434,8 @@ def test_cli_finds_the_planted_pair(tmp_path):
     # the same numbers from the pure function on the same sample, paired through the manifest
     fs = FeatureStore(store)
     image_rows, text_rows = sample_pairs(fs.manifest("toy", "train"), 120, 3)
-    image = fs.open("toy", "train", "image", "img-model").read()[image_rows]
-    text = fs.open("toy", "train", "text", "txt-model").read()[text_rows]
+    image = np.stack(fs.open("toy", "train", "image", "img-model").read(), axis=1)[image_rows]
+    text = np.stack(fs.open("toy", "train", "text", "txt-model").read(), axis=1)[text_rows]
     np.testing.assert_allclose(scores, brute_table(image, text, info["k"]), atol=1e-12)
 
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

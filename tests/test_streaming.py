@@ -113,12 +113,12 @@ def test_gather_reads_one_block_at_a_time_in_any_order(store):
     text = pairs.text
     rows = np.random.default_rng(1).integers(0, text.shape[0], 150)  # repeats, any order
     expected = text.read_layer(1)[rows]
-    text.data = CountingReads(text.data)
+    text.layers[1] = reads = CountingReads(text.layers[1])
     got = gather_rows(text, 1, rows, "text")
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
-    assert len(text.data.shapes) == len(np.unique(rows // 16))  # each touched block once
-    assert all(shape[0] <= 16 and len(shape) == 2 for shape in text.data.shapes)
+    assert len(reads.shapes) == len(np.unique(rows // 16))  # each touched block once
+    assert all(shape[0] <= 16 and len(shape) == 2 for shape in reads.shapes)
 
 
 def test_windows_hold_whole_batches_within_the_cap(store, monkeypatch):

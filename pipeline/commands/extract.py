@@ -37,6 +37,11 @@ def extract_command(
     skip_bad: bool = typer.Option(False, help="Skip unreadable images (recorded in the manifest)."),
     revision: str = typer.Option("", help="Hugging Face revision (branch, tag or commit)."),
     trust_remote_code: bool = typer.Option(False, help="Allow a model's own Python code."),
+    weights: str = typer.Option(
+        "",
+        help="Local weights for a timm:NAME model (safetensors; .pth/.bin only as tensors): "
+        "the architecture and preprocessing come from timm, the weights from this file.",
+    ),
     scheduler: str = typer.Option(
         "",
         help="Run the blocks on a dask cluster: a scheduler address (tcp://host:8786) or "
@@ -56,6 +61,7 @@ def extract_command(
         skip_bad=skip_bad,
         revision=revision or None,
         trust_remote_code=trust_remote_code,
+        weights=weights,
         scheduler=scheduler,
         retries=retries,
     )
