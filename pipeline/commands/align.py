@@ -23,6 +23,9 @@ def align(
     layers: str = typer.Option(
         "auto", help="auto (mutual-kNN selection), last, or IMAGE,TEXT layer names or indices."
     ),
+    metric: str = typer.Option(
+        "mutual_knn", help="--layers auto: the metric that picks the pair (see select --metric)."
+    ),
     head: str = typer.Option("linear", help="Projection head: linear, mlp or csa (CCA-based)."),
     lam: float = typer.Option(10.0, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(1, help="R_S levels L (powers of the similarity softmax), 1-5."),
@@ -68,12 +71,13 @@ def align(
     image_layer, text_layer = resolve_layers(
         layers, FeatureStore(store), dataset, split, image_model, text_model, select_dir,
         n_samples=int(select_defaults.get("n_samples", 5000)),
-        k=select_defaults.get("k", "rice"), seed=seed,
+        k=select_defaults.get("k", "rice"), seed=seed, metric=metric,
     )  # fmt: skip
     typer.echo(f"layers: image {image_layer}, text {text_layer}")
     config, result = run_align(
         store, dataset, split, image_model, text_model, image_layer, text_layer, settings, out,
-        progress=progress, extra_config={"layers": layers}, memory_cap=cap,
+        progress=progress, memory_cap=cap,
+        extra_config={"layers": layers, "layer_metric": metric if layers == "auto" else None},
     )  # fmt: skip
     typer.echo(
         f"{config['n_train']} train / {config['n_val']} validation pairs, "
