@@ -77,6 +77,7 @@ class Side:
     gram_norm2: torch.Tensor | None = None  # (L,) float64 ||Kc||²
     bases: torch.Tensor | None = None  # (L, n, q) float64 top-q left singular vectors
     knn_self: torch.Tensor | None = None  # (L,) float64 HSIC_u(M∘K, M∘K) (cknna)
+    edge_index: list | None = None  # the graphs' EdgeIndex, built when first needed
 
     @property
     def layers(self) -> int:
@@ -95,14 +96,14 @@ def singular_basis(unit: torch.Tensor, q: int) -> torch.Tensor:
     """The top-q left singular vectors (n, q) float64 of the standardised features, from the
     eigenvectors of the smaller of ZᵀZ and ZZᵀ."""
     z = unit.double()
-    z = z - z.mean(dim=0)
-    z = z / (z.std(dim=0) + 1e-8)  # as the authors' svcca
+    z = (z - z.mean(dim=0)) / (z.std(dim=0) + 1e-8)  # as the authors' svcca
     n, d = z.shape
+    small = z.to(unit.dtype)  # the n d min(n, d) product in the working precision
     if d <= n:
-        values, vectors = torch.linalg.eigh(z.T @ z)
+        values, vectors = torch.linalg.eigh((small.T @ small).double())
         top = vectors[:, -q:].flip(1)
         return (z @ top) / values[-q:].flip(0).clamp_min(1e-300).sqrt()
-    return torch.linalg.eigh(z @ z.T)[1][:, -q:].flip(1)
+    return torch.linalg.eigh((small @ small.T).double())[1][:, -q:].flip(1)
 
 
 def build_side(
@@ -137,7 +138,8 @@ def build_side(
             graph = torch.as_tensor(graph, device=device).long()
             if side.graphs is None:
                 side.graphs = torch.empty((n_layers, *graph.shape), dtype=torch.long, device=device)
-                side.edge_sims = torch.empty(side.graphs.shape, dtype=dtype, device=device)
+                if "cknna" in metrics:
+                    side.edge_sims = torch.empty(side.graphs.shape, dtype=dtype, device=device)
             side.graphs[index] = graph
             if "cknna" in metrics:
                 side.edge_sims[index] = torch.einsum("nd,nkd->nk", unit, unit[graph])
@@ -180,8 +182,8 @@ def relabel_graphs(graphs: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 # graph metrics: every text edge looked up among the image layer's edges
 # ------------------------------------------------------------------------------------------
 def edge_keys(graph: torch.Tensor) -> torch.Tensor:
-    """(n, k) keys i * n + j of the edges i -> j."""
-    n = graph.shape[0]
+    """(..., n, k) keys i * n + j of the edges i -> j."""
+    n = graph.shape[-2]
     return torch.arange(n, device=graph.device)[:, None] * n + graph
 
 
@@ -191,80 +193,125 @@ def lookup(sorted_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return torch.where(sorted_keys[where] == queries, where, -1)
 
 
-def masked_hsic(
-    n: int, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-) -> torch.Tensor:
-    """HSIC_u(A, B) of two n x n matrices that are nonzero only on the edges rows -> cols
-    (distinct, off the diagonal), with values a and b there, and symmetric kernels under them
-    (B_ji = b_ij wherever j -> i is an edge too)."""
-    a, b = a.double(), b.double()
-    keys = rows * n + cols
+def reverse_edges(graph: torch.Tensor) -> torch.Tensor:
+    """For each edge r -> c of an (n, k) graph (flattened), the position of c -> r, or -1."""
+    n, k = graph.shape
+    keys = edge_keys(graph).reshape(-1)
     order = torch.argsort(keys)
-    back = lookup(keys[order], cols * n + rows)  # the reverse edge j -> i, if present
-    mutual = back >= 0
-    trace = (a[mutual] * b[mutual]).sum()  # sum_ij A_ij B_ji, B_ji = b_ij
-    sums = a.sum() * b.sum() / ((n - 1) * (n - 2))
-    col_a = torch.zeros(n, dtype=a.dtype, device=a.device).index_add_(0, cols, a)
-    row_b = torch.zeros(n, dtype=b.dtype, device=b.device).index_add_(0, rows, b)
-    return (trace + sums - 2 * (col_a @ row_b) / (n - 2)) / (n * (n - 3))
+    rows = torch.arange(n, device=graph.device).repeat_interleave(k)
+    back = lookup(keys[order], graph.reshape(-1) * n + rows)
+    return torch.where(back >= 0, order[back.clamp_min(0)], -1)
+
+
+def masked_hsic(
+    n: int, rows: torch.Tensor, cols: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    mutual: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """HSIC_u(A, B) of n x n matrices that are nonzero only on edges rows -> cols (off the
+    diagonal), one column per mask: a, b (E, c) the values there (0 outside the mask), mutual
+    (E, c) whether the reverse edge is in the mask too (where B_cr = b_rc: symmetric kernels)."""
+    trace = (a * b * mutual).sum(dim=0)  # sum_rc A_rc B_cr
+    sums = a.sum(dim=0) * b.sum(dim=0) / ((n - 1) * (n - 2))
+    col_a = torch.zeros((n, a.shape[1]), dtype=a.dtype, device=a.device).index_add_(0, cols, a)
+    row_b = torch.zeros((n, b.shape[1]), dtype=b.dtype, device=b.device).index_add_(0, rows, b)
+    return (trace + sums - 2 * (col_a * row_b).sum(dim=0) / (n - 2)) / (n * (n - 3))
 
 
 def self_masked_hsic(graph: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    """HSIC_u(M∘K, M∘K) of one layer, M its kNN graph's adjacency."""
     n, k = graph.shape
     rows = torch.arange(n, device=graph.device).repeat_interleave(k)
-    return masked_hsic(n, rows, graph.reshape(-1), sims.reshape(-1), sims.reshape(-1))
+    values = sims.reshape(-1, 1).double()
+    mutual = (reverse_edges(graph) >= 0)[:, None]
+    return masked_hsic(n, rows, graph.reshape(-1), values, values, mutual)[0]
 
 
 def longest_increasing(seq: torch.Tensor) -> torch.Tensor:
     """Length of the longest strictly increasing subsequence of each row, ignoring -1
-    entries (patience sorting, vectorised over rows). Values are ranks in [0, k)."""
+    entries (patience sorting with a binary search, vectorised over rows). Values < k."""
     rows, k = seq.shape
-    big = k  # above every rank
-    tails = torch.full((rows, k + 1), big, dtype=seq.dtype, device=seq.device)
+    tails = torch.full((rows, k + 1), k, dtype=torch.long, device=seq.device)  # k: above all
     index = torch.arange(rows, device=seq.device)
     for t in range(k):
-        value = seq[:, t]
-        slot = (tails < value[:, None]).sum(dim=1)
+        value = seq[:, t].long()
         keep = value >= 0
-        tails[index[keep], slot[keep]] = value[keep]
-    return (tails < big).sum(dim=1)
+        slot = torch.searchsorted(tails[keep], value[keep, None]).squeeze(1)
+        tails[index[keep], slot] = value[keep]
+    return (tails < k).sum(dim=1)
+
+
+EDGE_INDEX_LAYERS = 8  # text layers per edge index: its ranks are (edges, 8) int16
+
+
+@dataclass
+class EdgeIndex:
+    """The edges of a few layers' kNN graphs: sorted distinct keys i * n + j, and each edge's
+    rank in each layer's neighbour list (-1: not an edge there)."""
+
+    layers: slice
+    keys: torch.Tensor  # (U,) int64
+    ranks: torch.Tensor  # (U, len(layers)) int16
+
+
+def edge_indexes(graphs: torch.Tensor) -> list[EdgeIndex]:
+    out = []
+    count, n, k = graphs.shape
+    for start in range(0, count, EDGE_INDEX_LAYERS):
+        part = graphs[start : start + EDGE_INDEX_LAYERS]
+        keys, inverse = torch.unique(edge_keys(part).reshape(-1), return_inverse=True)
+        ranks = torch.full((len(keys), len(part)), -1, dtype=torch.int16, device=graphs.device)
+        layer = torch.arange(len(part), device=graphs.device).repeat_interleave(n * k)
+        rank = torch.arange(k, device=graphs.device).repeat(len(part) * n)
+        ranks[inverse, layer] = rank.to(torch.int16)
+        out.append(EdgeIndex(slice(start, start + len(part)), keys, ranks))
+    return out
 
 
 def graph_tables(
-    metrics: Sequence[str], image: Side, text_graphs: torch.Tensor, text_sims: torch.Tensor | None,
-    text_self: torch.Tensor | None,
+    metrics: Sequence[str], image_graphs: torch.Tensor, image_sims: torch.Tensor, text: Side,
+    image_self: torch.Tensor | None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Each graph metric's (Li, Lt) table; text graphs (and cosines) already relabeled."""
-    li, lt = image.layers, len(text_graphs)
-    n, k = image.graphs.shape[1:]
-    out = {m: np.empty((li, lt)) for m in metrics if m in GRAPH_METRICS}
-    text_keys = torch.stack([edge_keys(g) for g in text_graphs])  # (Lt, n, k)
-    rank = torch.arange(k, device=text_keys.device).expand(n, k).reshape(-1)
-    rows = torch.arange(n, device=text_keys.device).repeat_interleave(k)
+    """Each graph metric's (Li, Lt) table: every image edge looked up once in the text
+    layers' edge index, which gives its rank in every text layer at once."""
+    li, n, k = image_graphs.shape
+    out = {m: np.empty((li, text.layers)) for m in metrics if m in GRAPH_METRICS}
+    if text.edge_index is None:
+        text.edge_index = edge_indexes(text.graphs)
+    device = image_graphs.device
+    rows = torch.arange(n, device=device).repeat_interleave(k)
     for i in range(li):
-        keys = edge_keys(image.graphs[i]).reshape(-1)
-        order = torch.argsort(keys)
-        found = lookup(keys[order], text_keys)  # (Lt, n, k): where each text edge is in image
-        hit = found >= 0
-        if "mutual_knn" in out:
-            out["mutual_knn"][i] = (hit.sum(dim=(1, 2)).double() / (n * k)).cpu().numpy()
-        if "lcs_knn" in out:  # image ranks along each text row, LIS = LCS (ids are distinct)
-            seq = torch.where(hit, rank[order][found.clamp_min(0)], -1)
-            lengths = longest_increasing(seq.reshape(lt * n, k)).reshape(lt, n)
-            out["lcs_knn"][i] = (lengths.sum(dim=1).double() / (n * k)).cpu().numpy()
-        if "cycle_knn" in out:  # text edge i -> j whose reverse j -> i is an image edge
-            reverse = image.graphs[i].reshape(-1) * n + rows
-            back = lookup(torch.sort(reverse).values, text_keys) >= 0
-            out["cycle_knn"][i] = back.any(dim=2).double().mean(dim=1).cpu().numpy()
-        if "cknna" in out:
-            image_sims = image.edge_sims[i].reshape(-1)[order]
-            for j in range(lt):
-                shared = hit[j].reshape(-1)
-                cross = masked_hsic(
-                    n, rows[shared], text_graphs[j].reshape(-1)[shared],
-                    image_sims[found[j].reshape(-1)[shared]], text_sims[j].reshape(-1)[shared],
-                )  # fmt: skip
-                out["cknna"][i, j] = float(cross / torch.sqrt(image.knn_self[i] * text_self[j]))
+        cols = image_graphs[i].reshape(-1)
+        keys = rows * n + cols
+        reverse = cols * n + rows  # the image edge r -> c, read as the text edge c -> r
+        for index in text.edge_index:
+            at = lookup(index.keys, keys)
+            ranks = torch.where((at >= 0)[:, None], index.ranks[at.clamp_min(0)], -1)  # (nk, c)
+            shared = ranks >= 0
+            part = (i, index.layers)
+            if "mutual_knn" in out:
+                out["mutual_knn"][part] = (shared.sum(dim=0).double() / (n * k)).cpu().numpy()
+            if "lcs_knn" in out:  # text ranks in image-rank order: LCS = their LIS (ids distinct)
+                seq = ranks.reshape(n, k, -1).transpose(1, 2).reshape(-1, k)
+                lengths = longest_increasing(seq).reshape(n, -1).sum(dim=0)
+                out["lcs_knn"][part] = (lengths.double() / (n * k)).cpu().numpy()
+            if "cycle_knn" in out:  # sample c is cycled if a text edge c -> r has r -> c in image
+                back = lookup(index.keys, reverse)
+                found = torch.where(
+                    (back >= 0)[:, None], index.ranks[back.clamp_min(0)] >= 0, False
+                )
+                cycled = torch.zeros((n, found.shape[1]), device=device)
+                cycled.index_add_(0, cols, found.float())
+                out["cycle_knn"][part] = (cycled > 0).double().mean(dim=0).cpu().numpy()
+            if "cknna" in out:
+                sims = text.edge_sims[index.layers].double()  # (c, n, k)
+                layer = torch.arange(sims.shape[0], device=device)
+                b = sims[layer, rows[:, None], ranks.long().clamp_min(0)] * shared  # (nk, c)
+                a = image_sims[i].reshape(-1).double()[:, None] * shared
+                back = reverse_edges(image_graphs[i])
+                mutual = torch.where((back >= 0)[:, None], shared[back.clamp_min(0)], False)
+                cross = masked_hsic(n, rows, cols, a, b, shared & mutual)
+                norm = torch.sqrt(image_self[i] * text.knn_self[index.layers])
+                out["cknna"][part] = (cross / norm).cpu().numpy()
     return out
 
 
@@ -337,10 +384,13 @@ def tables(
     row perm[r]) through the cached structures."""
     out: dict[str, np.ndarray] = {}
     if any(m in GRAPH_METRICS for m in metrics):
-        graphs, sims = text.graphs, text.edge_sims
+        # m(X, Y[perm]) = m(X[perm⁻¹], Y): relabel the image graphs and keep the text index
+        graphs, sims = image.graphs, image.edge_sims
         if perm is not None:
-            graphs, sims = relabel_graphs(graphs, perm), sims[:, perm]
-        out |= graph_tables(metrics, image, graphs, sims, text.knn_self)
+            inverse = torch.argsort(perm)
+            graphs = relabel_graphs(graphs, inverse)
+            sims = sims[:, inverse] if sims is not None else None
+        out |= graph_tables(metrics, graphs, sims, text, image.knn_self)
     if any(m in GRAM_METRICS for m in metrics):
         out |= gram_tables(metrics, image, text, perm)
     if "svcca" in metrics:
