@@ -67,7 +67,7 @@ def main() -> None:
 
     image, text = layers(0), layers(1)  # outside the timers
     knn_graph(image[0][:500], 5, args.device)  # warm-up: search backend timing, imports
-    print(f"features: {2 * n * dim * (li + lt) / 2**20:.0f} MiB float32; RSS {peak_rss_mib():.0f} MiB")
+    print(f"features: {4 * n * dim * (li + lt) / 2**20:.0f} MiB; RSS {peak_rss_mib():.0f} MiB")
 
     # -- structures, one kind at a time -----------------------------------------------------
     kinds = {
@@ -86,8 +86,12 @@ def main() -> None:
         for modality, feats in enumerate((image, text)):
             sides.append(
                 similarity.build_side(
-                    feats, len(feats), wanted, lambda x, i: knn_graph(x, k, args.device),
-                    graphs=None if graphs is None else graphs[modality], device=device,
+                    feats,
+                    len(feats),
+                    wanted,
+                    lambda x, i: knn_graph(x, k, args.device),
+                    graphs=None if graphs is None else graphs[modality],
+                    device=device,
                 )  # fmt: skip
             )
         sync(device)
