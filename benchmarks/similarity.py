@@ -94,6 +94,8 @@ def main() -> None:
                     device=device,
                 )  # fmt: skip
             )
+        if sides[1].graphs is not None:  # the text layers' edge index: a structure too
+            sides[1].edge_index = similarity.edge_indexes(sides[1].graphs)
         sync(device)
         seconds[kind] = time.perf_counter() - start
         if kind == "graph":

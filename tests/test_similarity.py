@@ -15,6 +15,7 @@ from scipy.linalg import subspace_angles
 
 from stages import similarity
 from stages.select import as_layers, layer_scores, metric_sides, resolve_k
+from store import UserError
 from tests.test_select import PLANTED, planted_store, run_cli, select_args
 
 K = 5
@@ -278,3 +279,33 @@ def test_planted_pair_found_with_small_p_value(tmp_path):
     unrelated = table[(table.image_index == 0) & (table.text_index == 0)]
     assert unrelated["cka_p_value"].item() > 0.05
     assert resolve_k("rice", 60) == info["k"]
+
+
+def test_align_auto_selects_by_the_metric(tmp_path):
+    from stages.select import resolve_layers
+    from store import FeatureStore
+
+    store, sel = tmp_path / "f.zarr", tmp_path / "sel"
+    planted_store(store, n_images=60, captions=1)
+    assert run_cli(*select_args(store, sel, "--metric", "cka,mutual_knn")).exit_code == 0
+    args = (FeatureStore(store), "toy", "train", "img-model", "txt-model", sel)
+    # a metric the selection scored: its best pair, read from selection.json
+    info = json.loads((sel / "selection.json").read_text())
+    info["by_metric"]["mutual_knn"].update(image_layer="block.0", text_layer="embeddings")
+    (sel / "selection.json").write_text(json.dumps(info))
+    assert resolve_layers("auto", *args, metric="mutual_knn") == ("block.0", "embeddings")
+    assert resolve_layers("auto", *args, metric="cka") == ("block.1", "layer.1")
+    # a metric it did not score: selected again, by that metric, and selection.json says so
+    result = run_cli(
+        "align", "--store", str(store), "--dataset", "toy", "--image-model", "img-model",
+        "--text-model", "txt-model", "--select-dir", str(sel), "--out", str(tmp_path / "run"),
+        "--layers", "auto", "--metric", "svcca", "--epochs", "1", "--out-dim", "8",
+        "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["image_layer"], config["text_layer"]) == ("block.1", "layer.1")
+    assert config["layer_metric"] == "svcca"
+    assert json.loads((sel / "selection.json").read_text())["metric"] == "svcca"
+    bad = run_cli(*select_args(store, sel, "--metric", "cka,nope"))
+    assert isinstance(bad.exception, UserError) and "unknown metric" in str(bad.exception)
