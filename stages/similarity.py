@@ -296,6 +296,7 @@ def graph_tables(
         # the image edges r -> c read as text edges c -> r, sorted: a lookup in key order
         # touches the index's memory in order (random queries were 2x slower than the rest)
         reverse = torch.sort(cols * n + rows).values
+        back_edge = reverse_edges(image_graphs[i]) if "cknna" in out else None  # c -> r, if any
         for index in text.edge_index:
             at = lookup(index.keys, keys)
             ranks = torch.where((at >= 0)[:, None], index.ranks[at.clamp_min(0)], -1)  # (nk, c)
@@ -320,8 +321,9 @@ def graph_tables(
                 layer = torch.arange(sims.shape[0], device=device)
                 b = sims[layer, rows[:, None], ranks.long().clamp_min(0)] * shared  # (nk, c)
                 a = image_sims[i].reshape(-1).double()[:, None] * shared
-                back = reverse_edges(image_graphs[i])
-                mutual = torch.where((back >= 0)[:, None], shared[back.clamp_min(0)], False)
+                mutual = torch.where(
+                    (back_edge >= 0)[:, None], shared[back_edge.clamp_min(0)], False
+                )
                 cross = masked_hsic(n, rows, cols, a, b, shared & mutual)
                 norm = torch.sqrt(image_self[i] * text.knn_self[index.layers])
                 out["cknna"][part] = (cross / norm).cpu().numpy()
