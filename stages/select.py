@@ -45,13 +45,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from stages import similarity
 from stages.pairs import PairSpec
 from store import FeatureStore, UserError, pair_rows, write_json_atomic
 
@@ -477,16 +478,84 @@ def mutual_knn_scores(
     return score_graphs(a, b, device)
 
 
-def as_layers(feats: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
-    """An (N, L, D) array or a sequence of (N, D_l) arrays -> a list of (N, D_l) arrays."""
+# ------------------------------------------------------------------------------------------
+# every metric of stages.similarity, from per-layer structures built once
+# ------------------------------------------------------------------------------------------
+GRAM_MEMORY = 8 * 2**30  # stacked centred Grams above this: CKA from the centred features
+
+
+def as_layers(feats: np.ndarray | Sequence[np.ndarray], name: str = "features") -> list[np.ndarray]:
+    """(N, L, D) array or a sequence of (N, D_l) arrays (layers may differ in width)."""
     if isinstance(feats, np.ndarray) and feats.ndim == 3:
-        return [feats[:, i] for i in range(feats.shape[1])]
-    layers = list(feats)
-    if not layers or any(np.ndim(x) != 2 for x in layers):
-        raise ValueError("expected an (N, L, D) array or a sequence of (N, D_l) arrays")
-    if len({len(x) for x in layers}) != 1:
-        raise ValueError(f"layers have different row counts: {[len(x) for x in layers]}")
+        return [feats[:, index] for index in range(feats.shape[1])]
+    layers = [np.asarray(x) for x in feats]
+    if not layers or any(x.ndim != 2 or len(x) != len(layers[0]) for x in layers):
+        raise ValueError(f"{name}: expected (N, L, D) or a sequence of (N, D_l) arrays")
     return layers
+
+
+def torch_device(device: str) -> str:
+    """Where the metrics' matrix work runs: CUDA when asked for (or auto) and present."""
+    import torch
+
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def metric_sides(
+    image_layers: Iterable, text_layers: Iterable, sizes: tuple[int, int], n: int,
+    metrics: Sequence[str], k: int, device: str = "auto", cca_dim: int = 10,
+    gram_memory: int = GRAM_MEMORY, graphs: Sequence[Sequence[np.ndarray]] | None = None,
+    names: Sequence[Sequence[str]] = ((), ()),
+) -> tuple[similarity.Side, similarity.Side]:  # fmt: skip
+    """The image and text structures of `metrics` for n samples and sizes = (Li, Lt) layers
+    (layers may be generators: one layer in memory at a time); kNN graphs by this module's
+    exact search, or the prebuilt `graphs` (one list per side)."""
+    use_grams = sum(sizes) * n * n * 4 <= gram_memory
+    sides = []
+    for side, layers in enumerate((image_layers, text_layers)):
+        layer_names = list(names[side]) or [f"layer {i}" for i in range(sizes[side])]
+
+        def knn(x, index, layer_names=layer_names):
+            return knn_graph(x, k, device, layer_names[index])
+
+        sides.append(
+            similarity.build_side(
+                layers,
+                sizes[side],
+                metrics,
+                knn,
+                graphs[side] if graphs else None,
+                use_grams,
+                cca_dim,
+                torch_device(device),
+            )  # fmt: skip
+        )
+    return sides[0], sides[1]
+
+
+def layer_scores(
+    image_feats: np.ndarray | Sequence[np.ndarray],
+    text_feats: np.ndarray | Sequence[np.ndarray],
+    metric: str = "cka",
+    k: int | str = "rice",
+    device: str = "auto",
+    cca_dim: int = 10,
+    gram_memory: int = GRAM_MEMORY,
+) -> np.ndarray:
+    """One metric of stages.similarity for every (image layer, text layer) pair: (N, Li, Di)
+    and (N, Lt, Dt) arrays, or sequences of (N, D_l) arrays, -> (Li, Lt) float64. Row i of
+    both must be the same sample. k (kNN metrics, CKNNA): an integer or a rule of resolve_k."""
+    (name,) = similarity.parse_metrics(metric)
+    image, text = as_layers(image_feats, "image features"), as_layers(text_feats, "text features")
+    if len(image[0]) != len(text[0]):
+        raise UserError(
+            f"image and text features have {len(image[0])} and {len(text[0])} rows; "
+            "they must be the same paired samples"
+        )
+    k_value = resolve_k(k, len(image[0]))
+    sizes, n = (len(image), len(text)), len(image[0])
+    sides = metric_sides(image, text, sizes, n, [name], k_value, device, cca_dim, gram_memory)
+    return similarity.tables([name], *sides)[name]
 
 
 # ------------------------------------------------------------------------------------------
@@ -494,24 +563,53 @@ def as_layers(feats: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
 # ------------------------------------------------------------------------------------------
 @dataclass
 class Selection:
-    scores: np.ndarray  # (Li, Lt)
+    scores: np.ndarray  # (Li, Lt) of the selecting metric (the first of `tables`)
     image_layers: list[str]
     text_layers: list[str]
     info: dict  # what selection.json holds
+    tables: dict[str, np.ndarray] = field(default_factory=dict)  # every metric's (Li, Lt)
+    calibration: dict[str, similarity.Calibrated] = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
         li, lt = np.meshgrid(
             np.arange(len(self.image_layers)), np.arange(len(self.text_layers)), indexing="ij"
         )
-        return pd.DataFrame(
-            {
-                "image_layer": np.asarray(self.image_layers)[li.ravel()],
-                "image_index": li.ravel(),
-                "text_layer": np.asarray(self.text_layers)[lt.ravel()],
-                "text_index": lt.ravel(),
-                "score": self.scores.ravel(),
-            }
-        )
+        columns = {
+            "image_layer": np.asarray(self.image_layers)[li.ravel()],
+            "image_index": li.ravel(),
+            "text_layer": np.asarray(self.text_layers)[lt.ravel()],
+            "text_index": lt.ravel(),
+            "score": self.scores.ravel(),
+        }
+        for metric, scores in self.tables.items():
+            columns[metric] = scores.ravel()
+            if metric in self.calibration:
+                columns[f"{metric}_calibrated"] = self.calibration[metric].calibrated.ravel()
+                columns[f"{metric}_p_value"] = self.calibration[metric].p_value.ravel()
+        return pd.DataFrame(columns)
+
+
+def best_pair(
+    scores: np.ndarray, names_i: Sequence[str], names_t: Sequence[str],
+    calibration: similarity.Calibrated | None = None,
+) -> dict:  # fmt: skip
+    """The argmax pair of one metric (first in row-major order among ties), and with a
+    calibration its calibrated score and p-value as the max over all pairs."""
+    best_i, best_t = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    pair = {
+        "image_layer": names_i[best_i],
+        "image_index": int(best_i),
+        "text_layer": names_t[best_t],
+        "text_index": int(best_t),
+        "score": float(scores[best_i, best_t]),
+        "last_score": float(scores[-1, -1]),
+    }
+    if calibration is not None:
+        pair["calibrated"] = calibration.max_calibrated
+        pair["p_value"] = calibration.max_p_value  # of the max: corrected for the search
+        pair["pair_calibrated"] = float(calibration.calibrated[best_i, best_t])
+        pair["pair_p_value"] = float(calibration.p_value[best_i, best_t])
+    return pair
 
 
 def layer_graph_task(
@@ -557,6 +655,8 @@ class SelectSettings:
     k: int | str = "rice"  # neighbours: an integer, or rice | sqrt | sturges of n
     seed: int = 0
     device: str = "auto"  # kNN search on auto | cpu | cuda
+    metric: str = "mutual_knn"  # one metric or a comma list; the first one selects
+    calibrate: int = 0  # permutations of the null (0: off)
 
 
 def run_selection(
@@ -567,18 +667,23 @@ def run_selection(
     progress: bool = True,
     scheduler: str = "",
 ) -> Selection:
-    """Score every layer pair of `spec`'s features on a seeded sample and write scores.parquet,
-    selection.json and heatmap.png to `out`. With a dask `scheduler` (address or local:N) the
-    kNN graphs are built on the workers, one task per layer."""
+    """Score every layer pair of `spec`'s features on a seeded sample by each metric of
+    `settings` (the first one selects) and write scores.parquet, selection.json and the heatmaps
+    to `out`. With a dask `scheduler` (address or local:N) the kNN graphs are built on the
+    workers, one task per layer. With settings.calibrate = K > 0, K permutations of the text
+    rows give the null of every score."""
     from tqdm import tqdm
 
-    dataset, split, image_model, text_model = (
-        spec.dataset,
-        spec.split,
-        spec.image_model,
-        spec.text_model,
-    )
+    dataset, split = spec.dataset, spec.split
+    image_model, text_model = spec.image_model, spec.text_model
     n_samples, k, seed, device = settings.n_samples, settings.k, settings.seed, settings.device
+    calibrate = settings.calibrate
+    try:
+        metrics = similarity.parse_metrics(settings.metric)
+    except ValueError as err:
+        raise UserError(f"--metric: {err}") from err
+    if calibrate < 0:
+        raise UserError(f"--calibrate must be 0 (off) or a number of permutations, got {calibrate}")
     store, image, text = spec.arrays()
     image.require_complete()
     text.require_complete()
@@ -594,91 +699,112 @@ def run_selection(
     n = len(image_rows)
     k_value = resolve_k(k, n)
     names_i, names_t = image.layer_names, text.layer_names
-    jobs = [("image", image_model, name, image_rows) for name in names_i]
-    jobs += [("text", text_model, name, text_rows) for name in names_t]
-    common = (str(Path(store.root).resolve()), dataset, split, k_value, device)
-    if scheduler:  # one task per layer, features read on the worker; scored here
+    graphs = None
+    if scheduler and any(m in similarity.GRAPH_METRICS for m in metrics):
         from stages.cluster import connect, run_tasks
 
-        with connect(scheduler) as client:
+        jobs = [("image", image_model, name, image_rows) for name in names_i]
+        jobs += [("text", text_model, name, text_rows) for name in names_t]
+        common = (str(Path(store.root).resolve()), dataset, split, k_value, device)
+        with connect(scheduler) as client:  # one task per layer, features read on the worker
             found = run_tasks(
                 client, layer_graph_task, jobs, *common, desc="kNN graphs", unit="layer",
                 progress=progress,
             )  # fmt: skip
-    else:
-        bar = tqdm(jobs, desc="kNN graphs", unit="layer", disable=not progress)
-        found = [layer_graph_task(job, *common) for job in bar]  # one layer in memory at a time
-    graphs = [found[: len(names_i)], found[len(names_i) :]]
-    scores = score_graphs(*graphs, device=device)
-    best_i, best_t = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        graphs = [found[: len(names_i)], found[len(names_i) :]]
+    # only the graphs' overlaps need no features here once the cluster has built the graphs
+    local = graphs is None or any(m not in ("mutual_knn", "cycle_knn", "lcs_knn") for m in metrics)
+
+    def layers(array, rows, names, what):  # one layer in memory at a time
+        for name in tqdm(names, desc=f"{what} layers", disable=not progress):
+            yield array.read_layer(name)[rows] if local else None
+
+    sides = metric_sides(
+        layers(image, image_rows, names_i, "image"), layers(text, text_rows, names_t, "text"),
+        (len(names_i), len(names_t)), n, metrics, k_value, device, graphs=graphs,
+        names=([f"{image.path} {x}" for x in names_i], [f"{text.path} {x}" for x in names_t]),
+    )  # fmt: skip
+    tables = similarity.tables(metrics, *sides)
+    calibration = {}
+    if calibrate:
+        bar = partial(tqdm, desc="permutations", unit="perm", disable=not progress)
+        null = similarity.permutation_null(metrics, *sides, calibrate, seed, bar)
+        calibration = {m: similarity.calibrate_table(tables[m], null[m]) for m in metrics}
+    by_metric = {m: best_pair(tables[m], names_i, names_t, calibration.get(m)) for m in metrics}
     info = {
-        "image_layer": names_i[best_i],
-        "image_index": int(best_i),
-        "text_layer": names_t[best_t],
-        "text_index": int(best_t),
-        "score": float(scores[best_i, best_t]),
+        **by_metric[metrics[0]],
+        "metric": metrics[0],
         "last_image_layer": names_i[-1],
         "last_text_layer": names_t[-1],
-        "last_score": float(scores[-1, -1]),
         "k": k_value,
         "k_rule": str(k),
         "n": n,
         "seed": seed,
+        "permutations": calibrate,
+        "alpha": similarity.ALPHA,
         "image_model": image_model,
         "text_model": text_model,
         "dataset": dataset,
         "split": split,
+        "by_metric": by_metric,
     }
-    selection = Selection(scores, names_i, names_t, info)
+    selection = Selection(tables[metrics[0]], names_i, names_t, info, tables, calibration)
     write_selection(selection, Path(out))
     return selection
 
 
 def write_selection(selection: Selection, out: Path) -> None:
+    """scores.parquet, selection.json, heatmap.png (the selecting metric) and
+    heatmap_{metric}.png for each other metric."""
     out.mkdir(parents=True, exist_ok=True)
     selection.table().to_parquet(out / "scores.parquet", index=False)
     write_json_atomic(out / "selection.json", selection.info)
-    plot_heatmap(selection, out / "heatmap.png")
+    for rank, metric in enumerate(selection.tables or {"mutual_knn": selection.scores}):
+        path = out / ("heatmap.png" if rank == 0 else f"heatmap_{metric}.png")
+        plot_heatmap(selection, metric, path)
 
 
-def plot_heatmap(selection: Selection, path: Path) -> None:
+METRIC_LABELS = {"mutual_knn": "mutual kNN", "cycle_knn": "cycle kNN", "lcs_knn": "LCS kNN"}
+
+
+def plot_heatmap(selection: Selection, metric: str, path: Path) -> None:
+    """Image layers x text layers of one metric, its best pair marked; with a calibration
+    a second panel shows the calibrated scores and the p-value of the best pair."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     info = selection.info
-    li, lt = selection.scores.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * lt + 3), max(4.0, 0.28 * li + 2)))
-    im = ax.imshow(selection.scores, cmap="viridis", aspect="auto", origin="lower")
-    fig.colorbar(im, ax=ax, label=f"mutual kNN (k={info['k']}, n={info['n']})")
-    ax.set_xticks(range(lt), selection.text_layers, rotation=90, fontsize=7)
-    ax.set_yticks(range(li), selection.image_layers, fontsize=7)
-    ax.set_xlabel(f"text layer ({info['text_model']})")
-    ax.set_ylabel(f"image layer ({info['image_model']})")
-    ax.scatter(
-        [info["text_index"]],
-        [info["image_index"]],
-        marker="*",
-        s=160,
-        c="red",
-        edgecolors="white",
+    scores = selection.tables.get(metric, selection.scores)
+    best = info.get("by_metric", {}).get(metric, info)
+    calibration = selection.calibration.get(metric)
+    panels = [(scores, METRIC_LABELS.get(metric, metric))]
+    if calibration is not None:
+        panels.append((calibration.calibrated, f"calibrated ({info['permutations']} perm.)"))
+    li, lt = scores.shape
+    width = max(5.0, 0.32 * lt + 3)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels), max(4.0, 0.28 * li + 2)), squeeze=False
     )
-    ax.add_patch(
-        plt.Rectangle(
-            (info["text_index"] - 0.5, info["image_index"] - 0.5),
-            1,
-            1,
-            fill=False,
-            edgecolor="red",
-            linewidth=2,
-        )
+    for ax, (values, label) in zip(axes[0], panels):
+        im = ax.imshow(values, cmap="viridis", aspect="auto", origin="lower")
+        fig.colorbar(im, ax=ax, label=f"{label} (k={info['k']}, n={info['n']})")
+        ax.set_xticks(range(lt), selection.text_layers, rotation=90, fontsize=7)
+        ax.set_yticks(range(li), selection.image_layers, fontsize=7)
+        ax.set_xlabel(f"text layer ({info['text_model']})")
+        ax.set_ylabel(f"image layer ({info['image_model']})")
+        ax.scatter(
+            [best["text_index"]], [best["image_index"]], marker="*", s=160, c="red",
+            edgecolors="white",
+        )  # fmt: skip
+    title = (
+        f"{info['dataset']}/{info['split']} {metric}: best (*) {best['image_layer']} x "
+        f"{best['text_layer']} = {best['score']:.3f}, last pair {best['last_score']:.3f}"
     )
-    ax.set_title(
-        f"{info['dataset']}/{info['split']}: chosen (*) {info['image_layer']} x "
-        f"{info['text_layer']} = {info['score']:.3f}, last pair {info['last_score']:.3f}",
-        fontsize=9,
-    )
+    if calibration is not None:
+        title += f"; max-pair p = {best['p_value']:.3g}"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -701,15 +827,25 @@ def resolve_layers(
 ) -> tuple[str, str]:
     """(image layer name, text layer name) of `spec`'s features for `align --layers`.
 
-    auto: the pair in select_dir/selection.json when it was made for these models, dataset and
-    split (and its layers exist); otherwise the selection is computed there first (`settings`).
+    auto: the best pair by settings.metric (its first metric) in select_dir/selection.json when
+    it was made for these models, dataset and split and scored that metric (and its layers
+    exist); otherwise the selection is computed there first (`settings`).
     last: the last layer of each array. IMG,TXT: each by index (negative allowed) or name."""
     _, image, text = spec.arrays()
     layers = layers.strip()
     if layers == "last":
         return image.layer_names[-1], text.layer_names[-1]
     if layers == "auto":
+        try:
+            (metric,) = similarity.parse_metrics(settings.metric)[:1]
+        except ValueError as err:
+            raise UserError(f"--metric: {err}") from err
         info = read_selection(Path(select_dir))
+        pair = None
+        if info is not None:  # the selecting metric's pair is the top level (mutual kNN in
+            # files from before --metric), the others' are under by_metric
+            selecting = info.get("metric", "mutual_knn") == metric
+            pair = info if selecting else info.get("by_metric", {}).get(metric)
         wanted = {
             "image_model": spec.image_model,
             "text_model": spec.text_model,
@@ -717,15 +853,18 @@ def resolve_layers(
             "split": spec.split,
         }
         if (
-            info is None
+            pair is None
             or any(info.get(key) != value for key, value in wanted.items())
-            or info.get("image_layer") not in image.layer_names
-            or info.get("text_layer") not in text.layer_names
+            or pair.get("image_layer") not in image.layer_names
+            or pair.get("text_layer") not in text.layer_names
         ):
             if info is not None:
-                log(f"{select_dir}/selection.json is for other features; selecting again")
-            info = run_selection(spec, Path(select_dir), settings).info
-        return info["image_layer"], info["text_layer"]
+                log(
+                    f"{select_dir}/selection.json is for other features or metrics; selecting again"
+                )
+            settings = replace(settings, metric=metric)
+            pair = run_selection(spec, Path(select_dir), settings).info
+        return pair["image_layer"], pair["text_layer"]
     parts = [p.strip() for p in layers.split(",")]
     if len(parts) != 2 or not all(parts):
         raise UserError(

@@ -424,6 +424,7 @@ def test_cli_finds_the_planted_pair(tmp_path):
         "text_layer",
         "text_index",
         "score",
+        "mutual_knn",
     ]
     assert len(table) == len(IMAGE_LAYERS) * len(TEXT_LAYERS)
     scores = table.pivot(index="image_index", columns="text_index", values="score").to_numpy()

@@ -29,6 +29,10 @@ def align(
     layers: str = typer.Option(
         "auto", help="auto (mutual-kNN selection), last, or IMAGE,TEXT layer names or indices."
     ),
+    metric: str = typer.Option(
+        SelectSettings.metric,
+        help="--layers auto: the metric that picks the pair (see select --metric).",
+    ),
     head: str = typer.Option(D.head, help="Projection head: linear, mlp or csa (CCA-based)."),
     lam: float = typer.Option(D.lam, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(D.levels, help="R_S levels L (softmax powers), 1 to 5."),
@@ -82,7 +86,7 @@ def align(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
     # `--layers auto` may run the selection: with the select section's settings and this seed
-    select = replace(section_settings(ctx, "select", SelectSettings), seed=seed)
+    select = replace(section_settings(ctx, "select", SelectSettings), seed=seed, metric=metric)
     chosen = resolve_layers(layers, spec, select_dir, select, log=echo_error)
     typer.echo(f"layers: image {chosen[0]}, text {chosen[1]}")
     config, result = run_align(
@@ -91,7 +95,7 @@ def align(
         settings,
         out,
         progress=progress,
-        extra_config={"layers": layers},
+        extra_config={"layers": layers, "layer_metric": metric if layers == "auto" else None},
         memory_cap=cap,
     )
     typer.echo(

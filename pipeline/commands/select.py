@@ -29,25 +29,42 @@ def select(
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     out: Path = typer.Option(Path("runs/select"), help="Run directory for the outputs."),
     top: int = typer.Option(10, help="How many of the best pairs to print."),
+    metric: str = typer.Option(
+        D.metric,
+        help="Metrics, a comma list (the first selects): mutual_knn, cycle_knn, lcs_knn, cknna, "
+        "cka, unbiased_cka, svcca.",
+    ),
+    calibrate: int = typer.Option(
+        D.calibrate,
+        help="Permutations of the null (0: off): calibrated scores and p-values (alpha 0.05).",
+    ),
     scheduler: str = typer.Option(
         "",
         help="Build the per-layer kNN graphs on a dask cluster: a scheduler address "
         "(tcp://host:8786) or local:N. Empty: this process.",
     ),
 ) -> None:
-    """Pick the layer pair whose kNN graphs agree most (mutual kNN, FAISS exact search)."""
+    """Pick the layer pair that agrees most by a similarity metric (default mutual kNN on exact
+    kNN graphs); several metrics at once, optionally calibrated against a permutation null."""
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
-    settings = SelectSettings(n_samples=n_samples, k=k, seed=seed, device=device)
+    settings = SelectSettings(
+        n_samples=n_samples, k=k, seed=seed, device=device, metric=metric, calibrate=calibrate
+    )
     selection = run_selection(spec, out, settings, scheduler=scheduler)
     info = selection.info
     table = top_pairs(selection, top)
-    typer.echo(f"mutual kNN on n={info['n']} pairs of {dataset}/{split}, k={info['k']}")
+    typer.echo(f"{info['metric']} on n={info['n']} pairs of {dataset}/{split}, k={info['k']}")
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     typer.echo(
         f"chosen: {info['image_layer']} x {info['text_layer']} = {info['score']:.4f}"
         f"  (last pair {info['last_image_layer']} x {info['last_text_layer']} ="
         f" {info['last_score']:.4f})"
     )
-    typer.echo(f"wrote {out}/scores.parquet, selection.json, heatmap.png")
+    for name, best in info["by_metric"].items():
+        p_value = f", max-pair p = {best['p_value']:.3g}" if "p_value" in best else ""
+        typer.echo(
+            f"  {name}: {best['image_layer']} x {best['text_layer']} = {best['score']:.4f}{p_value}"
+        )
+    typer.echo(f"wrote {out}/scores.parquet, selection.json, heatmap*.png")
