@@ -25,6 +25,7 @@ from store import write_text_atomic
 TRAINERS: dict[str, Callable[..., TrainResult | CSAResult]] = {
     "linear": train_heads,
     "mlp": train_heads,
+    "lowrank": train_heads,  # the paper's "MLP": linear map + gated low-rank residual
     "csa": train_csa,  # closed-form CCA (+ R_S refinement), not gradient-trained heads
 }
 

@@ -29,7 +29,10 @@ def align(
     layers: str = typer.Option(
         "auto", help="auto (mutual-kNN selection), last, or IMAGE,TEXT layer names or indices."
     ),
-    head: str = typer.Option(D.head, help="Projection head: linear, mlp or csa (CCA-based)."),
+    head: str = typer.Option(
+        D.head,
+        help="Projection head: linear, mlp, lowrank (the paper's MLP: linear + gated low-rank residual, rank 64) or csa (CCA-based).",
+    ),
     lam: float = typer.Option(D.lam, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(D.levels, help="R_S levels L (softmax powers), 1 to 5."),
     temperature: float = typer.Option(D.temperature, help="Temperature of CLIP and R_S."),
