@@ -31,7 +31,8 @@ def align(
     ),
     head: str = typer.Option(
         D.head,
-        help="Projection head: linear, mlp, lowrank (the paper's MLP: linear + gated low-rank residual, rank 64) or csa (CCA-based).",
+        help="Projection head: linear, mlp, lowrank (the paper's MLP: linear map + gated "
+        "low-rank residual, rank 64) or csa (CCA-based).",
     ),
     lam: float = typer.Option(D.lam, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(D.levels, help="R_S levels L (softmax powers), 1 to 5."),
