@@ -7,11 +7,13 @@ run directory: head.safetensors + config.json (stages.heads), history.csv and cu
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stages.csa import CSAResult, train_csa
@@ -60,6 +62,12 @@ def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None
     plt.close(fig)
 
 
+def pairs_digest(train: np.ndarray, val: np.ndarray) -> str:
+    """A short hash of the set of pair indices a run drew (train and validation together)."""
+    chosen = np.sort(np.concatenate([train, val])).astype(np.int64)
+    return hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
+
+
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -95,6 +103,8 @@ def run_align(
         "n_pairs_requested": settings.n_pairs,
         "n_pairs": int(len(train) + len(val)),
         "n_train": int(len(train)),
+        # which pairs (train + validation): equal digests, equal subsets (the sweep's check)
+        "pairs_digest": pairs_digest(train, val),
         "n_val": int(len(val)),
         "batch_size_used": batch_plan(len(train), settings.batch_size)[1],
         "epochs_run": int(len(result.history)),
