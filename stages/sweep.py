@@ -22,10 +22,12 @@ from typing import Any
 
 import pandas as pd
 
+from stages.align import UNPAIRED_HEADS
 from stages.cluster import check_scheduler
 from stages.pairs import PairSpec
 from stages.table import (
     HEADS,
+    TABLE_VARIANTS,
     VARIANTS,
     TableRow,
     TableSettings,
@@ -56,7 +58,9 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     """`linear-last,csa-similar-rs` -> the method names HEAD-VARIANT, each checked."""
     items = text if isinstance(text, list | tuple) else str(text).split(",")
     methods = tuple(str(m).strip() for m in items if str(m).strip())
-    known = [f"{h}-{v}" for h in HEADS for v in VARIANTS]
+    known = [
+        f"{h}-{v}" for h in HEADS for v in VARIANTS if h in UNPAIRED_HEADS or "unpaired" not in v
+    ]
     bad = [m for m in methods if m not in known]
     if not methods or bad:
         raise UserError(f"unknown method(s) {bad or text!r}; choose from {', '.join(known)}")
@@ -74,7 +78,7 @@ def method_row(method: str, n_pairs: int) -> TableRow:
 class SweepSettings:
     """What the sweep adds to the align settings, with the defaults of the `sweep` command."""
 
-    methods: tuple[str, ...] = tuple(f"{h}-{v}" for h in HEADS for v in VARIANTS)
+    methods: tuple[str, ...] = tuple(f"{h}-{v}" for h in HEADS for v in TABLE_VARIANTS)
     n_pairs: tuple[int, ...] = (100, 250, 1000, 0)
     seeds: tuple[int, ...] = (0, 1, 2)
     lam: float = 10.0  # R_S weight of the gradient-trained + R_S rows
@@ -82,6 +86,9 @@ class SweepSettings:
     csa_dim: int = 32
     eval_split: str = "test"
     prompts_split: str = "prompts"
+    # DATASET/SPLIT of unpaired images and texts for the `*-similar-rs-unpaired` methods
+    unpaired_images: str = ""
+    unpaired_texts: str = ""
     workers: int = 1  # parallel runs in a process pool (ignored with a dask scheduler)
     scheduler: str = ""  # a dask scheduler address or local:N; empty = the process pool
 
@@ -91,6 +98,12 @@ class SweepSettings:
         parse_ints(self.seeds, "--seeds")
         if self.scheduler:
             check_scheduler(self.scheduler)
+        wants = any(m.endswith("-unpaired") for m in self.methods)
+        if wants != bool(self.unpaired_images or self.unpaired_texts):
+            raise UserError(
+                "the *-similar-rs-unpaired methods and --unpaired-images/--unpaired-texts go "
+                "together: give both or neither"
+            )
         if self.workers < 1:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
         self.table()  # checks lambda and csa_lambda
@@ -117,6 +130,7 @@ class SweepJob:
     method: str
     eval_split: str
     prompts_split: str
+    unpaired: tuple[str | None, str | None] = (None, None)
     threads: int = 0  # torch threads in a worker process (0: leave as is)
 
 
@@ -145,6 +159,11 @@ def sweep_jobs(
                         method=method,
                         eval_split=sweep.eval_split,
                         prompts_split=sweep.prompts_split,
+                        unpaired=(
+                            (sweep.unpaired_images or None, sweep.unpaired_texts or None)
+                            if row.variant.endswith("-unpaired")
+                            else (None, None)
+                        ),
                         threads=threads,
                     )
                 )
@@ -165,6 +184,7 @@ def run_job(job: SweepJob) -> dict[str, Any]:
         job.run_dir,
         (job.eval_split, job.prompts_split),
         {"method": job.method},
+        unpaired=job.unpaired,
     )
     row: dict[str, Any] = {
         "method": job.method,

@@ -24,7 +24,14 @@ from store import UserError, write_json_atomic
 
 HEADS = {"linear": "Linear", "mlp": "MLP", "lowrank": "Low-rank", "csa": "CSA"}
 TABLE_HEADS = ("linear", "mlp", "csa")  # the nine rows of the paper's table
-VARIANTS = {"last": "Last", "similar": "Similar", "similar-rs": "Similar + R_S"}
+VARIANTS = {
+    "last": "Last",
+    "similar": "Similar",
+    "similar-rs": "Similar + R_S",
+    # sweep only: R_S also on unpaired images and texts (sweep --unpaired-images/-texts)
+    "similar-rs-unpaired": "Similar + R_S + unpaired",
+}
+TABLE_VARIANTS = ("last", "similar", "similar-rs")  # the paper's table
 TABLE_COLUMNS = [
     "method",
     "n_pairs",
@@ -89,12 +96,12 @@ class TableRow:
 
 
 def table_rows(n_pairs: Sequence[int]) -> list[TableRow]:
-    return [TableRow(n, h, v) for n in n_pairs for h in TABLE_HEADS for v in VARIANTS]
+    return [TableRow(n, h, v) for n in n_pairs for h in TABLE_HEADS for v in TABLE_VARIANTS]
 
 
 def row_settings(row: TableRow, base: AlignSettings, table: TableSettings) -> AlignSettings:
     """The align settings of one row: R_S only in the `similar-rs` variant; CSA's own d and λ."""
-    rs = row.variant == "similar-rs"
+    rs = row.variant.startswith("similar-rs")
     if row.head == "csa":
         lam = table.csa_lambda if rs else 0.0
         return replace(base, head="csa", n_pairs=row.n_pairs, out_dim=table.csa_dim, lam=lam)
@@ -108,11 +115,19 @@ def align_and_evaluate(
     run_dir: Path,
     eval_splits: tuple[str, str],
     extra_config: dict[str, Any],
+    **align_options: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One row: an align run in run_dir, evaluated on (eval split, prompts split) of the same
-    dataset, its metrics.json written; returns (config, metrics)."""
+    """One row: an align run in run_dir (run_align's `align_options`: unpaired, extra pairs),
+    evaluated on (eval split, prompts split) of the same dataset, its metrics.json written;
+    returns (config, metrics)."""
     config, _ = run_align(
-        spec, layers, settings, run_dir, progress=False, extra_config=extra_config
+        spec,
+        layers,
+        settings,
+        run_dir,
+        progress=False,
+        extra_config=extra_config,
+        **align_options,
     )
     metrics = evaluate_run(run_dir, spec.store, spec.dataset, *eval_splits)
     write_json_atomic(run_dir / METRICS, metrics)

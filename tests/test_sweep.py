@@ -3,6 +3,7 @@ summary's mean ± std, and the command end to end on a tiny planted store."""
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_summary_mean_and_std_against_a_hand_computation():
 def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="unknown method"):
         parse_methods("linear-last,mlp-best")
+    with pytest.raises(UserError, match="unknown method"):
+        parse_methods("csa-similar-rs-unpaired")  # CSA's R_S refinement takes no unpaired rows
+    with pytest.raises(UserError, match="give both or neither"):
+        SweepSettings(methods=("linear-similar-rs-unpaired",))
     with pytest.raises(UserError, match="twice"):
         parse_methods("csa-last,csa-last")
     with pytest.raises(UserError, match="--workers"):
@@ -81,9 +86,10 @@ def test_bad_settings_are_user_errors():
 
 def test_sweep_command_end_to_end(store, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "sweep"
-    methods = "linear-last,lowrank-similar-rs,csa-similar-rs"
+    methods = "linear-last,lowrank-similar-rs-unpaired,csa-similar-rs"
     args = ["--params", params_file(tmp_path), "sweep", "--store", str(store), "--out", str(out)]
     args += ["--methods", methods, "--n-pairs", "40,100", "--seeds", "0,1"]
+    args += ["--unpaired-images", "toy/test", "--unpaired-texts", "toy/test"]
     code, _, err = run_cli([*args, "--select-dir", str(tmp_path / "sel"), "--workers", "2"], capsys)
     assert code == 0, err
     rows = pd.read_csv(out / "sweep.csv")
@@ -97,18 +103,25 @@ def test_sweep_command_end_to_end(store, tmp_path, capsys):  # noqa: F811
     assert rows.groupby("n_pairs")["pairs_digest"].nunique().tolist() == [2, 2]
     assert rows.set_index("method").loc["csa-similar-rs", "lambda"].eq(0.3).all()
     assert (rows["pairs_used"] == rows["n_pairs"]).all()
+    config = json.loads(
+        (out / "runs/n40/seed0/lowrank-similar-rs-unpaired/config.json").read_text()
+    )
+    assert config["unpaired_images"] == "toy/test" and config["n_unpaired"] == [50, 50]
     summary = (out / "summary.md").read_text()
     assert summary.count("\n|") == 1 + 3 * 2 and " ± " in summary
     assert (out / "scaling.png").stat().st_size > 10_000
     # the parallel run gave the same numbers as the same run in this process
     serial = tmp_path / "serial"
-    one = ["--methods", "lowrank-similar-rs", "--n-pairs", "40", "--seeds", "1"]
+    one = ["--methods", "lowrank-similar-rs-unpaired", "--n-pairs", "40", "--seeds", "1"]
+    one += ["--unpaired-images", "toy/test", "--unpaired-texts", "toy/test"]
     code, _, err = run_cli(
         [*args[:6], str(serial), *one, "--select-dir", str(tmp_path / "sel")], capsys
     )
     assert code == 0, err
     again = pd.read_csv(serial / "sweep.csv").iloc[0]
-    first = rows.set_index(["method", "n_pairs", "seed"]).loc[("lowrank-similar-rs", 40, 1)]
+    first = rows.set_index(["method", "n_pairs", "seed"]).loc[
+        ("lowrank-similar-rs-unpaired", 40, 1)
+    ]
     assert again["zs_top1"] == pytest.approx(first["zs_top1"], abs=1e-3)
     assert again["i2t_r1"] == pytest.approx(first["i2t_r1"], abs=1e-3)
     code, _, err = run_cli([*args, "--seeds", "0,x"], capsys)

@@ -13,6 +13,7 @@ from stages.align import run_align
 from stages.pairs import PairSpec, parse_memory_cap
 from stages.select import SelectSettings, resolve_layers
 from stages.train import AlignSettings
+from store import UserError
 
 D = AlignSettings()  # the defaults of every training option
 
@@ -54,6 +55,20 @@ def align(
     csa_ridge: float = typer.Option(
         D.csa_ridge, help="--head csa: canonical ridge eps (C + eps * mean variance * I); 0 = CCA."
     ),
+    unpaired_images: str = typer.Option(
+        "",
+        help="DATASET/SPLIT of images extracted with the same image model: unpaired images "
+        "that each step's image R_S also sees (never the CLIP loss).",
+    ),
+    unpaired_texts: str = typer.Option(
+        "", help="DATASET/SPLIT of texts (same text model): unpaired texts for the text R_S."
+    ),
+    extra_pairs: str = typer.Option(
+        "",
+        help="DATASET/SPLIT of pairs (same models) to add to the training pairs: the paper's "
+        "in-domain mixing.",
+    ),
+    extra_n: int = typer.Option(0, help="How many --extra-pairs pairs (seeded draw; 0 = all)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     memory_cap: str = typer.Option(
         "0",
@@ -82,6 +97,8 @@ def align(
         csa_ridge=csa_ridge,
     )
     cap = parse_memory_cap(memory_cap)
+    if extra_n < 0 or (extra_n and not extra_pairs):
+        raise UserError("--extra-n must be >= 0 and goes with --extra-pairs DATASET/SPLIT")
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
@@ -97,6 +114,9 @@ def align(
         progress=progress,
         extra_config={"layers": layers},
         memory_cap=cap,
+        unpaired=(unpaired_images or None, unpaired_texts or None),
+        extra_pairs=extra_pairs or None,
+        extra_n=extra_n,
     )
     typer.echo(
         f"{config['n_train']} train / {config['n_val']} validation pairs, "

@@ -33,7 +33,8 @@ def sweep(
     methods: str = typer.Option(
         ",".join(D.methods),
         help="Comma-separated HEAD-VARIANT names: HEAD linear|mlp|lowrank|csa, VARIANT "
-        "last|similar|similar-rs (e.g. linear-last,lowrank-similar-rs).",
+        "last|similar|similar-rs|similar-rs-unpaired (not csa; with --unpaired-images/-texts), "
+        "e.g. linear-last,lowrank-similar-rs.",
     ),
     n_pairs: str = typer.Option(
         ",".join(map(str, D.n_pairs)), help="Comma-separated training-set sizes (0 = all)."
@@ -45,6 +46,14 @@ def sweep(
     lam: float = typer.Option(D.lam, "--lambda", help="R_S weight of the + R_S gradient rows."),
     csa_lambda: float = typer.Option(D.csa_lambda, help="R_S weight of CSA + Similar + R_S."),
     csa_dim: int = typer.Option(D.csa_dim, help="CSA's canonical dimensions d."),
+    unpaired_images: str = typer.Option(
+        D.unpaired_images,
+        help="DATASET/SPLIT of unpaired images (same image model) for the *-similar-rs-unpaired "
+        "methods: each step's image R_S also sees a batch of them.",
+    ),
+    unpaired_texts: str = typer.Option(
+        D.unpaired_texts, help="DATASET/SPLIT of unpaired texts for the *-unpaired methods."
+    ),
     workers: int = typer.Option(D.workers, help="Runs in parallel (a process pool)."),
     scheduler: str = typer.Option(
         D.scheduler, help="Run on a dask cluster instead: tcp://host:8786 or local:N."
@@ -66,6 +75,8 @@ def sweep(
         csa_dim=csa_dim,
         eval_split=eval_split,
         prompts_split=prompts_split,
+        unpaired_images=unpaired_images,
+        unpaired_texts=unpaired_texts,
         workers=workers,
         scheduler=scheduler,
     )
