@@ -18,7 +18,7 @@ from store.errors import UserError
 
 # params.yaml keys whose Python parameter name differs (`lambda` is a keyword)
 KEY_ALIASES = {"lambda": "lam"}
-COMMANDS = ("extract", "select", "align", "evaluate", "compare", "table", "index", "embed")
+COMMANDS = ("extract", "select", "align", "evaluate", "compare", "table", "sweep", "index", "embed")
 
 
 def load_params(path: str | Path) -> dict[str, Any]:

@@ -7,26 +7,40 @@ run directory: head.safetensors + config.json (stages.heads), history.csv and cu
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stages.csa import CSAResult, train_csa
 from stages.heads import save_run
-from stages.pairs import PairSpec, StorePairs, batch_plan, open_pairs, pair_sources, split_pairs
+from stages.pairs import (
+    MemoryPairs,
+    PairSpec,
+    StorePairs,
+    batch_plan,
+    load_extra_pairs,
+    load_unpaired,
+    open_pairs,
+    pair_sources,
+    split_pairs,
+)
 from stages.train import AlignSettings, TrainResult, train_heads
-from store import write_text_atomic
+from store import UserError, write_text_atomic
 
 # head kind -> trainer(train source, validation source, settings, progress) -> result with
 # image_head, text_head, history, steps, seconds and `info` (what config.json adds)
 TRAINERS: dict[str, Callable[..., TrainResult | CSAResult]] = {
     "linear": train_heads,
     "mlp": train_heads,
+    "lowrank": train_heads,  # the paper's "MLP": linear map + gated low-rank residual
     "csa": train_csa,  # closed-form CCA (+ R_S refinement), not gradient-trained heads
 }
+UNPAIRED_HEADS = ("linear", "mlp", "lowrank")  # the trainers that take unpaired rows for R_S
 
 
 def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None) -> None:
@@ -59,6 +73,12 @@ def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None
     plt.close(fig)
 
 
+def pairs_digest(train: np.ndarray, val: np.ndarray) -> str:
+    """A short hash of the set of pair indices a run drew (train and validation together)."""
+    chosen = np.sort(np.concatenate([train, val])).astype(np.int64)
+    return hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
+
+
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -68,17 +88,54 @@ def run_align(
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
     memory_cap: int = 0,
+    unpaired: tuple[str | None, str | None] = (None, None),
+    extra_pairs: str | None = None,
+    extra_n: int = 0,
 ) -> tuple[dict[str, Any], TrainResult | CSAResult]:
     """Load the pairs of `spec` at `layers` (image, text), split, train, and write the run
     directory; returns (config, result). When the chosen layers of the pairs exceed `memory_cap`
     bytes (0 = no cap), batches are streamed from the store instead of held in memory; the
-    weights are the same."""
+    weights are the same.
+
+    unpaired: (images, texts) as DATASET/SPLIT of the same models: unpaired rows for R_S.
+    extra_pairs, extra_n: DATASET/SPLIT of the same models, extra_n (0 = all) of its pairs added
+    to the training pairs (the paper's in-domain mixing; validation stays on `spec`)."""
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
         pairs.image_rows, settings.n_pairs, settings.val_fraction, settings.seed
     )
     train_source, val_source = pair_sources(pairs, train, val, memory_cap)
-    result = TRAINERS[settings.head](train_source, val_source, settings, progress=progress)
+    names = (pairs.info["image_layer"], pairs.info["text_layer"])
+    added: dict[str, Any] = {}
+    if extra_pairs:
+        if not isinstance(train_source, MemoryPairs):
+            raise UserError("--extra-pairs needs the training pairs in memory: raise --memory-cap")
+        image, text = load_extra_pairs(spec, extra_pairs, extra_n, names, settings.seed)
+        train_source = MemoryPairs(
+            np.concatenate([train_source.image.numpy(), image]),
+            np.concatenate([train_source.text.numpy(), text]),
+        )
+        added.update(extra_pairs=extra_pairs, extra_n=len(image))
+    kwargs = {}
+    if any(unpaired):
+        if settings.head not in UNPAIRED_HEADS or settings.lam == 0:
+            raise UserError(
+                "--unpaired-images/--unpaired-texts feed R_S: they need --lambda > 0 and a "
+                f"gradient-trained head ({', '.join(UNPAIRED_HEADS)})"
+            )
+        rows = [
+            load_unpaired(spec, modality, where, name, f"--unpaired-{modality}s") if where else None
+            for modality, where, name in zip(("image", "text"), unpaired, names, strict=True)
+        ]
+        kwargs["unpaired"] = tuple(rows)
+        added.update(
+            unpaired_images=unpaired[0],
+            unpaired_texts=unpaired[1],
+            n_unpaired=[0 if r is None else len(r) for r in rows],
+        )
+    result = TRAINERS[settings.head](
+        train_source, val_source, settings, progress=progress, **kwargs
+    )
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
     config = {
@@ -93,14 +150,17 @@ def run_align(
         **hyper,
         "n_pairs_requested": settings.n_pairs,
         "n_pairs": int(len(train) + len(val)),
-        "n_train": int(len(train)),
+        "n_train": int(len(train_source)),
+        # which pairs (train + validation): equal digests, equal subsets (the sweep's check)
+        "pairs_digest": pairs_digest(train, val),
         "n_val": int(len(val)),
-        "batch_size_used": batch_plan(len(train), settings.batch_size)[1],
+        "batch_size_used": batch_plan(len(train_source), settings.batch_size)[1],
         "epochs_run": int(len(result.history)),
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         "streamed_from_store": isinstance(train_source, StorePairs),
         **result.info,  # the trainer's own: optimiser, early stopping, best epoch (CSA: its fit)
+        **added,
         **(extra_config or {}),
     }
     out = Path(out)

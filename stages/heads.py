@@ -1,7 +1,7 @@
 """Projection heads and the run checkpoint: `head.safetensors` + `config.json` in a run directory.
 
 A head maps one frozen encoder's layer features (in_dim) into the shared space (out_dim).
-Every kind (linear, mlp, CSA's) is built from the run's config through the static registry
+Every kind (linear, mlp, lowrank, CSA's) is built from the run's config through the static registry
 `HEAD_BUILDERS`; a new kind is one class and one entry there. Fixed matrices (CSA's) travel as
 buffers in the same safetensors file. Never pickle.
 """
@@ -9,6 +9,7 @@ buffers in the same safetensors file. Never pickle.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,44 @@ class MLPHead(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+# the authors' ResLowRankHead settings (configs/losses_mlp/*.yaml): rank 64, dropout 0.1
+LOWRANK_RANK = 64
+LOWRANK_DROPOUT = 0.1
+# initial gate alpha = sigmoid(logit): small, so the head starts close to its linear map, but
+# not 0: their code starts the logit at -inf (gate_init 0), where sigmoid has no gradient and
+# the residual branch can never open (their "MLP" trains as a linear map)
+LOWRANK_GATE_INIT = 0.1
+
+
+class LowRankHead(nn.Module):
+    """The paper's "MLP" (the authors' ResLowRankHead): a linear map plus a gated low-rank
+    residual branch, z = P x + alpha * W2 Dropout(GELU(W1 x)), alpha = sigmoid(logit) in (0, 1).
+
+    P and W1 start orthogonal (as theirs); W2 starts small rather than zero and alpha at
+    LOWRANK_GATE_INIT, so that the gate, W1 and W2 all get a gradient from the first step."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int = LOWRANK_RANK):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+        self.down = nn.Linear(in_dim, rank, bias=False)
+        self.up = nn.Linear(rank, out_dim, bias=False)
+        nn.init.orthogonal_(self.proj.weight)
+        nn.init.orthogonal_(self.down.weight)
+        nn.init.normal_(self.up.weight, std=0.01)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(LOWRANK_DROPOUT)
+        gate = LOWRANK_GATE_INIT
+        self.gate_logit = nn.Parameter(torch.tensor(math.log(gate / (1 - gate))))
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.up(self.dropout(self.act(self.down(x))))
+        return self.proj(x) + self.gate * residual
+
+
 class CSAHead(nn.Module):
     """CSA's head (stages.csa fits it): centre, project to d canonical dimensions, L2-normalise,
     weight; plus a slack dimension that brings the output to unit norm (output size d + 1,
@@ -73,6 +112,7 @@ class CSAHead(nn.Module):
 HEAD_BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "linear": lambda in_dim, out_dim, hidden_dim: LinearHead(in_dim, out_dim),
     "mlp": lambda in_dim, out_dim, hidden_dim: MLPHead(in_dim, out_dim, hidden_dim),
+    "lowrank": lambda in_dim, out_dim, hidden_dim: LowRankHead(in_dim, out_dim),
     "csa": lambda in_dim, out_dim, hidden_dim: CSAHead(in_dim, out_dim),
 }
 

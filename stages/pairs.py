@@ -280,3 +280,41 @@ def split_pairs(
             "CLIP needs at least 2: raise --n-pairs or lower --val-fraction"
         )
     return train, val
+
+
+# -- data beyond the training pairs: unpaired samples for R_S, extra pairs from another dataset --
+def parse_where(text: str, flag: str) -> tuple[str, str]:
+    """`DATASET/SPLIT` -> (dataset, split)."""
+    dataset, _, split = str(text).strip().rpartition("/")
+    if not dataset or not split:
+        raise UserError(f"{flag} takes DATASET/SPLIT (an extracted split), got {text!r}")
+    return dataset, split
+
+
+def load_unpaired(spec: PairSpec, modality: str, where: str, layer: str, flag: str) -> np.ndarray:
+    """Every stored `modality` row of `where` (DATASET/SPLIT, extracted with spec's model of that
+    modality) at `layer`, as float32; rows of images skipped at extraction (NaN) left out."""
+    dataset, split = parse_where(where, flag)
+    model = spec.image_model if modality == "image" else spec.text_model
+    array = FeatureStore(spec.store).open(dataset, split, modality, model)
+    values = array.read_layer(array.layer_index(layer))
+    values = values[np.isfinite(values).all(axis=1)]
+    if len(values) < 2:
+        raise UserError(f"{flag} {where}: {len(values)} usable {modality} row(s); R_S needs 2+")
+    return values
+
+
+def load_extra_pairs(
+    spec: PairSpec, where: str, n: int, layers: tuple[str, str], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(image, text) of n pairs (0 = all) drawn with `seed` from `where` (DATASET/SPLIT, same
+    models), at the layers of the same names: the in-domain pairs added to the training pairs."""
+    dataset, split = parse_where(where, "--extra-pairs")
+    extra_spec = PairSpec(spec.store, dataset, split, spec.image_model, spec.text_model)
+    pairs = open_pairs(extra_spec, image_layer=layers[0], text_layer=layers[1])
+    total = len(pairs.image_rows)
+    if n > total:
+        raise UserError(f"--extra-n {n} exceeds the {total} pairs of {where}")
+    chosen = np.sort(np.random.default_rng(seed).permutation(total)[: n or total])
+    image, text = pairs.load()
+    return image[chosen], text[chosen]

@@ -22,8 +22,16 @@ from stages.pairs import PairSpec
 from stages.train import AlignSettings
 from store import UserError, write_json_atomic
 
-HEADS = {"linear": "Linear", "mlp": "MLP", "csa": "CSA"}
-VARIANTS = {"last": "Last", "similar": "Similar", "similar-rs": "Similar + R_S"}
+HEADS = {"linear": "Linear", "mlp": "MLP", "lowrank": "Low-rank", "csa": "CSA"}
+TABLE_HEADS = ("linear", "mlp", "csa")  # the nine rows of the paper's table
+VARIANTS = {
+    "last": "Last",
+    "similar": "Similar",
+    "similar-rs": "Similar + R_S",
+    # sweep only: R_S also on unpaired images and texts (sweep --unpaired-images/-texts)
+    "similar-rs-unpaired": "Similar + R_S + unpaired",
+}
+TABLE_VARIANTS = ("last", "similar", "similar-rs")  # the paper's table
 TABLE_COLUMNS = [
     "method",
     "n_pairs",
@@ -36,18 +44,22 @@ TABLE_COLUMNS = [
 ]
 
 
-def parse_n_pairs(text: str | int | Sequence[int]) -> tuple[int, ...]:
-    """`250,500,0` -> (250, 500, 0) (0 = every pair)."""
+def parse_ints(text: str | int | Sequence[int], what: str = "--n-pairs") -> tuple[int, ...]:
+    """`250,500,0` -> (250, 500, 0): distinct integers >= 0 (for --n-pairs, 0 = every pair)."""
     items = text if isinstance(text, list | tuple) else str(text).split(",")
     try:
         values = tuple(int(str(v).strip()) for v in items if str(v).strip())
     except ValueError as err:
-        raise UserError(f"--n-pairs must be comma-separated integers, got {text!r}") from err
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from err
     if not values or any(v < 0 for v in values):
-        raise UserError(f"--n-pairs needs one or more integers >= 0 (0 = all), got {text!r}")
+        raise UserError(f"{what} needs one or more integers >= 0, got {text!r}")
     if len(set(values)) != len(values):
-        raise UserError(f"--n-pairs lists a value twice: {text!r}")
+        raise UserError(f"{what} lists a value twice: {text!r}")
     return values
+
+
+def parse_n_pairs(text: str | int | Sequence[int]) -> tuple[int, ...]:
+    return parse_ints(text, "--n-pairs")
 
 
 @dataclass(frozen=True)
@@ -84,16 +96,42 @@ class TableRow:
 
 
 def table_rows(n_pairs: Sequence[int]) -> list[TableRow]:
-    return [TableRow(n, h, v) for n in n_pairs for h in HEADS for v in VARIANTS]
+    return [TableRow(n, h, v) for n in n_pairs for h in TABLE_HEADS for v in TABLE_VARIANTS]
 
 
 def row_settings(row: TableRow, base: AlignSettings, table: TableSettings) -> AlignSettings:
     """The align settings of one row: R_S only in the `similar-rs` variant; CSA's own d and λ."""
-    rs = row.variant == "similar-rs"
+    rs = row.variant.startswith("similar-rs")
     if row.head == "csa":
         lam = table.csa_lambda if rs else 0.0
         return replace(base, head="csa", n_pairs=row.n_pairs, out_dim=table.csa_dim, lam=lam)
     return replace(base, head=row.head, n_pairs=row.n_pairs, lam=table.lam if rs else 0.0)
+
+
+def align_and_evaluate(
+    spec: PairSpec,
+    layers: tuple[str, str],
+    settings: AlignSettings,
+    run_dir: Path,
+    eval_splits: tuple[str, str],
+    extra_config: dict[str, Any],
+    **align_options: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One row: an align run in run_dir (run_align's `align_options`: unpaired, extra pairs),
+    evaluated on (eval split, prompts split) of the same dataset, its metrics.json written;
+    returns (config, metrics)."""
+    config, _ = run_align(
+        spec,
+        layers,
+        settings,
+        run_dir,
+        progress=False,
+        extra_config=extra_config,
+        **align_options,
+    )
+    metrics = evaluate_run(run_dir, spec.store, spec.dataset, *eval_splits)
+    write_json_atomic(run_dir / METRICS, metrics)
+    return config, metrics
 
 
 def run_table(
@@ -117,18 +155,14 @@ def run_table(
     for i, (row, s) in enumerate(zip(rows, settings, strict=True), 1):
         run_dir = out / row.folder
         t0 = time.perf_counter()
-        run_align(
+        _, metrics = align_and_evaluate(
             spec,
             layers["last" if row.variant == "last" else "similar"],
             s,
             run_dir,
-            progress=False,
-            extra_config={"layers": row.variant, "method": row.method},
+            (table.eval_split, table.prompts_split),
+            {"layers": row.variant, "method": row.method},
         )
-        metrics = evaluate_run(
-            run_dir, spec.store, spec.dataset, table.eval_split, table.prompts_split
-        )
-        write_json_atomic(run_dir / METRICS, metrics)
         log(
             f"[{i}/{len(rows)}] n_pairs {row.n_pairs or 'all'}  {row.method:<24} "
             f"{_brief(metrics)}  ({time.perf_counter() - t0:.1f} s)"

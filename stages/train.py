@@ -23,7 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.heads import HEAD_BUILDERS, build_head
-from stages.losses import clip_loss, structure_regularizer, structure_targets
+from stages.losses import (
+    StructureTargets,
+    clip_loss,
+    structure_regularizer,
+    structure_targets,
+)
 from stages.pairs import MemoryPairs, PairData, PairSource, StorePairs, as_source, batch_plan
 from store import UserError
 
@@ -188,16 +193,56 @@ class EarlyStopping:
             module.load_state_dict(state)
 
 
+# -- one batch's losses --------------------------------------------------------------------------
+Unpaired = tuple[torch.Tensor | None, torch.Tensor | None]  # (image rows, text rows) or None
+
+
+def batch_losses(
+    heads: tuple[nn.Module, nn.Module],
+    pair: tuple[torch.Tensor, torch.Tensor],
+    settings: AlignSettings,
+    targets: tuple[StructureTargets | None, StructureTargets | None] = (None, None),
+    unpaired: Unpaired = (None, None),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CLIP, R_S image, R_S text) of one batch. CLIP sees the pairs only; each R_S (when
+    settings.lam > 0) sees the pairs plus that modality's unpaired rows, if any: R_S needs no
+    partner, the CLIP loss does. `targets`: R_S targets of the pairs computed once (no unpaired)."""
+    s = settings
+    z = [head(x) for head, x in zip(heads, pair, strict=True)]
+    clip = clip_loss(z[0], z[1], s.temperature)
+    if s.lam == 0:
+        return clip, torch.zeros(()), torch.zeros(())
+    rs = []
+    for head, x, zx, extra, target in zip(heads, pair, z, unpaired, targets, strict=True):
+        if extra is not None:
+            x, zx, target = torch.cat([x, extra]), torch.cat([zx, head(extra)]), None
+        if target is None:
+            target = structure_targets(x, s.levels, s.temperature)
+        rs.append(structure_regularizer(target, zx, s.levels, s.temperature))
+    return clip, rs[0], rs[1]
+
+
+def unpaired_batch(rows: torch.Tensor | None, size: int, generator: torch.Generator):
+    """`size` rows drawn without replacement (all of them when there are fewer), or None."""
+    if rows is None or len(rows) <= size:
+        return rows
+    return rows[torch.randperm(len(rows), generator=generator)[:size]]
+
+
 # -- the loop -------------------------------------------------------------------------------------
 def train_heads(
     train: PairData,
     val: PairData | None,
     settings: AlignSettings,
     progress: bool = True,
+    unpaired: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> TrainResult:
     """Train an image head and a text head on paired float32 features (row i of each pairs up),
-    given as arrays or as a pair source (in memory or streamed from the store)."""
+    given as arrays or as a pair source (in memory or streamed from the store). `unpaired`:
+    (image rows, text rows) without partners, each step's R_S of that modality also sees a
+    batch of --batch-size of them (the CLIP loss never does)."""
     s = settings
+    extra = tuple(None if u is None else torch.as_tensor(u, dtype=torch.float32) for u in unpaired)
     source = as_source(train)
     if len(source) < 2:
         raise UserError(f"{len(source)} training pair(s): CLIP needs at least 2; raise --n-pairs")
@@ -223,15 +268,14 @@ def train_heads(
     if full_batch and isinstance(source, StorePairs):  # one batch: read it once, not per epoch
         source = MemoryPairs(*next(source.take([np.arange(n)])))
     # one batch = all the data: order does not matter to either loss, so the original-side
-    # targets of R_S are computed once for the whole run
-    cached = (
-        (
-            structure_targets(source.image, s.levels, s.temperature),
-            structure_targets(source.text, s.levels, s.temperature),
+    # targets of R_S are computed once for the whole run (not with unpaired rows: they vary)
+    cached: tuple[StructureTargets | None, StructureTargets | None] = (None, None)
+    if use_rs and full_batch:
+        cached = tuple(  # type: ignore[assignment]
+            None if e is not None else structure_targets(x, s.levels, s.temperature)
+            for x, e in zip((source.image, source.text), extra, strict=True)
         )
-        if use_rs and full_batch
-        else None
-    )
+    unpaired_draw = torch.Generator().manual_seed(s.seed + 1)
 
     history, step, stopping = [], 0, EarlyStopping(s.patience)
     start_time = time.perf_counter()
@@ -246,19 +290,11 @@ def train_heads(
             lam_t, lr_t = lambda_at(step, s.lam, s.warmup_steps), lr_at(step, total_steps, s.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr_t
-            zi, zt = image_head(bi), text_head(bt)
-            loss_a = clip_loss(zi, zt, s.temperature)
-            if use_rs:
-                ti, tt = cached or (
-                    structure_targets(bi, s.levels, s.temperature),
-                    structure_targets(bt, s.levels, s.temperature),
-                )
-                rs_i = structure_regularizer(ti, zi, s.levels, s.temperature)
-                rs_t = structure_regularizer(tt, zt, s.levels, s.temperature)
-                loss = loss_a + lam_t * (rs_i + rs_t)
-            else:
-                rs_i = rs_t = torch.zeros(())
-                loss = loss_a
+            batch_extra = tuple(unpaired_batch(e, s.batch_size, unpaired_draw) for e in extra)
+            loss_a, rs_i, rs_t = batch_losses(
+                (image_head, text_head), (bi, bt), s, cached, batch_extra
+            )
+            loss = loss_a + lam_t * (rs_i + rs_t)
             optimizer_step(optimizer, loss, step, clip=params)
             step += 1
             sums += [loss_a.item(), rs_i.item(), rs_t.item(), loss.item()]

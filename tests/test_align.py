@@ -4,6 +4,7 @@ image's latent, stored with a noise layer beside the signal layer of each model.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -131,7 +132,7 @@ def test_regularizer_preserves_structure(store):
     assert rs[10.0] < 0.5 * rs[0.0]
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp"])
+@pytest.mark.parametrize("head", ["linear", "mlp", "lowrank"])
 def test_same_seed_same_weights(store, head):
     data = FeatureStore(store)
     x = data.open("planted", "train", "image", "img").read_layer("final_norm")[:200]
@@ -258,3 +259,35 @@ def test_optimizer_step_refuses_a_non_finite_loss_before_touching_the_weights():
     optimizer_step(optimizer, (weight * weight).sum(), 8, clip=[weight])  # grad 2, clipped to 1
     expected = 1 - 0.1 * 2 / np.linalg.norm([2.0, 2.0, 2.0])
     torch.testing.assert_close(weight.detach(), torch.full((3,), expected, dtype=torch.float32))
+
+
+def test_lowrank_head_shapes_and_a_gradient_reaches_the_gate_and_the_residual_branch():
+    torch.manual_seed(0)
+    head = build_head("lowrank", 24, 16)
+    x = torch.randn(10, 24)
+    assert head(x).shape == (10, 16)
+    assert head.down.weight.shape == (64, 24) and head.up.weight.shape == (16, 64)
+    assert 0 < head.gate.item() < 1  # a gate at 0 (logit -inf) has no gradient: never opens
+    head(x).square().sum().backward()
+    for name in ("gate_logit", "down.weight", "up.weight", "proj.weight"):
+        grad = head.get_parameter(name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    # eval mode: no dropout, output = P x + alpha * W2 GELU(W1 x), checked in float64 numpy
+    head.eval()
+    xs = x.double().numpy()
+    w = {k: v.detach().double().numpy() for k, v in head.state_dict().items()}
+    hidden = xs @ w["down.weight"].T
+    gelu = 0.5 * hidden * (1 + np.vectorize(math.erf)(hidden / math.sqrt(2)))
+    alpha = 1 / (1 + np.exp(-w["gate_logit"]))
+    expected = xs @ w["proj.weight"].T + alpha * gelu @ w["up.weight"].T
+    np.testing.assert_allclose(head(x).detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lowrank_gate_opens_in_training(store):
+    data = FeatureStore(store)
+    x = data.open("planted", "train", "image", "img").read_layer("final_norm")[:200]
+    y = data.open("planted", "train", "text", "txt").read_layer("layer.0")[:200]
+    settings = AlignSettings(**{**FAST.__dict__, "head": "lowrank", "epochs": 5})
+    start = build_head("lowrank", x.shape[1], settings.out_dim).gate.item()
+    result = train_heads((x, y), None, settings, progress=False)
+    assert result.image_head.gate.item() != pytest.approx(start, abs=1e-4)

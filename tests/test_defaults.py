@@ -12,6 +12,7 @@ import pipeline.commands  # noqa: F401  (registers the commands)
 from pipeline.app import app
 from pipeline.config import COMMANDS, KEY_ALIASES, default_map
 from stages.select import SelectSettings
+from stages.sweep import SweepSettings
 from stages.table import TableSettings
 from stages.train import AlignSettings
 
@@ -29,6 +30,14 @@ INTENDED = {
     # evaluate and index without params.yaml take the run's own dataset; with it, `common.dataset`
     ("evaluate", "dataset"): ("digits", None),
     ("index", "dataset"): ("digits", None),
+    # the demo's sweep is small (dvc repro stays a few minutes); the CLI's is the paper's curve
+    ("sweep", "methods"): (
+        "linear-last,linear-similar-rs,lowrank-similar-rs,csa-similar-rs",
+        ",".join(SweepSettings.methods),
+    ),
+    ("sweep", "n_pairs"): ("100,300,0", "100,250,1000,0"),
+    ("sweep", "seeds"): ("0,1", "0,1,2"),
+    ("sweep", "workers"): (2, 1),
 }
 
 
@@ -58,7 +67,12 @@ def test_params_yaml_agrees_with_the_cli_defaults():
 
 @pytest.mark.parametrize(
     "command, settings",
-    [("align", AlignSettings), ("select", SelectSettings), ("table", TableSettings)],
+    [
+        ("align", AlignSettings),
+        ("select", SelectSettings),
+        ("table", TableSettings),
+        ("sweep", SweepSettings),
+    ],
 )
 def test_cli_defaults_are_the_settings_defaults(command, settings):
     options = cli_defaults(command)

@@ -38,6 +38,7 @@ def repo(tmp_path_factory) -> Path:
     params["select"]["n_samples"] = 200
     params["align"].update(epochs=4, warmup_steps=2, batch_size=128, out_dim=32)
     params["table"].update(n_pairs=[0], csa_dim=16)
+    params["sweep"].update(n_pairs=[100, 0], seeds=[0], methods=["linear-last"], csa_dim=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
@@ -67,6 +68,8 @@ def test_repro_writes_metrics_and_the_comparison_table(repo):
     assert (repo / "runs/select/heatmap.png").stat().st_size > 0
     assert (repo / "results.md").read_text().count("\n|") >= 4
     assert len(pd.read_csv(repo / "runs/table/table.csv")) == 9
+    assert len(pd.read_csv(repo / "runs/sweep/sweep.csv")) == 2
+    assert (repo / "runs/sweep/scaling.png").stat().st_size > 0
 
 
 def test_dvc_sees_metrics_and_nothing_left_to_run(repo):

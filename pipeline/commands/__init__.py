@@ -11,5 +11,6 @@ from pipeline.commands import (  # noqa: F401
     search,
     select,
     store,
+    sweep,
     table,
 )

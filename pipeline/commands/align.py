@@ -13,6 +13,7 @@ from stages.align import run_align
 from stages.pairs import PairSpec, parse_memory_cap
 from stages.select import SelectSettings, resolve_layers
 from stages.train import AlignSettings
+from store import UserError
 
 D = AlignSettings()  # the defaults of every training option
 
@@ -33,7 +34,11 @@ def align(
         SelectSettings.metric,
         help="--layers auto: the metric that picks the pair (see select --metric).",
     ),
-    head: str = typer.Option(D.head, help="Projection head: linear, mlp or csa (CCA-based)."),
+    head: str = typer.Option(
+        D.head,
+        help="Projection head: linear, mlp, lowrank (the paper's MLP: linear map + gated "
+        "low-rank residual, rank 64) or csa (CCA-based).",
+    ),
     lam: float = typer.Option(D.lam, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(D.levels, help="R_S levels L (softmax powers), 1 to 5."),
     temperature: float = typer.Option(D.temperature, help="Temperature of CLIP and R_S."),
@@ -54,6 +59,20 @@ def align(
     csa_ridge: float = typer.Option(
         D.csa_ridge, help="--head csa: canonical ridge eps (C + eps * mean variance * I); 0 = CCA."
     ),
+    unpaired_images: str = typer.Option(
+        "",
+        help="DATASET/SPLIT of images extracted with the same image model: unpaired images "
+        "that each step's image R_S also sees (never the CLIP loss).",
+    ),
+    unpaired_texts: str = typer.Option(
+        "", help="DATASET/SPLIT of texts (same text model): unpaired texts for the text R_S."
+    ),
+    extra_pairs: str = typer.Option(
+        "",
+        help="DATASET/SPLIT of pairs (same models) to add to the training pairs: the paper's "
+        "in-domain mixing.",
+    ),
+    extra_n: int = typer.Option(0, help="How many --extra-pairs pairs (seeded draw; 0 = all)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     memory_cap: str = typer.Option(
         "0",
@@ -82,6 +101,8 @@ def align(
         csa_ridge=csa_ridge,
     )
     cap = parse_memory_cap(memory_cap)
+    if extra_n < 0 or (extra_n and not extra_pairs):
+        raise UserError("--extra-n must be >= 0 and goes with --extra-pairs DATASET/SPLIT")
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
@@ -97,6 +118,9 @@ def align(
         progress=progress,
         extra_config={"layers": layers, "layer_metric": metric if layers == "auto" else None},
         memory_cap=cap,
+        unpaired=(unpaired_images or None, unpaired_texts or None),
+        extra_pairs=extra_pairs or None,
+        extra_n=extra_n,
     )
     typer.echo(
         f"{config['n_train']} train / {config['n_val']} validation pairs, "

@@ -56,18 +56,27 @@ def table(
         prompts_split=prompts_split,
     )
     base = replace(section_settings(ctx, "align", AlignSettings), seed=seed, csa_ridge=csa_ridge)
-    select = replace(section_settings(ctx, "select", SelectSettings), seed=seed)
-    select_defaults = (ctx.find_root().default_map or {}).get("select", {})
-    select_dir = select_dir or Path(select_defaults.get("out", "runs/select"))
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
+    layers = last_and_similar_layers(ctx, spec, select_dir, seed)
+    result = run_table(spec, layers, base, settings, out, log=typer.echo)
+    typer.echo(to_markdown(result), nl=False)
+    typer.echo(f"wrote {out}/table.md, {out}/table.csv")
+
+
+def last_and_similar_layers(
+    ctx: typer.Context, spec: PairSpec, select_dir: Path | None, seed: int
+) -> dict[str, tuple[str, str]]:
+    """{"last": (image, text), "similar": (image, text)}: the `Similar` pair from the layer
+    selection in select_dir (default: select's out), run with the select section if missing."""
+    select = replace(section_settings(ctx, "select", SelectSettings), seed=seed)
+    select_defaults = (ctx.find_root().default_map or {}).get("select", {})
+    select_dir = select_dir or Path(select_defaults.get("out", "runs/select"))
     layers = {
         name: resolve_layers(choice, spec, select_dir, select, log=echo_error)
         for name, choice in (("last", "last"), ("similar", "auto"))
     }
     for name, (image_layer, text_layer) in layers.items():
         typer.echo(f"{name} layers: image {image_layer}, text {text_layer}")
-    result = run_table(spec, layers, base, settings, out, log=typer.echo)
-    typer.echo(to_markdown(result), nl=False)
-    typer.echo(f"wrote {out}/table.md, {out}/table.csv")
+    return layers
