@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -26,7 +27,22 @@ def root(
     ),
 ) -> None:
     """Commands read their defaults from --params (params.yaml in the working directory)."""
-    ctx.default_map = default_map(load_params(params))
+    source = ctx.get_parameter_source("params")
+    given = source is not None and source.name != "DEFAULT"
+    ctx.default_map = default_map(load_params(params, given))
+
+
+def from_params(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` took its value from params.yaml (typer vendors its own click, so
+    the source is compared by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "DEFAULT_MAP"
+
+
+def run_option(ctx: typer.Context, name: str, value: Any) -> Any:
+    """An option whose default is the run's own (dataset of evaluate, index): the value given on
+    the command line, else None; params.yaml's `common` value is another dataset's default."""
+    return None if from_params(ctx, name) else value
 
 
 def echo_error(message: str) -> None:

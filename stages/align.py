@@ -15,10 +15,11 @@ from typing import Any
 import pandas as pd
 
 from stages.csa import CSAResult, train_csa
-from stages.heads import save_run
+from stages.evaluate import METRICS
+from stages.heads import CHECKPOINT, CONFIG, save_run
 from stages.pairs import PairSpec, StorePairs, batch_plan, open_pairs, pair_sources, split_pairs
 from stages.train import AlignSettings, TrainResult, train_heads
-from store import write_text_atomic
+from store import UserError, write_text_atomic
 
 # head kind -> trainer(train source, validation source, settings, progress) -> result with
 # image_head, text_head, history, steps, seconds and `info` (what config.json adds)
@@ -59,6 +60,19 @@ def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None
     plt.close(fig)
 
 
+# what a run directory holds; config.json first: without it the folder is no finished run
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, "history.csv", "curves.png")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Refuse an --out that is a file, and delete the previous run's outputs before training:
+    an interrupted or failed re-run never leaves the old metrics beside a new config."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the run")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -73,11 +87,13 @@ def run_align(
     directory; returns (config, result). When the chosen layers of the pairs exceed `memory_cap`
     bytes (0 = no cap), batches are streamed from the store instead of held in memory; the
     weights are the same."""
+    out = Path(out)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
         pairs.image_rows, settings.n_pairs, settings.val_fraction, settings.seed
     )
     train_source, val_source = pair_sources(pairs, train, val, memory_cap)
+    clear_run_dir(out)
     result = TRAINERS[settings.head](train_source, val_source, settings, progress=progress)
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
@@ -103,7 +119,6 @@ def run_align(
         **result.info,  # the trainer's own: optimiser, early stopping, best epoch (CSA: its fit)
         **(extra_config or {}),
     }
-    out = Path(out)
     save_run(out, result.image_head, result.text_head, config)
     write_text_atomic(out / "history.csv", result.history.to_csv(index=False))
     plot_curves(result.history, out / "curves.png", config["best_epoch"])
