@@ -100,9 +100,25 @@ def digits_source(split: str) -> Source:
 
 
 # -- files on disk ------------------------------------------------------------------------
+HIGH_BIT_MODES = ("I", "F")  # PIL's 32-bit integer and float modes; "I;16*" are 16-bit
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit, 32-bit and float grayscale (microscopy, radiology) would clip
+    at 255 with convert("RGB"): their actual range [min, max] is scaled linearly to 0..255
+    instead, as image viewers (ImageJ/Fiji's auto display range) show them; a constant image is
+    black."""
+    if image.mode.startswith("I;16") or image.mode in HIGH_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = np.nanmin(pixels), np.nanmax(pixels)
+        scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
+        image = Image.fromarray(np.uint8(np.round(np.nan_to_num(scaled))), mode="L")
+    return image.convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -262,7 +278,7 @@ def torchvision_source(name: str, split: str) -> Source:
     )
     return Source(
         manifest,
-        lambda row: data[row][0].convert("RGB"),
+        lambda row: to_rgb(data[row][0]),
         names or sorted({str(y) for y in labels}, key=int),
     )
 

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages.datasets import PROMPT_TEMPLATES, load_source, open_image
+from stages.datasets import PROMPT_TEMPLATES, load_source, open_image, to_rgb
 from stages.encoders import Encoder, load_encoder, truncate_encoder
 from stages.evaluate import class_embeddings, l2_normalise
 from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
@@ -262,7 +262,7 @@ class AlignedModel:
 
         def fetch(i: int) -> Image.Image:
             item = items[i]
-            return item.convert("RGB") if isinstance(item, Image.Image) else open_image(item)
+            return to_rgb(item) if isinstance(item, Image.Image) else open_image(item)
 
         return self.embed_rows("image", fetch, [str(n) for n in names], batch_size)
 

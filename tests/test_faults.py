@@ -1,0 +1,40 @@
+"""Faults that used to give silently wrong features: 16-bit images, changed image files,
+interrupted --skip-bad runs, colliding local model names, damaged store chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from stages.datasets import to_rgb
+from stages.extract import ExtractOptions, extract
+from store import FeatureStore
+
+FAST = ExtractOptions(batch_size=4, block_rows=4, num_workers=0, progress=False)
+
+
+def pairs_file(folder, images: list[Image.Image]):
+    """A pairs CSV of the given images (saved as PNG), one caption each."""
+    (folder / "img").mkdir(exist_ok=True)
+    rows = []
+    for i, image in enumerate(images):
+        image.save(folder / f"img/{i}.png")
+        rows.append((f"img/{i}.png", f"picture {i}"))
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(folder / "pairs.csv", index=False)
+    return folder / "pairs.csv"
+
+
+# -- item 3: 16-bit images keep their contrast ---------------------------------------------
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path):
+    ramp = np.linspace(300, 65000, 4096).reshape(64, 64).astype(np.uint16)
+    noise = np.random.default_rng(0).integers(0, 65535, (64, 64)).astype(np.uint16)
+    images = [Image.fromarray(ramp), Image.fromarray(noise)]
+    assert images[0].mode.startswith("I;16")
+    expected = np.round((ramp - 300.0) * 255 / (ramp.max() - 300.0))  # float64, by hand
+    assert np.array_equal(np.asarray(to_rgb(images[0]))[..., 0], expected)
+    source = pairs_file(tmp_path, images)
+    extract(str(tmp_path / "s.zarr"), "mine", "train", f"pairs:{source}", "tiny-random-vit", FAST)
+    features = FeatureStore(tmp_path / "s.zarr").open("mine", "train", "image", "tiny-random-vit")
+    last = features.read_layer(-1)
+    assert not np.allclose(last[0], last[1])  # saturated, both were the same white image
