@@ -25,7 +25,7 @@ from stages.datasets import Source, load_source
 from stages.encoders import Encoder, load_encoder
 from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
 from store.features import width_summary
-from store.manifest import normalise_manifest
+from store.manifest import normalise_manifest, with_file_stats
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
 
@@ -120,14 +120,30 @@ def sync_manifest(
     if path.is_file():
         stored = store.manifest(dataset, split)
         if stored[SOURCE_COLUMNS].equals(manifest[SOURCE_COLUMNS]):
-            return stored
-        if not overwrite:
+            changed = changed_files(stored, manifest)
+            if not changed:
+                return stored
+            if not overwrite:
+                raise UserError(
+                    f"{len(changed)} image file(s) of {dataset}/{split} changed (size or "
+                    f"modification time) since they were extracted, e.g. {changed[0]}; pass "
+                    "--overwrite to extract them again"
+                )
+        elif not overwrite:
             raise UserError(
                 f"the samples of {dataset}/{split} differ from those already in the store "
                 "(another source, --limit or file contents); pass --overwrite to replace them, "
                 "or give this data another --dataset name"
             )
     return write_manifest(path, manifest)
+
+
+def changed_files(stored: pd.DataFrame, current: pd.DataFrame) -> list[str]:
+    """Image paths whose size or modification time differ from the stored manifest's (a store
+    made before file stats recorded none: nothing to compare)."""
+    before, now = stored["image_stat"], current["image_stat"]
+    differs = (before != "") & (before != now)
+    return current.loc[differs.to_numpy(), "image_path"].unique().tolist()
 
 
 def pick_device(device: str) -> torch.device:
@@ -213,7 +229,7 @@ def load_inputs(
     """The split's manifest (limited), the encoder, and how to fetch each row to embed: what
     the coordinator and every cluster worker load alike."""
     source = load_source(source_spec, split)
-    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
+    manifest = with_file_stats(limit_manifest(normalise_manifest(source.manifest), opts.limit))
     encoder = load_encoder(model, opts.revision, opts.trust_remote_code, opts.weights or None)
     fetch, names = rows_to_embed(source, manifest, encoder.modality)
     return manifest, encoder, fetch, names

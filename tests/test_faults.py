@@ -3,13 +3,17 @@ interrupted --skip-bad runs, colliding local model names, damaged store chunks."
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from stages.datasets import to_rgb
 from stages.extract import ExtractOptions, extract
-from store import FeatureStore
+from store import FeatureStore, UserError
 
 FAST = ExtractOptions(batch_size=4, block_rows=4, num_workers=0, progress=False)
 
@@ -38,3 +42,21 @@ def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path):
     features = FeatureStore(tmp_path / "s.zarr").open("mine", "train", "image", "tiny-random-vit")
     last = features.read_layer(-1)
     assert not np.allclose(last[0], last[1])  # saturated, both were the same white image
+
+
+# -- item 7: a changed file at the same path is noticed --------------------------------------
+def test_changed_image_file_is_named_and_overwrite_re_extracts(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(3)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    store = str(tmp_path / "s.zarr")
+    extract(store, "mine", "train", source, "tiny-random-vit", FAST)
+    before = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit").read_layer(-1)
+    changed = tmp_path / "img/1.png"
+    Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))).save(changed)
+    os.utime(changed, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    with pytest.raises(UserError, match=r"1 image file\(s\) .* changed .*1\.png.*--overwrite"):
+        extract(store, "mine", "train", source, "tiny-random-vit", FAST)
+    extract(store, "mine", "train", source, "tiny-random-vit", replace(FAST, overwrite=True))
+    after = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit").read_layer(-1)
+    assert np.array_equal(before[[0, 2]], after[[0, 2]]) and not np.allclose(before[1], after[1])
