@@ -277,6 +277,8 @@ def extract(
     array, encoder = job.array, job.encoder
     if not job.todo:
         print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
+        if encoder.modality == "image":  # an interrupted --skip-bad run finished without it
+            record_skipped(job.store, dataset, split, job.manifest, array)
         return ExtractResult(array, 0, 0.0)
     n_todo = block_rows_total(array, job.todo)
     if opts.scheduler:
@@ -287,7 +289,7 @@ def extract(
         started = time.perf_counter()
         embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
         seconds = time.perf_counter() - started
-    if opts.skip_bad and encoder.modality == "image":
+    if encoder.modality == "image":  # also when an interrupted --skip-bad run is resumed
         record_skipped(job.store, dataset, split, job.manifest, array)
     print(
         f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers of width "
@@ -496,9 +498,12 @@ def check_finite(finite: np.ndarray, skipped: np.ndarray, model: str, span: slic
 def record_skipped(
     store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, array: FeatureArray
 ) -> None:
-    """Mark in the manifest the images whose rows hold NaN (unreadable, skipped)."""
+    """Mark in the manifest the images whose rows hold NaN (unreadable, skipped by this run or
+    by an earlier, interrupted --skip-bad run); the manifest is rewritten only when it changes."""
     nan_rows = np.flatnonzero(np.isnan(array.read_rows(-1, slice(None))[:, 0]))
     skipped = manifest["image_row"].isin(nan_rows)
+    if skipped.equals(manifest["skipped"]):
+        return
     if skipped.any():
         print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")
     write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from stages.datasets import to_rgb
 from stages.extract import ExtractOptions, extract
-from store import FeatureStore, UserError
+from store import FeatureStore, UserError, pair_rows, write_manifest
 
 FAST = ExtractOptions(batch_size=4, block_rows=4, num_workers=0, progress=False)
 
@@ -60,3 +60,23 @@ def test_changed_image_file_is_named_and_overwrite_re_extracts(tmp_path):
     extract(store, "mine", "train", source, "tiny-random-vit", replace(FAST, overwrite=True))
     after = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit").read_layer(-1)
     assert np.array_equal(before[[0, 2]], after[[0, 2]]) and not np.allclose(before[1], after[1])
+
+
+# -- item 8: an interrupted --skip-bad run resumed without the flag -------------------------
+def test_skip_bad_run_resumed_without_the_flag_records_the_skipped_image(tmp_path):
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(6)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    (tmp_path / "img/1.png").write_bytes(b"not a png")  # in block 0 (rows 0-3)
+    store = str(tmp_path / "s.zarr")
+    extract(store, "mine", "train", source, "tiny-random-vit", replace(FAST, skip_bad=True))
+    # as if killed after block 0: block 1 not written, the skip not yet in the manifest
+    fs = FeatureStore(store, create=True)
+    fs.open("mine", "train", "image", "tiny-random-vit").done[1] = 0
+    write_manifest(
+        fs.manifest_path("mine", "train"), fs.manifest("mine", "train").assign(skipped=False)
+    )
+    extract(store, "mine", "train", source, "tiny-random-vit", FAST)  # resumed, no --skip-bad
+    manifest = FeatureStore(store).manifest("mine", "train")
+    assert manifest.loc[manifest["skipped"], "image_row"].tolist() == [1]
+    assert 1 not in pair_rows(manifest)[0]
