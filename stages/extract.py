@@ -24,7 +24,7 @@ from tqdm import tqdm
 from stages.datasets import Source, load_source
 from stages.encoders import Encoder, load_encoder
 from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
-from store.features import width_summary
+from store.features import local_model_dir, model_key, width_summary
 from store.manifest import normalise_manifest, with_file_stats
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
@@ -53,6 +53,8 @@ class ExtractOptions:
     progress: bool = True
     scheduler: str = ""  # a dask scheduler address or local:N; empty = this process
     retries: int = 2  # re-runs of a failed cluster task (a killed worker's are re-run anyway)
+    name: str = ""  # the features' name in the store (default: the model spec, or for a local
+    # folder its name, made unique: store.features.local_names)
 
 
 class RowDataset(Dataset):
@@ -179,8 +181,9 @@ def open_array(
     opts: ExtractOptions,
 ) -> FeatureArray:
     """The existing array when it matches this source and model, else a new empty one."""
-    if store.has(dataset, split, encoder.modality, encoder.spec) and not opts.overwrite:
-        array = store.open(dataset, split, encoder.modality, encoder.spec, check_source=False)
+    name = opts.name or encoder.spec
+    if store.has(dataset, split, encoder.modality, name) and not opts.overwrite:
+        array = store.open(dataset, split, encoder.modality, name, check_source=False)
         wanted = {**attrs, "dtype": opts.dtype}
         changed = [
             k
@@ -199,7 +202,7 @@ def open_array(
         dataset,
         split,
         encoder.modality,
-        encoder.spec,
+        name,
         n_rows,
         encoder.layer_names,
         encoder.layer_dims,
@@ -244,7 +247,10 @@ def plan_extraction(
 
     store = FeatureStore(store_path, create=True)
     manifest = sync_manifest(store, dataset, split, manifest, opts.overwrite)
+    folder = local_model_dir(model)
     attrs = {
+        "model_spec": model,  # what loads the encoder again (stages.model), whatever the name
+        **({"model_path": str(folder)} if folder else {}),  # readers check they get this folder
         "model_id": encoder.model_id,
         "revision": encoder.revision,
         "pooling": encoder.pooling,
@@ -254,6 +260,8 @@ def plan_extraction(
         "model_fingerprint": encoder.fingerprint(),
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
+    if local_model_dir(model) and array.attrs["name"] != model_key(model):
+        print(f"{model} is stored as {array.attrs['name']} (another folder has its name)")
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
     if todo and len(todo) < array.n_blocks:
         leftovers = array.remove_partial_files()
@@ -340,7 +348,7 @@ def load_worker_job(
     coordinator created, refusing a worker that sees other samples or other weights."""
     manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
     array = FeatureStore(store_path, create=True).open(
-        dataset, split, encoder.modality, encoder.spec, check_source=False
+        dataset, split, encoder.modality, opts.name or encoder.spec, check_source=False
     )
     seen = {
         "source_fingerprint": fingerprint(manifest, encoder.modality),

@@ -154,9 +154,9 @@ class AlignedModel:
         encoders, layers = {}, {}
         for side in SIDES:
             where = f"the {side} features of run {run_dir}"
-            encoders[side] = load_checked_encoder(
-                config[f"{side}_model"], recorded.get(side, {}), trust_remote_code, where
-            )
+            info = recorded.get(side, {})  # the spec as extracted (a --name is no spec)
+            spec = info.get("model_spec") or config[f"{side}_model"]
+            encoders[side] = load_checked_encoder(spec, info, trust_remote_code, where)
             layers[side] = layer_position(encoders[side], config[f"{side}_layer"], where)
         heads = {"image": image_head, "text": text_head}
         return cls(config, encoders, layers, heads, run_id(run_dir), device)

@@ -23,6 +23,7 @@ refused with the command that converts them in place (`python -m pipeline store 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -50,6 +51,21 @@ def model_key(model: str) -> str:
     if spec.startswith(("/", "./", "../", "~")) or Path(spec).is_dir():
         spec = Path(spec).expanduser().name
     return re.sub(r"[^A-Za-z0-9._-]+", "--", spec.replace(":", "_"))
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The resolved folder of a model given as a local directory, else None."""
+    path = Path(model.rstrip("/")).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def local_names(folder: Path) -> list[str]:
+    """Store names for a local model folder, most readable first: `enc`, then `v2-enc` (its
+    parent too), then `enc-<hash of the path>`; the first one free (or already this folder's)
+    is taken, so two folders named `enc` never share features."""
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    names = [folder.name, f"{folder.parent.name}-{folder.name}", f"{folder.name}-{digest}"]
+    return [model_key(n) for n in names]
 
 
 def array_path(dataset: str, split: str, modality: str, model: str) -> str:
@@ -278,15 +294,44 @@ class FeatureStore:
         return read_manifest(self.manifest_path(dataset, split))
 
     def has(self, dataset: str, split: str, modality: str, model: str) -> bool:
-        path = array_path(dataset, split, modality, model)
+        path = self.locate(dataset, split, modality, model)
+        return self._exists(path)
+
+    def _exists(self, path: str) -> bool:
         return f"{path}/complete" in self.group or f"{path}/{OLD_ARRAY}" in self.group
+
+    def locate(
+        self, dataset: str, split: str, modality: str, model: str, check: bool = False
+    ) -> str:
+        """The array path of `model`: a name (as `store ls` lists it) or a Hugging Face id is
+        its own key; a local model folder is found by the folder the features were extracted
+        from (`local_names`): a free name when none was. With `check`, a folder whose
+        readable name holds another folder's features is an error saying so."""
+        folder = local_model_dir(model)
+        if folder is None:
+            return array_path(dataset, split, modality, model)
+        paths = [array_path(dataset, split, modality, n) for n in local_names(folder)]
+        for path in paths:
+            if self._exists(path) and self.group[path].attrs.get("model_path", str(folder)) == str(
+                folder
+            ):
+                return path
+        if check and self._exists(paths[0]):
+            other = self.group[paths[0]].attrs.get("model_path")
+            raise UserError(
+                f"the {modality} features named {paths[0].rsplit('/', 1)[1]} in {self.root} "
+                f"were extracted from {other}, not from {folder}; extract {folder} (it gets a "
+                "name of its own) or pass the name of its features (`store ls`)"
+            )
+        return next((p for p in paths if not self._exists(p)), paths[-1])
 
     def open(
         self, dataset: str, split: str, modality: str, model: str, check_source: bool = True
     ) -> FeatureArray:
         """The features of (dataset, split, modality, model); refuses features whose source
-        differs from the split's manifest (stale after `extract --overwrite` of another model)."""
-        path = array_path(dataset, split, modality, model)
+        differs from the split's manifest (stale after `extract --overwrite` of another model),
+        or that were extracted from another local folder of the same name."""
+        path = self.locate(dataset, split, modality, model, check=True)
         if f"{path}/{OLD_ARRAY}" in self.group:
             raise old_layout_error(self.root, path)
         if f"{path}/complete" not in self.group:
@@ -327,9 +372,10 @@ class FeatureStore:
         dims = [dims] * len(layer_names) if isinstance(dims, int) else [int(d) for d in dims]
         if len(dims) != len(layer_names):
             raise ValueError(f"{len(layer_names)} layer names but {len(dims)} widths")
-        path = array_path(dataset, split, modality, model)
+        path = self.locate(dataset, split, modality, model)
         if path in self.group:
             del self.group[path]
+
         block_rows = min(block_rows, n_rows)
         attrs = {
             **attributes,
@@ -337,6 +383,7 @@ class FeatureStore:
             "split": split,
             "modality": modality,
             "model": model,
+            "name": path.rsplit("/", 1)[1],
             "layer_names": list(layer_names),
             "layer_dims": dims,
             "dtype": dtype,
@@ -381,7 +428,8 @@ class FeatureStore:
                     dataset=attrs["dataset"],
                     split=attrs["split"],
                     modality=attrs["modality"],
-                    model=attrs["model"],
+                    # what later commands take: a local folder's store name, else the spec
+                    model=attrs["name"] if "model_path" in attrs else attrs["model"],
                     n=n_rows,
                     layer_dims=tuple(dims),
                     dtype=attrs["dtype"],

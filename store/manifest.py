@@ -106,9 +106,8 @@ def file_stat(path: str) -> str:
 def with_file_stats(manifest: pd.DataFrame) -> pd.DataFrame:
     """The manifest with every image row's current `image_stat` (one stat per image)."""
     stats = {p: file_stat(p) for p in manifest.loc[manifest["image_row"] >= 0, "image_path"]}
-    return manifest.assign(image_stat=manifest["image_path"].map(stats).fillna("")).astype(
-        {"image_stat": "string"}
-    )
+    column = [stats.get(p, "") for p in manifest["image_path"]]  # text-only rows: ""
+    return manifest.assign(image_stat=pd.Series(column, index=manifest.index, dtype="string"))
 
 
 def fingerprint(manifest: pd.DataFrame, modality: str) -> str:

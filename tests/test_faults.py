@@ -14,6 +14,7 @@ from PIL import Image
 from stages.datasets import to_rgb
 from stages.extract import ExtractOptions, extract
 from store import FeatureStore, UserError, pair_rows, write_manifest
+from tests.helpers import save_tiny_resnet
 
 FAST = ExtractOptions(batch_size=4, block_rows=4, num_workers=0, progress=False)
 
@@ -80,3 +81,27 @@ def test_skip_bad_run_resumed_without_the_flag_records_the_skipped_image(tmp_pat
     manifest = FeatureStore(store).manifest("mine", "train")
     assert manifest.loc[manifest["skipped"], "image_row"].tolist() == [1]
     assert 1 not in pair_rows(manifest)[0]
+
+
+# -- item 6: two local model folders of the same name ----------------------------------------
+def test_local_model_folders_of_one_name_get_their_own_features(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(3)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    v1, v2 = tmp_path / "m/v1/enc", tmp_path / "m/v2/enc"
+    for folder in (v1, v2):
+        save_tiny_resnet(folder)
+    store = str(tmp_path / "s.zarr")
+    extract(store, "mine", "train", source, str(v1), FAST)
+    with pytest.raises(UserError, match=r"named enc .* extracted from .*v1/enc, not from .*v2/enc"):
+        FeatureStore(store).open("mine", "train", "image", str(v2))  # align would get v1's
+    extract(store, "mine", "train", source, str(v2), FAST)
+    assert "stored as v2-enc" in capsys.readouterr().out
+    fs = FeatureStore(store)
+    for folder, name in ((v1, "enc"), (v2, "v2-enc")):
+        array = fs.open("mine", "train", "image", str(folder))
+        assert array.attrs["model_path"] == str(folder.resolve()) and array.attrs["name"] == name
+        assert fs.open("mine", "train", "image", name).path == array.path  # the name works too
+    assert sorted(e.model for e in fs.entries()) == ["enc", "v2-enc"]
+    extract(store, "mine", "train", source, str(v1), replace(FAST, name="first"))
+    assert fs.open("mine", "train", "image", "first").attrs["model_spec"] == str(v1)
