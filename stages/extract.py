@@ -263,6 +263,11 @@ def plan_extraction(
     if local_model_dir(model) and array.attrs["name"] != model_key(model):
         print(f"{model} is stored as {array.attrs['name']} (another folder has its name)")
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
+    damaged = sorted(array.damaged_blocks())  # files deleted or truncated since written
+    if damaged:
+        print(f"{array.path}: {len(damaged)} completed blocks have missing or truncated files; "
+              "extracting them again")  # fmt: skip
+        todo = sorted(set(todo) | set(damaged))
     if todo and len(todo) < array.n_blocks:
         leftovers = array.remove_partial_files()
         print(

@@ -43,6 +43,7 @@ MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 OLD_ARRAY = "features"  # the (N, L, D) array of the layout before per-layer widths
 MIGRATE_COMMAND = "python -m pipeline store migrate"
+VERIFY_COMMAND = "python -m pipeline store verify"
 
 
 def model_key(model: str) -> str:
@@ -104,6 +105,7 @@ class StoreEntry:
     blocks_done: int
     blocks: int
     old_layout: bool = False
+    damaged: int = 0  # completed blocks whose files are missing or truncated
 
     @property
     def layers(self) -> int:
@@ -189,6 +191,51 @@ class FeatureArray:
                 "run the same extract command again to finish them"
             )
 
+    # -- integrity ------------------------------------------------------------------------
+    def chunk_file(self, layer: int, block: int) -> Path:
+        """The one file of a block of a layer (zarr v3 chunk key `c/{block}/0`)."""
+        return self.root / self.path / "layers" / str(layer) / "c" / str(block) / "0"
+
+    def chunk_problem(self, layer: int, block: int) -> str:
+        """Why the file of a completed block cannot hold its data ("" when its size is right):
+        it is missing (it would read as NaN) or has another size than rows x width + crc32c."""
+        expected = self.block_rows * self.layer_dims[layer] * self.dtype.itemsize + 4
+        try:
+            size = self.chunk_file(layer, block).stat().st_size
+        except FileNotFoundError:
+            return "missing"
+        return "" if size == expected else f"truncated ({size} of {expected} bytes)"
+
+    def damaged_blocks(self, read: bool = False) -> dict[int, list[str]]:
+        """{block: ["layer NAME: why", ...]} of the completed blocks whose files are missing or
+        of the wrong size; with `read`, every block is also read (its crc32c checked)."""
+        damaged: dict[int, list[str]] = {}
+        for block in np.flatnonzero(self.completed_blocks()).tolist():
+            for i, name in enumerate(self.layer_names):
+                problem = self.chunk_problem(i, block)
+                if not problem and read:
+                    try:
+                        self.layers[i][self.block_slice(block)]
+                    except Exception as err:  # zarr's crc32c codec raises ValueError
+                        problem = f"unreadable ({str(err).splitlines()[0][:60]})"
+                if problem:
+                    damaged.setdefault(block, []).append(f"layer {name}: {problem}")
+        return damaged
+
+    def check_chunks(self, layer: int, rows: slice) -> None:
+        """Refuse to read completed blocks of `layer` whose files are missing or truncated (a
+        missing chunk would read as NaN, silently)."""
+        start, stop, _ = rows.indices(self.n_rows)
+        first, last = start // self.block_rows, -(-stop // self.block_rows)
+        for block in np.flatnonzero(self.done[first:last]).tolist():
+            problem = self.chunk_problem(layer, first + block)
+            if problem:
+                raise UserError(
+                    f"block {first + block} of layer {self.layer_names[layer]} of {self.root}/"
+                    f"{self.path} is {problem}; repair the store with: {VERIFY_COMMAND} "
+                    f"--store {self.root} --repair"
+                )
+
     # -- writing ----------------------------------------------------------------------------
     def write_block(self, block: int, values: np.ndarray | Sequence[np.ndarray]) -> None:
         """Write one whole block of rows: one (rows, D_l) array per layer (or one (rows, L, D)
@@ -223,13 +270,15 @@ class FeatureArray:
         """Rows of one layer as float32 (n, D_l), complete or not (unwritten rows are NaN);
         a chunk whose checksum does not match is a UserError naming the array and layer."""
         index = self.layer_index(layer)
+        self.check_chunks(index, rows)
         try:
             return np.asarray(self.layers[index][rows], dtype=np.float32)
         except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum ..."
             raise UserError(
                 f"corrupt feature data in {self.root}/{self.path} layer "
                 f"{self.layer_names[index]} ({str(err).splitlines()[0][:80]}); "
-                "extract it again with --overwrite"
+                f"find and repair every damaged block with: {VERIFY_COMMAND} --store {self.root} "
+                "--repair"
             ) from err
 
     def read_layer(self, layer: int | str) -> np.ndarray:
@@ -248,7 +297,9 @@ class FeatureArray:
         import dask.array as da
 
         self.require_complete()
-        return da.from_zarr(self.layers[self.layer_index(layer)])
+        index = self.layer_index(layer)
+        self.check_chunks(index, slice(None))
+        return da.from_zarr(self.layers[index])
 
 
 def create_layer_arrays(
@@ -422,6 +473,7 @@ class FeatureStore:
             else:
                 array = FeatureArray(group, path, self.root)
                 attrs, n_rows, dims = array.attrs, array.n_rows, array.layer_dims
+                damaged = len(array.damaged_blocks())
             done = np.asarray(group["complete"][:], dtype=bool)
             found.append(
                 StoreEntry(
@@ -437,6 +489,7 @@ class FeatureStore:
                     blocks_done=int(done.sum()),
                     blocks=done.size,
                     old_layout=path in old,
+                    damaged=0 if path in old else damaged,
                 )
             )
         return sorted(found, key=lambda e: (e.dataset, e.split, e.modality, e.model))

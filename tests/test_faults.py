@@ -14,7 +14,7 @@ from PIL import Image
 from stages.datasets import to_rgb
 from stages.extract import ExtractOptions, extract
 from store import FeatureStore, UserError, pair_rows, write_manifest
-from tests.helpers import save_tiny_resnet
+from tests.helpers import files, run_cli, save_tiny_resnet
 
 FAST = ExtractOptions(batch_size=4, block_rows=4, num_workers=0, progress=False)
 
@@ -105,3 +105,48 @@ def test_local_model_folders_of_one_name_get_their_own_features(tmp_path, capsys
     assert sorted(e.model for e in fs.entries()) == ["enc", "v2-enc"]
     extract(store, "mine", "train", source, str(v1), replace(FAST, name="first"))
     assert fs.open("mine", "train", "image", "first").attrs["model_spec"] == str(v1)
+
+
+# -- item 5: damaged store files are found, named and repaired block by block ----------------
+def test_verify_names_damaged_blocks_and_extract_repairs_exactly_them(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(10)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    store = tmp_path / "s.zarr"
+    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
+    pristine = files(store)
+    array = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit")
+    flipped, deleted = array.chunk_file(1, 0), array.chunk_file(2, 2)
+    data = bytearray(flipped.read_bytes())
+    data[8:12] = np.float16([0.5, 0.25]).tobytes()  # finite values, the checksum unchanged
+    flipped.write_bytes(bytes(data))
+    deleted.unlink()
+    code, out, err = run_cli(["store", "ls", "--store", store], capsys)
+    assert code == 0 and "damaged: 1 blocks" in out
+    with pytest.raises(UserError, match="block 2 of layer .* is missing.*store verify"):
+        array.read_layer(2)  # never NaN, silently
+    code, out, _ = run_cli(["store", "verify", "--store", store], capsys)
+    assert code == 1
+    assert "block 0: layer " in out and "unreadable" in out and "block 2: layer " in out
+    assert "python -m pipeline extract --model tiny-random-vit --dataset mine" in out
+    code, out, _ = run_cli(["store", "verify", "--store", store, "--repair"], capsys)
+    assert code == 0 and "marked 2 blocks incomplete" in out
+    assert array.completed_blocks().tolist() == [False, True, False]
+    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
+    assert files(store) == pristine  # exactly those blocks, byte for byte
+    assert run_cli(["store", "verify", "--store", store], capsys)[0] == 0
+
+
+def test_extract_redoes_a_deleted_or_truncated_block(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(6)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    store = tmp_path / "s.zarr"
+    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
+    pristine = files(store)
+    array = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit")
+    array.chunk_file(0, 1).unlink()
+    array.chunk_file(1, 0).write_bytes(array.chunk_file(1, 0).read_bytes()[:10])
+    assert sorted(array.damaged_blocks()) == [0, 1]
+    assert extract(str(store), "mine", "train", source, "tiny-random-vit", FAST).rows == 6
+    assert files(store) == pristine
