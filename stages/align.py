@@ -19,7 +19,8 @@ from stages.evaluate import METRICS
 from stages.heads import CHECKPOINT, CONFIG, save_run
 from stages.pairs import PairSpec, StorePairs, batch_plan, open_pairs, pair_sources, split_pairs
 from stages.train import AlignSettings, TrainResult, train_heads
-from store import UserError, write_text_atomic
+from store import write_text_atomic
+from store.io import require_directory
 
 # head kind -> trainer(train source, validation source, settings, progress) -> result with
 # image_head, text_head, history, steps, seconds and `info` (what config.json adds)
@@ -67,8 +68,7 @@ RUN_FILES = (CONFIG, METRICS, CHECKPOINT, "history.csv", "curves.png")
 def clear_run_dir(out: Path) -> None:
     """Refuse an --out that is a file, and delete the previous run's outputs before training:
     an interrupted or failed re-run never leaves the old metrics beside a new config."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory for the run")
+    require_directory(out)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
 

@@ -184,11 +184,24 @@ def coco_source(root: str, split: str) -> Source:
     annotations = base / "annotations" / f"captions_{split}2017.json"
     if not annotations.is_file():
         raise UserError(f"COCO captions file {annotations} does not exist")
-    data = json.loads(annotations.read_text())
-    files = {img["id"]: str(base / f"{split}2017" / img["file_name"]) for img in data["images"]}
-    ids = sorted(files)
+    try:
+        data = json.loads(annotations.read_text(encoding="utf-8"))
+        files = {img["id"]: str(base / f"{split}2017" / img["file_name"]) for img in data["images"]}
+        captions = list(data["annotations"])
+        unknown = sorted({a["image_id"] for a in captions} - set(files), key=str)
+        texts = [a["caption"] for a in captions]
+    except (ValueError, KeyError, TypeError) as err:  # invalid JSON, a missing key, odd types
+        what = f"lacks {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise UserError(f"{annotations} is not a COCO captions file ({what})") from err
+    if unknown:
+        raise UserError(f"{annotations} has captions of unknown image ids, e.g. {unknown[0]}")
+    if not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{annotations} has a caption that is not text")
+    # images without a caption cannot be paired: they are left out
+    ids = sorted({a["image_id"] for a in captions})
     row_of = {image_id: row for row, image_id in enumerate(ids)}
-    captions = sorted(data["annotations"], key=lambda a: (row_of[a["image_id"]], a["id"]))
+    captions = sorted(enumerate(captions), key=lambda c: (row_of[c[1]["image_id"]], c[0]))
+    captions = [a for _, a in captions]
     manifest = pd.DataFrame(
         {
             "image_row": [row_of[a["image_id"]] for a in captions],

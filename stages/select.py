@@ -54,6 +54,7 @@ import pandas as pd
 
 from stages.pairs import PairSpec
 from store import FeatureStore, UserError, pair_rows, write_json_atomic
+from store.io import require_directory
 
 K_RULES = ("rice", "sqrt", "sturges")
 
@@ -579,6 +580,7 @@ def run_selection(
         spec.text_model,
     )
     n_samples, k, seed, device = settings.n_samples, settings.k, settings.seed, settings.device
+    require_directory(Path(out))  # before the work, not after it
     store, image, text = spec.arrays()
     image.require_complete()
     text.require_complete()
@@ -628,6 +630,7 @@ def run_selection(
         "text_model": text_model,
         "dataset": dataset,
         "split": split,
+        "features": features_identity(spec),
     }
     selection = Selection(scores, names_i, names_t, info)
     write_selection(selection, Path(out))
@@ -715,6 +718,7 @@ def resolve_layers(
             "text_model": spec.text_model,
             "dataset": spec.dataset,
             "split": spec.split,
+            "features": features_identity(spec),  # not another store's features
         }
         if (
             info is None
@@ -735,6 +739,18 @@ def resolve_layers(
         image.layer_names[image.layer_index(parts[0])],
         text.layer_names[text.layer_index(parts[1])],
     )
+
+
+def features_identity(spec: PairSpec) -> dict[str, str]:
+    """What a selection was computed from: the store folder and both arrays' source and model
+    fingerprints, so that a selection.json of another store (or re-extracted features) is not
+    reused."""
+    _, image, text = spec.arrays()
+    identity = {"store": str(Path(spec.store).resolve())}
+    for side, array in (("image", image), ("text", text)):
+        keys = ("source_fingerprint", "model_fingerprint")
+        identity[side] = ":".join(str(array.attrs.get(k, "")) for k in keys)
+    return identity
 
 
 def read_selection(select_dir: Path) -> dict | None:

@@ -329,6 +329,10 @@ class FeatureStore:
                 raise UserError(
                     f"no feature store at {self.root} (run `python -m pipeline extract`)"
                 )
+            if any(p.exists() and not p.is_dir() for p in self.root.parents):
+                raise UserError(
+                    f"cannot create the store {self.root}: a part of its path is a file"
+                )
             self.group = zarr.open_group(self.root, mode="a", zarr_format=3)
             return
         if not (self.root / "zarr.json").is_file():
@@ -391,6 +395,8 @@ class FeatureStore:
                 f"{dataset}/{split}; make them with: python -m pipeline extract --model {model} "
                 f"--dataset {dataset} --split {split} --store {self.root}"
             )
+        if "layer_names" not in self.group[path].attrs:
+            raise UserError(f"{self.root}/{path} was not written by extract (no layer names)")
         array = FeatureArray(self.group[path], path, self.root)
         if check_source and self.manifest_path(dataset, split).is_file():
             expected = fingerprint(self.manifest(dataset, split), modality)
@@ -454,9 +460,11 @@ class FeatureStore:
                        if isinstance(node, zarr.Array)]  # fmt: skip
         old = sorted(n.rsplit("/", 1)[0] for n in members if n.endswith(f"/{OLD_ARRAY}"))
         new = sorted(
-            p for p in (n.rsplit("/", 1)[0] for n in members if n.endswith("/complete"))
-            if p not in old
-        )  # fmt: skip
+            p
+            for p in (n.rsplit("/", 1)[0] for n in members if n.endswith("/complete"))
+            if p not in old and "layer_names" in self.group[p].attrs
+        )  # fmt: skip  (arrays that extract did not write are not features: left alone)
+        old = [p for p in old if "layer_names" in self.group[f"{p}/{OLD_ARRAY}"].attrs]
         return new, old
 
     def entries(self) -> list[StoreEntry]:

@@ -77,7 +77,14 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no manifest at {path}; run `python -m pipeline extract` for this split")
-    return normalise_manifest(pd.read_parquet(path))
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(
+            f"{path} is not a readable manifest ({str(err).splitlines()[0][:80]}); extract the "
+            "split again with --overwrite"
+        ) from err
+    return normalise_manifest(table)
 
 
 def image_table(manifest: pd.DataFrame) -> pd.DataFrame:
