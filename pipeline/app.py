@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +53,27 @@ def echo_error(message: str) -> None:
     typer.echo(message, err=True)
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (128 + 2)
+
+
+def exit_on_sigint() -> None:
+    """Ctrl-C: one line and exit 130. Every stage writes atomically or block by block, so the
+    same command resumes; DataLoader workers (forked, same handler) exit quietly."""
+    main_pid = os.getpid()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:
+            print("\ninterrupted; run the same command to resume", file=sys.stderr)
+        warnings.simplefilter("ignore")  # no "coroutine was never awaited" noise at exit
+        raise SystemExit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def main() -> None:
     from pipeline import commands  # noqa: F401  (registers the commands on `app`)
+
+    exit_on_sigint()
 
     try:
         app()  # typer handles usage errors and Ctrl-C itself; everything else propagates

@@ -126,7 +126,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"pairs file {path} does not exist")
     try:
         if path.suffix.lower() == ".csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, keep_default_na=False)  # a caption "NA" is text
         if path.suffix.lower() in {".parquet", ".pq"}:
             return pd.read_parquet(path)
     except Exception as err:  # pandas and pyarrow raise many types for a bad file
@@ -149,23 +149,25 @@ def pairs_source(file: str, split: str) -> Source:
     table = read_table(path)
     image_col = pick_column(table, ("image_path", "image", "path", "file"), "image path", path)
     caption_col = pick_column(table, ("caption", "text", "captions"), "caption", path)
+    # classes numbered over the whole file: every split agrees on them, even one lacking some
+    labels, names = (
+        pd.factorize(table["label"].astype(str), sort=True)
+        if "label" in table.columns
+        else (np.full(len(table), -1), [])
+    )
+    table = table.assign(label_number=labels)
     if "split" in table.columns:
         table = table[table["split"].astype(str) == split]
         if table.empty:
             raise UserError(f"{path} has no rows with split == {split!r}")
     elif split not in ("train", "all"):
         raise UserError(f"{path} has no `split` column, so it only has the split `train`")
-    if table[caption_col].isna().any():
-        raise UserError(
-            f"{path} has empty captions in rows {list(table.index[table[caption_col].isna()][:5])}"
-        )
+    empty = table[caption_col].isna() | (table[caption_col].astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"{path} has empty captions in rows {list(table.index[empty][:5])}")
     images = [str((path.parent / p).resolve()) for p in table[image_col].astype(str)]
     image_row, unique = pd.factorize(pd.Series(images))
-    labels, names = (
-        pd.factorize(table["label"].astype(str), sort=True)
-        if "label" in table.columns
-        else (np.full(len(table), -1), [])
-    )
+    labels = table["label_number"].to_numpy()
     manifest = pd.DataFrame(
         {
             "image_row": image_row,

@@ -141,3 +141,22 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(toy, tmp_path, capsys,
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert files(toy) == before
+
+
+# -- item 10: Ctrl-C ------------------------------------------------------------------------
+def test_sigint_says_how_to_resume_and_exits_130(capsys):
+    import os
+    import signal
+
+    from pipeline.app import exit_on_sigint
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        exit_on_sigint()
+        with pytest.raises(SystemExit) as exit_:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1)  # let the handler run here
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; run the same command to resume"

@@ -150,3 +150,21 @@ def test_extract_redoes_a_deleted_or_truncated_block(tmp_path):
     assert sorted(array.damaged_blocks()) == [0, 1]
     assert extract(str(store), "mine", "train", source, "tiny-random-vit", FAST).rows == 6
     assert files(store) == pristine
+
+
+# -- item 10: labels over the whole pairs file; "NA" is a caption ----------------------------
+def test_pairs_labels_are_numbered_over_the_file_and_na_captions_are_text(tmp_path):
+    from stages.datasets import load_source
+
+    rows = [("a.png", "NA", "ant", "train"), ("b.png", "None", "bee", "train"),
+            ("c.png", "a cat", "cat", "train"), ("d.png", "a bee", "bee", "test"),
+            ("e.png", "a cat", "cat", "test")]  # fmt: skip
+    for name in "abcde":
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
+    table = pd.DataFrame(rows, columns=["image", "caption", "label", "split"])
+    table.to_csv(tmp_path / "pairs.csv", index=False)
+    train = load_source(f"pairs:{tmp_path / 'pairs.csv'}", "train").manifest
+    test = load_source(f"pairs:{tmp_path / 'pairs.csv'}", "test").manifest
+    assert train["caption"].tolist()[:2] == ["NA", "None"]
+    assert dict(zip(test["label_name"], test["label"])) == {"bee": 1, "cat": 2}  # as in train
+    assert dict(zip(train["label_name"], train["label"])) == {"ant": 0, "bee": 1, "cat": 2}
