@@ -119,18 +119,88 @@ BAD_INPUTS = {
     "table lambda nan": ["table", *S, "--dataset", "toy", "--out", "{tmp}/t", "--lambda", "nan"],
     "align out is a file": ["align", *S, *TRAIN, "--out", "{run}/config.json"],
     "evaluate another store": ["evaluate", *R, "--store", "{tmp}/none.zarr"],
+    "evaluate out a directory": ["evaluate", *R, *S, "--out", "{run}"],
+    "compare out a directory": ["compare", "{run}", "--out-md", "{run}"],
+    "compare malformed metrics": ["compare", "{run}", "{tmp}/badrun"],
+    "select out a file": [
+        "select",
+        *S,
+        "--dataset",
+        "toy",
+        "--image-model",
+        "img",
+        "--text-model",
+        "txt",
+        "--out",
+        "{run}/config.json",
+    ],
+    "store under a file": ["extract", "--store", "{run}/config.json/s.zarr"],
+    "coco invalid json": ["extract", "--source", "coco:{tmp}/bad-json", "--store", "{tmp}/c.zarr"],
+    "coco no annotations": ["extract", "--source", "coco:{tmp}/no-ann", "--store", "{tmp}/c.zarr"],
+    "coco unknown image": ["extract", "--source", "coco:{tmp}/unknown", "--store", "{tmp}/c.zarr"],
+    "garbage manifest": ["align", "--store", "{tmp}/copy.zarr", "--out", "{tmp}/r", *TRAIN],
+    "foreign array": [
+        "align",
+        "--store",
+        "{tmp}/copy.zarr",
+        "--out",
+        "{tmp}/r",
+        *TRAIN,
+        "--image-model",
+        "foreign",
+    ],
+    "truncated chunk": [
+        "align",
+        "--store",
+        "{tmp}/copy.zarr",
+        "--out",
+        "{tmp}/r",
+        *TRAIN,
+        "--text-model",
+        "cut",
+    ],
 }
 SCRATCH = {
     "scalar.yaml": b"align: 5\n",
     "latin1.yaml": "common:\n  dataset: caf\u00e9\n".encode("latin-1"),
     "lr.yaml": b"align:\n  lr: fast\n",
+    "badrun/metrics.json": b"[1]\n",
+    "bad-json/annotations/captions_train2017.json": b"{bad",
+    "no-ann/annotations/captions_train2017.json": b'{"images": []}',
+    "unknown/annotations/captions_train2017.json": (
+        b'{"images": [{"id": 1, "file_name": "a.png"}], '
+        b'"annotations": [{"id": 5, "image_id": 2, "caption": "x"}]}'
+    ),
 }
 
 
+def damage_a_copy(toy: Path, tmp: Path, case: str) -> None:
+    """The store cases work on a copy: a garbage manifest, a foreign array, a truncated chunk."""
+    import zarr
+
+    from store import FeatureStore
+
+    copy = tmp / "copy.zarr"
+    shutil.copytree(toy / "features.zarr", copy)
+    if case == "garbage manifest":
+        (copy / "toy/train/manifest.parquet").write_bytes(b"garbage")
+    elif case == "foreign array":
+        zarr.open_group(copy, mode="a").create_array(
+            "toy/train/image/foreign/complete", shape=(2,), dtype="uint8"
+        )
+    elif case == "truncated chunk":
+        shutil.copytree(copy / "toy/train/text/txt", copy / "toy/train/text/cut")
+        array = FeatureStore(copy).open("toy", "train", "text", "cut")
+        array.chunk_file(1, 1).write_bytes(array.chunk_file(1, 1).read_bytes()[:7])
+
+
 @pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(toy, tmp_path, capsys, args):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(toy, tmp_path, capsys, request, args):
     for name, data in SCRATCH.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
+    shutil.copy(toy / "run/config.json", tmp_path / "badrun/config.json")
+    damage_a_copy(toy, tmp_path, request.node.callspec.id)
     where = {"store": toy / "features.zarr", "run": toy / "run", "tmp": tmp_path}
     args = [a.format(**where) for a in args]
     if args[0] != "--params":
