@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -26,7 +30,22 @@ def root(
     ),
 ) -> None:
     """Commands read their defaults from --params (params.yaml in the working directory)."""
-    ctx.default_map = default_map(load_params(params))
+    source = ctx.get_parameter_source("params")
+    given = source is not None and source.name != "DEFAULT"
+    ctx.default_map = default_map(load_params(params, given))
+
+
+def from_params(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` took its value from params.yaml (typer vendors its own click, so
+    the source is compared by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "DEFAULT_MAP"
+
+
+def run_option(ctx: typer.Context, name: str, value: Any) -> Any:
+    """An option whose default is the run's own (dataset of evaluate, index): the value given on
+    the command line, else None; params.yaml's `common` value is another dataset's default."""
+    return None if from_params(ctx, name) else value
 
 
 def echo_error(message: str) -> None:
@@ -34,8 +53,27 @@ def echo_error(message: str) -> None:
     typer.echo(message, err=True)
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (128 + 2)
+
+
+def exit_on_sigint() -> None:
+    """Ctrl-C: one line and exit 130. Every stage writes atomically or block by block, so the
+    same command resumes; DataLoader workers (forked, same handler) exit quietly."""
+    main_pid = os.getpid()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        if os.getpid() == main_pid:
+            print("\ninterrupted; run the same command to resume", file=sys.stderr)
+        warnings.simplefilter("ignore")  # no "coroutine was never awaited" noise at exit
+        raise SystemExit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def main() -> None:
     from pipeline import commands  # noqa: F401  (registers the commands on `app`)
+
+    exit_on_sigint()
 
     try:
         app()  # typer handles usage errors and Ctrl-C itself; everything else propagates

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from stages.csa import CSAResult, train_csa
-from stages.heads import save_run
+from stages.evaluate import METRICS
+from stages.heads import CHECKPOINT, CONFIG, save_run
 from stages.pairs import (
     MemoryPairs,
     PairSpec,
@@ -31,6 +32,7 @@ from stages.pairs import (
 )
 from stages.train import AlignSettings, TrainResult, train_heads
 from store import UserError, write_text_atomic
+from store.io import require_directory
 
 # head kind -> trainer(train source, validation source, settings, progress) -> result with
 # image_head, text_head, history, steps, seconds and `info` (what config.json adds)
@@ -79,6 +81,18 @@ def pairs_digest(train: np.ndarray, val: np.ndarray) -> str:
     return hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
 
 
+# what a run directory holds; config.json first: without it the folder is no finished run
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, "history.csv", "curves.png")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Refuse an --out that is a file, and delete the previous run's outputs before training:
+    an interrupted or failed re-run never leaves the old metrics beside a new config."""
+    require_directory(out)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -100,6 +114,7 @@ def run_align(
     unpaired: (images, texts) as DATASET/SPLIT of the same models: unpaired rows for R_S.
     extra_pairs, extra_n: DATASET/SPLIT of the same models, extra_n (0 = all) of its pairs added
     to the training pairs (the paper's in-domain mixing; validation stays on `spec`)."""
+    out = Path(out)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
         pairs.image_rows, settings.n_pairs, settings.val_fraction, settings.seed
@@ -133,6 +148,7 @@ def run_align(
             unpaired_texts=unpaired[1],
             n_unpaired=[0 if r is None else len(r) for r in rows],
         )
+    clear_run_dir(out)
     result = TRAINERS[settings.head](
         train_source, val_source, settings, progress=progress, **kwargs
     )
@@ -163,7 +179,6 @@ def run_align(
         **added,
         **(extra_config or {}),
     }
-    out = Path(out)
     save_run(out, result.image_head, result.text_head, config)
     write_text_atomic(out / "history.csv", result.history.to_csv(index=False))
     plot_curves(result.history, out / "curves.png", config["best_epoch"])

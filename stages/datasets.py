@@ -100,9 +100,25 @@ def digits_source(split: str) -> Source:
 
 
 # -- files on disk ------------------------------------------------------------------------
+HIGH_BIT_MODES = ("I", "F")  # PIL's 32-bit integer and float modes; "I;16*" are 16-bit
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. 16-bit, 32-bit and float grayscale (microscopy, radiology) would clip
+    at 255 with convert("RGB"): their actual range [min, max] is scaled linearly to 0..255
+    instead, as image viewers (ImageJ/Fiji's auto display range) show them; a constant image is
+    black."""
+    if image.mode.startswith("I;16") or image.mode in HIGH_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = np.nanmin(pixels), np.nanmax(pixels)
+        scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
+        image = Image.fromarray(np.uint8(np.round(np.nan_to_num(scaled))), mode="L")
+    return image.convert("RGB")
+
+
 def open_image(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return to_rgb(image)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -110,7 +126,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"pairs file {path} does not exist")
     try:
         if path.suffix.lower() == ".csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, keep_default_na=False)  # a caption "NA" is text
         if path.suffix.lower() in {".parquet", ".pq"}:
             return pd.read_parquet(path)
     except Exception as err:  # pandas and pyarrow raise many types for a bad file
@@ -133,23 +149,25 @@ def pairs_source(file: str, split: str) -> Source:
     table = read_table(path)
     image_col = pick_column(table, ("image_path", "image", "path", "file"), "image path", path)
     caption_col = pick_column(table, ("caption", "text", "captions"), "caption", path)
+    # classes numbered over the whole file: every split agrees on them, even one lacking some
+    labels, names = (
+        pd.factorize(table["label"].astype(str), sort=True)
+        if "label" in table.columns
+        else (np.full(len(table), -1), [])
+    )
+    table = table.assign(label_number=labels)
     if "split" in table.columns:
         table = table[table["split"].astype(str) == split]
         if table.empty:
             raise UserError(f"{path} has no rows with split == {split!r}")
     elif split not in ("train", "all"):
         raise UserError(f"{path} has no `split` column, so it only has the split `train`")
-    if table[caption_col].isna().any():
-        raise UserError(
-            f"{path} has empty captions in rows {list(table.index[table[caption_col].isna()][:5])}"
-        )
+    empty = table[caption_col].isna() | (table[caption_col].astype(str).str.strip() == "")
+    if empty.any():
+        raise UserError(f"{path} has empty captions in rows {list(table.index[empty][:5])}")
     images = [str((path.parent / p).resolve()) for p in table[image_col].astype(str)]
     image_row, unique = pd.factorize(pd.Series(images))
-    labels, names = (
-        pd.factorize(table["label"].astype(str), sort=True)
-        if "label" in table.columns
-        else (np.full(len(table), -1), [])
-    )
+    labels = table["label_number"].to_numpy()
     manifest = pd.DataFrame(
         {
             "image_row": image_row,
@@ -168,11 +186,24 @@ def coco_source(root: str, split: str) -> Source:
     annotations = base / "annotations" / f"captions_{split}2017.json"
     if not annotations.is_file():
         raise UserError(f"COCO captions file {annotations} does not exist")
-    data = json.loads(annotations.read_text())
-    files = {img["id"]: str(base / f"{split}2017" / img["file_name"]) for img in data["images"]}
-    ids = sorted(files)
+    try:
+        data = json.loads(annotations.read_text(encoding="utf-8"))
+        files = {img["id"]: str(base / f"{split}2017" / img["file_name"]) for img in data["images"]}
+        captions = list(data["annotations"])
+        unknown = sorted({a["image_id"] for a in captions} - set(files), key=str)
+        texts = [a["caption"] for a in captions]
+    except (ValueError, KeyError, TypeError) as err:  # invalid JSON, a missing key, odd types
+        what = f"lacks {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise UserError(f"{annotations} is not a COCO captions file ({what})") from err
+    if unknown:
+        raise UserError(f"{annotations} has captions of unknown image ids, e.g. {unknown[0]}")
+    if not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{annotations} has a caption that is not text")
+    # images without a caption cannot be paired: they are left out
+    ids = sorted({a["image_id"] for a in captions})
     row_of = {image_id: row for row, image_id in enumerate(ids)}
-    captions = sorted(data["annotations"], key=lambda a: (row_of[a["image_id"]], a["id"]))
+    captions = sorted(enumerate(captions), key=lambda c: (row_of[c[1]["image_id"]], c[0]))
+    captions = [a for _, a in captions]
     manifest = pd.DataFrame(
         {
             "image_row": [row_of[a["image_id"]] for a in captions],
@@ -262,7 +293,7 @@ def torchvision_source(name: str, split: str) -> Source:
     )
     return Source(
         manifest,
-        lambda row: data[row][0].convert("RGB"),
+        lambda row: to_rgb(data[row][0]),
         names or sorted({str(y) for y in labels}, key=int),
     )
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,11 @@ def load_hf(spec: str, model_id: str, revision: str | None, trust_remote_code: b
         raise download_hint(model_id, err) from err
     except ValueError as err:  # e.g. an unknown architecture that needs trust_remote_code
         raise UserError(f"cannot load {model_id!r}: {str(err).splitlines()[0]}") from err
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a .bin
+        raise UserError(
+            f"{model_id}: its weights file holds Python objects besides tensors, which are not "
+            "loaded (they could run code); convert it to model.safetensors"
+        ) from err
     model.eval().requires_grad_(False)
     rev = getattr(config, "_commit_hash", None) or revision or "local"
     build = hf_image_encoder if is_image_config(config) else hf_text_encoder

@@ -338,9 +338,14 @@ def _read_json(path: Path, hint: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no {path.name} in {path.parent}; {hint}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg}); {hint}") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({str(err).splitlines()[0]}); {hint}") from err
+    if not isinstance(data, dict) or not all(
+        isinstance(v, dict) for k, v in data.items() if k in ("zero_shot", "retrieval", "run")
+    ):
+        raise UserError(f"{path} does not hold the expected JSON object; {hint}")
+    return data
 
 
 def comparison_table(runs: Sequence[str | Path], names: Sequence[str] | None = None):

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from stages.datasets import Source, load_source
 from stages.encoders import Encoder, load_encoder
 from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
-from store.features import width_summary
-from store.manifest import normalise_manifest
+from store.features import local_model_dir, model_key, width_summary
+from store.manifest import normalise_manifest, with_file_stats
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
 
@@ -53,6 +53,8 @@ class ExtractOptions:
     progress: bool = True
     scheduler: str = ""  # a dask scheduler address or local:N; empty = this process
     retries: int = 2  # re-runs of a failed cluster task (a killed worker's are re-run anyway)
+    name: str = ""  # the features' name in the store (default: the model spec, or for a local
+    # folder its name, made unique: store.features.local_names)
 
 
 class RowDataset(Dataset):
@@ -120,14 +122,30 @@ def sync_manifest(
     if path.is_file():
         stored = store.manifest(dataset, split)
         if stored[SOURCE_COLUMNS].equals(manifest[SOURCE_COLUMNS]):
-            return stored
-        if not overwrite:
+            changed = changed_files(stored, manifest)
+            if not changed:
+                return stored
+            if not overwrite:
+                raise UserError(
+                    f"{len(changed)} image file(s) of {dataset}/{split} changed (size or "
+                    f"modification time) since they were extracted, e.g. {changed[0]}; pass "
+                    "--overwrite to extract them again"
+                )
+        elif not overwrite:
             raise UserError(
                 f"the samples of {dataset}/{split} differ from those already in the store "
                 "(another source, --limit or file contents); pass --overwrite to replace them, "
                 "or give this data another --dataset name"
             )
     return write_manifest(path, manifest)
+
+
+def changed_files(stored: pd.DataFrame, current: pd.DataFrame) -> list[str]:
+    """Image paths whose size or modification time differ from the stored manifest's (a store
+    made before file stats recorded none: nothing to compare)."""
+    before, now = stored["image_stat"], current["image_stat"]
+    differs = (before != "") & (before != now)
+    return current.loc[differs.to_numpy(), "image_path"].unique().tolist()
 
 
 def pick_device(device: str) -> torch.device:
@@ -163,8 +181,9 @@ def open_array(
     opts: ExtractOptions,
 ) -> FeatureArray:
     """The existing array when it matches this source and model, else a new empty one."""
-    if store.has(dataset, split, encoder.modality, encoder.spec) and not opts.overwrite:
-        array = store.open(dataset, split, encoder.modality, encoder.spec, check_source=False)
+    name = opts.name or encoder.spec
+    if store.has(dataset, split, encoder.modality, name) and not opts.overwrite:
+        array = store.open(dataset, split, encoder.modality, name, check_source=False)
         wanted = {**attrs, "dtype": opts.dtype}
         changed = [
             k
@@ -183,7 +202,7 @@ def open_array(
         dataset,
         split,
         encoder.modality,
-        encoder.spec,
+        name,
         n_rows,
         encoder.layer_names,
         encoder.layer_dims,
@@ -213,7 +232,7 @@ def load_inputs(
     """The split's manifest (limited), the encoder, and how to fetch each row to embed: what
     the coordinator and every cluster worker load alike."""
     source = load_source(source_spec, split)
-    manifest = limit_manifest(normalise_manifest(source.manifest), opts.limit)
+    manifest = with_file_stats(limit_manifest(normalise_manifest(source.manifest), opts.limit))
     encoder = load_encoder(model, opts.revision, opts.trust_remote_code, opts.weights or None)
     fetch, names = rows_to_embed(source, manifest, encoder.modality)
     return manifest, encoder, fetch, names
@@ -228,7 +247,10 @@ def plan_extraction(
 
     store = FeatureStore(store_path, create=True)
     manifest = sync_manifest(store, dataset, split, manifest, opts.overwrite)
+    folder = local_model_dir(model)
     attrs = {
+        "model_spec": model,  # what loads the encoder again (stages.model), whatever the name
+        **({"model_path": str(folder)} if folder else {}),  # readers check they get this folder
         "model_id": encoder.model_id,
         "revision": encoder.revision,
         "pooling": encoder.pooling,
@@ -238,7 +260,14 @@ def plan_extraction(
         "model_fingerprint": encoder.fingerprint(),
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
+    if local_model_dir(model) and array.attrs["name"] != model_key(model):
+        print(f"{model} is stored as {array.attrs['name']} (another folder has its name)")
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
+    damaged = sorted(array.damaged_blocks())  # files deleted or truncated since written
+    if damaged:
+        print(f"{array.path}: {len(damaged)} completed blocks have missing or truncated files; "
+              "extracting them again")  # fmt: skip
+        todo = sorted(set(todo) | set(damaged))
     if todo and len(todo) < array.n_blocks:
         leftovers = array.remove_partial_files()
         print(
@@ -261,6 +290,8 @@ def extract(
     array, encoder = job.array, job.encoder
     if not job.todo:
         print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
+        if encoder.modality == "image":  # an interrupted --skip-bad run finished without it
+            record_skipped(job.store, dataset, split, job.manifest, array)
         return ExtractResult(array, 0, 0.0)
     n_todo = block_rows_total(array, job.todo)
     if opts.scheduler:
@@ -271,7 +302,7 @@ def extract(
         started = time.perf_counter()
         embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
         seconds = time.perf_counter() - started
-    if opts.skip_bad and encoder.modality == "image":
+    if encoder.modality == "image":  # also when an interrupted --skip-bad run is resumed
         record_skipped(job.store, dataset, split, job.manifest, array)
     print(
         f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers of width "
@@ -322,7 +353,7 @@ def load_worker_job(
     coordinator created, refusing a worker that sees other samples or other weights."""
     manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
     array = FeatureStore(store_path, create=True).open(
-        dataset, split, encoder.modality, encoder.spec, check_source=False
+        dataset, split, encoder.modality, opts.name or encoder.spec, check_source=False
     )
     seen = {
         "source_fingerprint": fingerprint(manifest, encoder.modality),
@@ -480,9 +511,12 @@ def check_finite(finite: np.ndarray, skipped: np.ndarray, model: str, span: slic
 def record_skipped(
     store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, array: FeatureArray
 ) -> None:
-    """Mark in the manifest the images whose rows hold NaN (unreadable, skipped)."""
+    """Mark in the manifest the images whose rows hold NaN (unreadable, skipped by this run or
+    by an earlier, interrupted --skip-bad run); the manifest is rewritten only when it changes."""
     nan_rows = np.flatnonzero(np.isnan(array.read_rows(-1, slice(None))[:, 0]))
     skipped = manifest["image_row"].isin(nan_rows)
+    if skipped.equals(manifest["skipped"]):
+        return
     if skipped.any():
         print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")
     write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages.datasets import PROMPT_TEMPLATES, load_source, open_image
+from stages.datasets import PROMPT_TEMPLATES, load_source, open_image, to_rgb
 from stages.encoders import Encoder, load_encoder, truncate_encoder
 from stages.evaluate import class_embeddings, l2_normalise
 from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
@@ -154,9 +154,9 @@ class AlignedModel:
         encoders, layers = {}, {}
         for side in SIDES:
             where = f"the {side} features of run {run_dir}"
-            encoders[side] = load_checked_encoder(
-                config[f"{side}_model"], recorded.get(side, {}), trust_remote_code, where
-            )
+            info = recorded.get(side, {})  # the spec as extracted (a --name is no spec)
+            spec = info.get("model_spec") or config[f"{side}_model"]
+            encoders[side] = load_checked_encoder(spec, info, trust_remote_code, where)
             layers[side] = layer_position(encoders[side], config[f"{side}_layer"], where)
         heads = {"image": image_head, "text": text_head}
         return cls(config, encoders, layers, heads, run_id(run_dir), device)
@@ -262,7 +262,7 @@ class AlignedModel:
 
         def fetch(i: int) -> Image.Image:
             item = items[i]
-            return item.convert("RGB") if isinstance(item, Image.Image) else open_image(item)
+            return to_rgb(item) if isinstance(item, Image.Image) else open_image(item)
 
         return self.embed_rows("image", fetch, [str(n) for n in names], batch_size)
 

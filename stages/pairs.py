@@ -24,6 +24,8 @@ from store import FeatureArray, FeatureStore, UserError, pair_rows
 
 # the attributes of a stored array that say where its features came from (config.json keeps them)
 PROVENANCE_KEYS = (
+    "model_spec",
+    "model_path",
     "model_id",
     "revision",
     "pooling",

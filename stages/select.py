@@ -55,6 +55,7 @@ import pandas as pd
 from stages import similarity
 from stages.pairs import PairSpec
 from store import FeatureStore, UserError, pair_rows, write_json_atomic
+from store.io import require_directory
 
 K_RULES = ("rice", "sqrt", "sturges")
 
@@ -658,6 +659,20 @@ class SelectSettings:
     metric: str = "mutual_knn"  # one metric or a comma list; the first one selects
     calibrate: int = 0  # permutations of the null (0: off)
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.calibrate < 0:
+            raise UserError(
+                f"--calibrate must be 0 (off) or a number of permutations, got {self.calibrate}"
+            )
+        try:
+            similarity.parse_metrics(self.metric)
+        except ValueError as err:
+            raise UserError(f"--metric: {err}") from err
+
 
 def run_selection(
     spec: PairSpec,
@@ -677,13 +692,9 @@ def run_selection(
     dataset, split = spec.dataset, spec.split
     image_model, text_model = spec.image_model, spec.text_model
     n_samples, k, seed, device = settings.n_samples, settings.k, settings.seed, settings.device
+    require_directory(Path(out))  # before the work, not after it
     calibrate = settings.calibrate
-    try:
-        metrics = similarity.parse_metrics(settings.metric)
-    except ValueError as err:
-        raise UserError(f"--metric: {err}") from err
-    if calibrate < 0:
-        raise UserError(f"--calibrate must be 0 (off) or a number of permutations, got {calibrate}")
+    metrics = similarity.parse_metrics(settings.metric)  # checked by SelectSettings
     store, image, text = spec.arrays()
     image.require_complete()
     text.require_complete()
@@ -747,6 +758,7 @@ def run_selection(
         "dataset": dataset,
         "split": split,
         "by_metric": by_metric,
+        "features": features_identity(spec),
     }
     selection = Selection(tables[metrics[0]], names_i, names_t, info, tables, calibration)
     write_selection(selection, Path(out))
@@ -851,6 +863,7 @@ def resolve_layers(
             "text_model": spec.text_model,
             "dataset": spec.dataset,
             "split": spec.split,
+            "features": features_identity(spec),  # not another store's features
         }
         if (
             pair is None
@@ -874,6 +887,18 @@ def resolve_layers(
         image.layer_names[image.layer_index(parts[0])],
         text.layer_names[text.layer_index(parts[1])],
     )
+
+
+def features_identity(spec: PairSpec) -> dict[str, str]:
+    """What a selection was computed from: the store folder and both arrays' source and model
+    fingerprints, so that a selection.json of another store (or re-extracted features) is not
+    reused."""
+    _, image, text = spec.arrays()
+    identity = {"store": str(Path(spec.store).resolve())}
+    for side, array in (("image", image), ("text", text)):
+        keys = ("source_fingerprint", "model_fingerprint")
+        identity[side] = ":".join(str(array.attrs.get(k, "")) for k in keys)
+    return identity
 
 
 def read_selection(select_dir: Path) -> dict | None:

@@ -19,7 +19,7 @@ import pandas as pd
 from stages.align import run_align
 from stages.evaluate import METRICS, comparison_table, evaluate_run, write_table
 from stages.pairs import PairSpec
-from stages.train import AlignSettings
+from stages.train import AlignSettings, check_finite_settings
 from store import UserError, write_json_atomic
 
 HEADS = {"linear": "Linear", "mlp": "MLP", "lowrank": "Low-rank", "csa": "CSA"}
@@ -75,6 +75,9 @@ class TableSettings:
 
     def __post_init__(self) -> None:
         parse_n_pairs(self.n_pairs)
+        check_finite_settings(self)
+        if self.csa_dim < 1:
+            raise UserError(f"--csa-dim must be >= 1, got {self.csa_dim}")
         for lam, what in ((self.lam, "--lambda"), (self.csa_lambda, "--csa-lambda")):
             if lam <= 0:
                 raise UserError(f"{what} must be > 0: it is the R_S weight of the `+ R_S` rows")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,16 @@ HISTORY_COLUMNS = [
 ]
 
 
+def check_finite_settings(settings: Any) -> None:
+    """NaN passes every `<` check (`--lambda nan` would turn R_S off silently): refuse it, and
+    infinities, in every float field of a settings dataclass."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            option = "--lambda" if f.name == "lam" else f"--{f.name.replace('_', '-')}"
+            raise UserError(f"{option} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class AlignSettings:
     """Every hyperparameter of one training run, with the defaults of the `align` command (the
@@ -71,11 +81,17 @@ class AlignSettings:
     csa_ridge: float = 0.1  # --head csa: canonical ridge, relative to the mean variance
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "head", self.head.lower())  # --head CSA is csa
+        heads = [*HEAD_BUILDERS, "csa"]  # csa: the closed-form trainer (stages.csa)
+        check_finite_settings(self)
         problems = [
             (
-                self.head not in HEAD_BUILDERS,
-                f"unknown head {self.head!r}; choose one of {', '.join(HEAD_BUILDERS)}",
+                self.head not in heads,
+                f"unknown head {self.head!r}; choose one of {', '.join(heads)}",
             ),
+            (self.seed < 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.out_dim < 1, f"--out-dim must be >= 1, got {self.out_dim}"),
+            (self.hidden_dim < 1, f"--hidden-dim must be >= 1, got {self.hidden_dim}"),
             (self.lam < 0, f"--lambda must be >= 0, got {self.lam}"),
             (not 1 <= self.levels <= 5, f"--levels must be 1 to 5, got {self.levels}"),
             (self.temperature <= 0, f"--temperature must be > 0, got {self.temperature}"),

@@ -23,6 +23,7 @@ refused with the command that converts them in place (`python -m pipeline store 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ MODALITIES = ("image", "text")
 DTYPES = ("float16", "float32")
 OLD_ARRAY = "features"  # the (N, L, D) array of the layout before per-layer widths
 MIGRATE_COMMAND = "python -m pipeline store migrate"
+VERIFY_COMMAND = "python -m pipeline store verify"
 
 
 def model_key(model: str) -> str:
@@ -50,6 +52,21 @@ def model_key(model: str) -> str:
     if spec.startswith(("/", "./", "../", "~")) or Path(spec).is_dir():
         spec = Path(spec).expanduser().name
     return re.sub(r"[^A-Za-z0-9._-]+", "--", spec.replace(":", "_"))
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The resolved folder of a model given as a local directory, else None."""
+    path = Path(model.rstrip("/")).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def local_names(folder: Path) -> list[str]:
+    """Store names for a local model folder, most readable first: `enc`, then `v2-enc` (its
+    parent too), then `enc-<hash of the path>`; the first one free (or already this folder's)
+    is taken, so two folders named `enc` never share features."""
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:8]
+    names = [folder.name, f"{folder.parent.name}-{folder.name}", f"{folder.name}-{digest}"]
+    return [model_key(n) for n in names]
 
 
 def array_path(dataset: str, split: str, modality: str, model: str) -> str:
@@ -88,6 +105,7 @@ class StoreEntry:
     blocks_done: int
     blocks: int
     old_layout: bool = False
+    damaged: int = 0  # completed blocks whose files are missing or truncated
 
     @property
     def layers(self) -> int:
@@ -173,6 +191,51 @@ class FeatureArray:
                 "run the same extract command again to finish them"
             )
 
+    # -- integrity ------------------------------------------------------------------------
+    def chunk_file(self, layer: int, block: int) -> Path:
+        """The one file of a block of a layer (zarr v3 chunk key `c/{block}/0`)."""
+        return self.root / self.path / "layers" / str(layer) / "c" / str(block) / "0"
+
+    def chunk_problem(self, layer: int, block: int) -> str:
+        """Why the file of a completed block cannot hold its data ("" when its size is right):
+        it is missing (it would read as NaN) or has another size than rows x width + crc32c."""
+        expected = self.block_rows * self.layer_dims[layer] * self.dtype.itemsize + 4
+        try:
+            size = self.chunk_file(layer, block).stat().st_size
+        except FileNotFoundError:
+            return "missing"
+        return "" if size == expected else f"truncated ({size} of {expected} bytes)"
+
+    def damaged_blocks(self, read: bool = False) -> dict[int, list[str]]:
+        """{block: ["layer NAME: why", ...]} of the completed blocks whose files are missing or
+        of the wrong size; with `read`, every block is also read (its crc32c checked)."""
+        damaged: dict[int, list[str]] = {}
+        for block in np.flatnonzero(self.completed_blocks()).tolist():
+            for i, name in enumerate(self.layer_names):
+                problem = self.chunk_problem(i, block)
+                if not problem and read:
+                    try:
+                        self.layers[i][self.block_slice(block)]
+                    except Exception as err:  # zarr's crc32c codec raises ValueError
+                        problem = f"unreadable ({str(err).splitlines()[0][:60]})"
+                if problem:
+                    damaged.setdefault(block, []).append(f"layer {name}: {problem}")
+        return damaged
+
+    def check_chunks(self, layer: int, rows: slice) -> None:
+        """Refuse to read completed blocks of `layer` whose files are missing or truncated (a
+        missing chunk would read as NaN, silently)."""
+        start, stop, _ = rows.indices(self.n_rows)
+        first, last = start // self.block_rows, -(-stop // self.block_rows)
+        for block in np.flatnonzero(self.done[first:last]).tolist():
+            problem = self.chunk_problem(layer, first + block)
+            if problem:
+                raise UserError(
+                    f"block {first + block} of layer {self.layer_names[layer]} of {self.root}/"
+                    f"{self.path} is {problem}; repair the store with: {VERIFY_COMMAND} "
+                    f"--store {self.root} --repair"
+                )
+
     # -- writing ----------------------------------------------------------------------------
     def write_block(self, block: int, values: np.ndarray | Sequence[np.ndarray]) -> None:
         """Write one whole block of rows: one (rows, D_l) array per layer (or one (rows, L, D)
@@ -207,13 +270,15 @@ class FeatureArray:
         """Rows of one layer as float32 (n, D_l), complete or not (unwritten rows are NaN);
         a chunk whose checksum does not match is a UserError naming the array and layer."""
         index = self.layer_index(layer)
+        self.check_chunks(index, rows)
         try:
             return np.asarray(self.layers[index][rows], dtype=np.float32)
         except ValueError as err:  # zarr's crc32c codec: "Stored and computed checksum ..."
             raise UserError(
                 f"corrupt feature data in {self.root}/{self.path} layer "
                 f"{self.layer_names[index]} ({str(err).splitlines()[0][:80]}); "
-                "extract it again with --overwrite"
+                f"find and repair every damaged block with: {VERIFY_COMMAND} --store {self.root} "
+                "--repair"
             ) from err
 
     def read_layer(self, layer: int | str) -> np.ndarray:
@@ -232,7 +297,9 @@ class FeatureArray:
         import dask.array as da
 
         self.require_complete()
-        return da.from_zarr(self.layers[self.layer_index(layer)])
+        index = self.layer_index(layer)
+        self.check_chunks(index, slice(None))
+        return da.from_zarr(self.layers[index])
 
 
 def create_layer_arrays(
@@ -262,6 +329,10 @@ class FeatureStore:
                 raise UserError(
                     f"no feature store at {self.root} (run `python -m pipeline extract`)"
                 )
+            if any(p.exists() and not p.is_dir() for p in self.root.parents):
+                raise UserError(
+                    f"cannot create the store {self.root}: a part of its path is a file"
+                )
             self.group = zarr.open_group(self.root, mode="a", zarr_format=3)
             return
         if not (self.root / "zarr.json").is_file():
@@ -278,15 +349,44 @@ class FeatureStore:
         return read_manifest(self.manifest_path(dataset, split))
 
     def has(self, dataset: str, split: str, modality: str, model: str) -> bool:
-        path = array_path(dataset, split, modality, model)
+        path = self.locate(dataset, split, modality, model)
+        return self._exists(path)
+
+    def _exists(self, path: str) -> bool:
         return f"{path}/complete" in self.group or f"{path}/{OLD_ARRAY}" in self.group
+
+    def locate(
+        self, dataset: str, split: str, modality: str, model: str, check: bool = False
+    ) -> str:
+        """The array path of `model`: a name (as `store ls` lists it) or a Hugging Face id is
+        its own key; a local model folder is found by the folder the features were extracted
+        from (`local_names`): a free name when none was. With `check`, a folder whose
+        readable name holds another folder's features is an error saying so."""
+        folder = local_model_dir(model)
+        if folder is None:
+            return array_path(dataset, split, modality, model)
+        paths = [array_path(dataset, split, modality, n) for n in local_names(folder)]
+        for path in paths:
+            if self._exists(path) and self.group[path].attrs.get("model_path", str(folder)) == str(
+                folder
+            ):
+                return path
+        if check and self._exists(paths[0]):
+            other = self.group[paths[0]].attrs.get("model_path")
+            raise UserError(
+                f"the {modality} features named {paths[0].rsplit('/', 1)[1]} in {self.root} "
+                f"were extracted from {other}, not from {folder}; extract {folder} (it gets a "
+                "name of its own) or pass the name of its features (`store ls`)"
+            )
+        return next((p for p in paths if not self._exists(p)), paths[-1])
 
     def open(
         self, dataset: str, split: str, modality: str, model: str, check_source: bool = True
     ) -> FeatureArray:
         """The features of (dataset, split, modality, model); refuses features whose source
-        differs from the split's manifest (stale after `extract --overwrite` of another model)."""
-        path = array_path(dataset, split, modality, model)
+        differs from the split's manifest (stale after `extract --overwrite` of another model),
+        or that were extracted from another local folder of the same name."""
+        path = self.locate(dataset, split, modality, model, check=True)
         if f"{path}/{OLD_ARRAY}" in self.group:
             raise old_layout_error(self.root, path)
         if f"{path}/complete" not in self.group:
@@ -295,6 +395,8 @@ class FeatureStore:
                 f"{dataset}/{split}; make them with: python -m pipeline extract --model {model} "
                 f"--dataset {dataset} --split {split} --store {self.root}"
             )
+        if "layer_names" not in self.group[path].attrs:
+            raise UserError(f"{self.root}/{path} was not written by extract (no layer names)")
         array = FeatureArray(self.group[path], path, self.root)
         if check_source and self.manifest_path(dataset, split).is_file():
             expected = fingerprint(self.manifest(dataset, split), modality)
@@ -327,9 +429,10 @@ class FeatureStore:
         dims = [dims] * len(layer_names) if isinstance(dims, int) else [int(d) for d in dims]
         if len(dims) != len(layer_names):
             raise ValueError(f"{len(layer_names)} layer names but {len(dims)} widths")
-        path = array_path(dataset, split, modality, model)
+        path = self.locate(dataset, split, modality, model)
         if path in self.group:
             del self.group[path]
+
         block_rows = min(block_rows, n_rows)
         attrs = {
             **attributes,
@@ -337,6 +440,7 @@ class FeatureStore:
             "split": split,
             "modality": modality,
             "model": model,
+            "name": path.rsplit("/", 1)[1],
             "layer_names": list(layer_names),
             "layer_dims": dims,
             "dtype": dtype,
@@ -356,9 +460,11 @@ class FeatureStore:
                        if isinstance(node, zarr.Array)]  # fmt: skip
         old = sorted(n.rsplit("/", 1)[0] for n in members if n.endswith(f"/{OLD_ARRAY}"))
         new = sorted(
-            p for p in (n.rsplit("/", 1)[0] for n in members if n.endswith("/complete"))
-            if p not in old
-        )  # fmt: skip
+            p
+            for p in (n.rsplit("/", 1)[0] for n in members if n.endswith("/complete"))
+            if p not in old and "layer_names" in self.group[p].attrs
+        )  # fmt: skip  (arrays that extract did not write are not features: left alone)
+        old = [p for p in old if "layer_names" in self.group[f"{p}/{OLD_ARRAY}"].attrs]
         return new, old
 
     def entries(self) -> list[StoreEntry]:
@@ -375,13 +481,15 @@ class FeatureStore:
             else:
                 array = FeatureArray(group, path, self.root)
                 attrs, n_rows, dims = array.attrs, array.n_rows, array.layer_dims
+                damaged = len(array.damaged_blocks())
             done = np.asarray(group["complete"][:], dtype=bool)
             found.append(
                 StoreEntry(
                     dataset=attrs["dataset"],
                     split=attrs["split"],
                     modality=attrs["modality"],
-                    model=attrs["model"],
+                    # what later commands take: a local folder's store name, else the spec
+                    model=attrs["name"] if "model_path" in attrs else attrs["model"],
                     n=n_rows,
                     layer_dims=tuple(dims),
                     dtype=attrs["dtype"],
@@ -389,6 +497,7 @@ class FeatureStore:
                     blocks_done=int(done.sum()),
                     blocks=done.size,
                     old_layout=path in old,
+                    damaged=0 if path in old else damaged,
                 )
             )
         return sorted(found, key=lambda e: (e.dataset, e.split, e.modality, e.model))

@@ -10,6 +10,8 @@ One manifest row per text (caption or class prompt), in text-feature row order:
     label       integer class, -1 when there is none
     label_name  class name, "" when there is none
     skipped     the image could not be decoded and was skipped (`extract --skip-bad`)
+    image_stat  "size:mtime_ns" of the image file when extracted ("" when not a file): a
+                changed file at the same path changes the source fingerprint
 
 The image feature array has one row per distinct image_row; `image_table` lists them.
 """
@@ -34,13 +36,15 @@ PAIR_COLUMNS = {
     "label": "int64",
     "label_name": "string",
     "skipped": "bool",
+    "image_stat": "string",
 }
 
 
 def normalise_manifest(table: pd.DataFrame) -> pd.DataFrame:
     """Fill optional columns, fix dtypes and check the row numbering."""
     table = table.copy()
-    defaults = {"label": -1, "label_name": "", "skipped": False, "image_path": "", "caption": ""}
+    defaults = {"label": -1, "label_name": "", "skipped": False, "image_path": "", "caption": "",
+                "image_stat": ""}  # fmt: skip
     for column, value in defaults.items():
         if column not in table:
             table[column] = value
@@ -73,14 +77,22 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no manifest at {path}; run `python -m pipeline extract` for this split")
-    return normalise_manifest(pd.read_parquet(path))
+    try:
+        table = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(
+            f"{path} is not a readable manifest ({str(err).splitlines()[0][:80]}); extract the "
+            "split again with --overwrite"
+        ) from err
+    return normalise_manifest(table)
 
 
 def image_table(manifest: pd.DataFrame) -> pd.DataFrame:
     """One row per image, indexed and ordered by image_row."""
     images = manifest[manifest["image_row"] >= 0]
     images = images.drop_duplicates("image_row").sort_values("image_row")
-    return images[["image_row", "sample_id", "image_path", "label", "label_name", "skipped"]]
+    columns = ["image_row", "sample_id", "image_path", "label", "label_name", "skipped"]
+    return images[[*columns, "image_stat"]]
 
 
 def pair_rows(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -89,10 +101,31 @@ def pair_rows(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return usable["image_row"].to_numpy(), usable["text_row"].to_numpy()
 
 
+def file_stat(path: str) -> str:
+    """What identifies a file's content cheaply: "size:mtime_ns"; "" when `path` is no file."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):  # a `source://index` reference, or no such file
+        return ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def with_file_stats(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest with every image row's current `image_stat` (one stat per image)."""
+    stats = {p: file_stat(p) for p in manifest.loc[manifest["image_row"] >= 0, "image_path"]}
+    column = [stats.get(p, "") for p in manifest["image_path"]]  # text-only rows: ""
+    return manifest.assign(image_stat=pd.Series(column, index=manifest.index, dtype="string"))
+
+
 def fingerprint(manifest: pd.DataFrame, modality: str) -> str:
-    """A hash of what one modality's features are computed from (ids and paths, or texts)."""
+    """A hash of what one modality's features are computed from (ids, paths and file size and
+    modification time; or texts). Stores made before file stats hash ids and paths only."""
     if modality == "image":
-        source = image_table(manifest)[["sample_id", "image_path"]]
+        images = image_table(manifest)
+        columns = ["sample_id", "image_path"] + (
+            ["image_stat"] if (images["image_stat"] != "").any() else []
+        )
+        source = images[columns]
     else:
         source = manifest[["caption"]]
     digest = hashlib.sha256()

@@ -203,7 +203,7 @@ def test_bad_input(store, tmp_path):
 def cli(*args: str):
     from pipeline import commands  # noqa: F401  (registers the commands)
 
-    return CliRunner().invoke(app, ["--params", "/nonexistent.yaml", "align", *args])
+    return CliRunner().invoke(app, ["--params", "/dev/null", "align", *args])
 
 
 def test_cli_trains_with_auto_layers_and_the_plain_baseline(store, tmp_path):
@@ -227,7 +227,7 @@ def test_cli_trains_with_auto_layers_and_the_plain_baseline(store, tmp_path):
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--params", "/nonexistent.yaml", "align",
+        [sys.executable, "-m", "pipeline", "--params", "/dev/null", "align",
          "--store", str(tmp_path / "none.zarr"), "--layers", "last"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -285,7 +285,7 @@ def test_run_without_checkpoint(planted, tmp_path):
 
 
 def test_cli_errors_are_one_line(planted, tmp_path, monkeypatch, capsys):
-    argv = ["pipeline", "--params", "/nonexistent.yaml", "evaluate", "--run", str(tmp_path)]
+    argv = ["pipeline", "--params", "/dev/null", "evaluate", "--run", str(tmp_path)]
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -342,7 +342,7 @@ def test_skips_without_labels_or_captions(tmp_path):
 
 # -- the CLI: evaluate, compare and evaluate --compare ----------------------------------------
 def _cli(*args: str):
-    return CliRunner().invoke(app, ["--params", "/nonexistent.yaml", *args])
+    return CliRunner().invoke(app, ["--params", "/dev/null", *args])
 
 
 def test_cli_evaluate_and_compare(planted, tmp_path):

@@ -161,7 +161,9 @@ def test_run_errors(demo, tmp_path):
     with pytest.raises(UserError, match="weights of tiny-random-vit differ"):
         AlignedModel.from_run(changed)
     # an encoder that is not available offline: extraction's download hint
-    (changed / "config.json").write_text(json.dumps({**config, "text_model": "nobody/no-model"}))
+    recorded = {**config["store_fingerprint"], "text": {"model_spec": "nobody/no-model"}}
+    gone = {**config, "text_model": "nobody/no-model", "store_fingerprint": recorded}
+    (changed / "config.json").write_text(json.dumps(gone))
     with pytest.raises(UserError, match="hf download nobody/no-model"):
         AlignedModel.from_run(changed)
 

@@ -383,7 +383,7 @@ def planted_store(path: Path, n_images: int = 150, captions: int = 2, seed: int 
 
 
 def run_cli(*args: str):
-    return CliRunner().invoke(app, ["--params", "/nonexistent.yaml", *args], catch_exceptions=True)
+    return CliRunner().invoke(app, ["--params", "/dev/null", *args], catch_exceptions=True)
 
 
 def select_args(store: Path, out: Path, *extra: str) -> list[str]:
@@ -494,7 +494,7 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
             "-m",
             "pipeline",
             "--params",
-            "/nonexistent.yaml",
+            "/dev/null",
             *select_args(store, tmp_path / "sel", "--text-model", "missing"),
         ],
         cwd=ROOT,

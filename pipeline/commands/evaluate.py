@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, run_option
 from stages.evaluate import METRICS, comparison_table, evaluate_run, to_markdown, write_table
 from store import UserError, write_json_atomic
 
@@ -51,6 +51,7 @@ NAMES_HELP = "Comma-separated row names, one per run (default: the run folder na
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     run: Path = typer.Option(None, "--run", help="Run directory written by `align`."),
     dataset: str = typer.Option(None, help="Dataset to evaluate on (default: the run's)."),
     split: str = typer.Option("test", help="Split with the test images and captions."),
@@ -71,9 +72,10 @@ def evaluate(
         raise UserError(f"unexpected arguments {[str(r) for r in runs]}; did you mean --compare?")
     if run is None:
         raise UserError("give the run directory with --run DIR (or compare runs with --compare)")
-    metrics = evaluate_run(run, store, dataset, split, prompts_split)
+    metrics = evaluate_run(run, store, run_option(ctx, "dataset", dataset), split, prompts_split)
     path = out or run / METRICS
     write_json_atomic(path, metrics)
+    typer.echo(f"evaluated on {metrics['run']['eval_dataset']}/{split}")
     typer.echo(format_metrics(metrics))
     typer.echo(f"wrote {path}")
 

@@ -48,6 +48,11 @@ def extract_command(
         "local:N (N local worker processes). Empty: this process.",
     ),
     retries: int = typer.Option(2, min=0, help="Re-runs of a failed cluster task."),
+    name: str = typer.Option(
+        "",
+        help="The features' name in the store, for later commands' --image-model/--text-model "
+        "(default: the model spec; a local folder's name, made unique if another folder has it).",
+    ),
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
     opts = ExtractOptions(
@@ -64,5 +69,6 @@ def extract_command(
         weights=weights,
         scheduler=scheduler,
         retries=retries,
+        name=name,
     )
     extract(str(store), dataset, split, source or dataset, model, opts)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, run_option
 from stages.index import EXACT_MAX, build_index
 
 
 @app.command("index")
 def index_command(
+    ctx: typer.Context,
     run: Path = typer.Option(..., "--run", help="Run directory written by `align`."),
     dataset: str = typer.Option(None, help="Dataset in the store (default: the run's)."),
     split: str = typer.Option("test", help="Split whose images to index."),
@@ -22,7 +23,7 @@ def index_command(
     ),
 ) -> None:
     """The run's image head on the split's stored features (nothing re-encoded), indexed."""
-    meta = build_index(run, store, dataset, split, out, exact_max)
+    meta = build_index(run, store, run_option(ctx, "dataset", dataset), split, out, exact_max)
     where = f"{meta['dataset']}/{meta['split']}"
     line = f"{meta['rows']} images of {where}, dim {meta['dim']}, {meta['kind']}"
     if meta["recall_at_10_vs_exact"] is not None:

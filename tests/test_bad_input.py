@@ -1,0 +1,232 @@
+"""Bad input and faults, as a hostile user would try them: every command answers one line on
+stderr and exit 2, never a traceback, and changes nothing that existed before; and the
+silent-wrongness fixes (stale metrics, the run's own dataset, params coercion, ...)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import pipeline.commands  # noqa: F401  (registers the commands)
+from pipeline.app import app
+from tests.helpers import (
+    files,
+    run_cli,
+    write_features,
+    write_pairs_manifest,
+    write_prompts_manifest,
+)
+
+N_IMG, N_CLS = 48, 3
+NAMES = ["zero", "one", "two"]
+TEMPLATES = ("a {}", "the {}")
+LAYERS = ["l0", "l1"]
+
+
+def build_store(store: Path, rng: np.random.Generator) -> None:
+    """Image and text features of `toy` (train, test, prompts) from one shared latent, so a
+    tiny run learns something; several row blocks per array."""
+    for split in ("train", "test"):
+        labels = rng.integers(0, N_CLS, size=N_IMG)
+        latent = rng.normal(size=(N_IMG, 6)) + 3 * np.eye(N_CLS, 6)[labels]
+        for modality, model, dim in (("image", "img", 8), ("text", "txt", 6)):
+            mix = rng.normal(size=(6, dim))
+            values = np.stack([latent @ mix, rng.normal(size=(N_IMG, dim))], axis=1)
+            write_features(store, "toy", split, modality, model, values, LAYERS, block_rows=16)
+        write_pairs_manifest(store, "toy", split, N_IMG, 1, labels.tolist(), NAMES)
+    prompts = np.stack(
+        [np.eye(N_CLS, 6).repeat(len(TEMPLATES), 0) @ rng.normal(size=(6, 6))] * 2, 1
+    )
+    write_features(store, "toy", "prompts", "text", "txt", prompts, LAYERS)
+    write_prompts_manifest(store, "toy", NAMES, TEMPLATES)
+
+
+TRAIN = ["--dataset", "toy", "--image-model", "img", "--text-model", "txt", "--layers", "last",
+         "--out-dim", "4", "--batch-size", "16", "--epochs", "2", "--warmup-steps", "1",
+         "--no-progress"]  # fmt: skip
+
+
+def invoke(*args: str) -> None:
+    result = CliRunner().invoke(app, ["--params", "/dev/null", *map(str, args)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """One directory: features.zarr (toy/train, test, prompts) and run/ (trained, evaluated)."""
+    root = tmp_path_factory.mktemp("bad")
+    build_store(root / "features.zarr", np.random.default_rng(0))
+    invoke("align", "--store", root / "features.zarr", "--out", root / "run", *TRAIN)
+    invoke("evaluate", "--store", root / "features.zarr", "--run", root / "run")
+    return root
+
+
+# -- item 1: re-training into a run directory drops the old run's outputs -----------------------
+def test_retraining_into_a_run_dir_removes_the_old_metrics(toy, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(toy / "run", run)
+    assert (run / "metrics.json").is_file()
+    invoke("align", "--store", toy / "features.zarr", "--out", run, *TRAIN, "--lambda", "0")
+    assert not (run / "metrics.json").exists()  # the old run's numbers are gone
+    assert json.loads((run / "config.json").read_text())["lambda"] == 0.0
+
+
+# -- item 2: evaluate's dataset is the run's own, and said ----------------------------------
+def test_evaluate_defaults_to_the_runs_dataset_not_params(toy, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("common:\n  dataset: digits\n")
+    out = tmp_path / "metrics.json"
+    code, stdout, stderr = run_cli(
+        ["--params", params, "evaluate", "--store", toy / "features.zarr", "--run",
+         toy / "run", "--out", out], capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "evaluated on toy/test" in stdout
+    assert json.loads(out.read_text())["run"]["eval_dataset"] == "toy"
+
+
+# -- item 4: --params --------------------------------------------------------------------
+def test_params_numbers_written_as_yaml_strings_are_numbers(tmp_path):
+    from pipeline.config import default_map, load_params
+
+    params = tmp_path / "p.yaml"
+    params.write_text("align:\n  lr: 1e-3\n  head: mlp\n")
+    assert default_map(load_params(params))["align"]["lr"] == 0.001
+    assert default_map(load_params(params))["align"]["head"] == "mlp"
+
+
+# -- the table: every command's bad inputs --------------------------------------------------
+# {store} {run} {tmp}: the shared store and run, and this test's own scratch folder
+S, R = ["--store", "{store}"], ["--run", "{run}"]
+ALIGN = ["align", *S, "--out", "{run}", *TRAIN]  # into the existing run: it must survive
+BAD_INPUTS = {
+    "params missing": ["--params", "{tmp}/none.yaml", "store", "ls", *S],
+    "params a directory": ["--params", "{tmp}", "store", "ls", *S],
+    "params scalar section": ["--params", "{tmp}/scalar.yaml", "store", "ls", *S],
+    "params not utf-8": ["--params", "{tmp}/latin1.yaml", "store", "ls", *S],
+    "params lr not a number": ["--params", "{tmp}/lr.yaml", "table", *S, "--dataset", "toy"],
+    "lambda nan": [*ALIGN, "--lambda", "nan"],
+    "lr nan": [*ALIGN, "--lr", "nan"],
+    "temperature nan": [*ALIGN, "--temperature", "nan"],
+    "seed negative": [*ALIGN, "--seed", "-1"],
+    "head unknown": [*ALIGN, "--head", "cnn"],
+    "table csa-dim 0": ["table", *S, "--dataset", "toy", "--out", "{tmp}/t", "--csa-dim", "0"],
+    "table lambda nan": ["table", *S, "--dataset", "toy", "--out", "{tmp}/t", "--lambda", "nan"],
+    "align out is a file": ["align", *S, *TRAIN, "--out", "{run}/config.json"],
+    "evaluate another store": ["evaluate", *R, "--store", "{tmp}/none.zarr"],
+    "evaluate out a directory": ["evaluate", *R, *S, "--out", "{run}"],
+    "compare out a directory": ["compare", "{run}", "--out-md", "{run}"],
+    "compare malformed metrics": ["compare", "{run}", "{tmp}/badrun"],
+    "select out a file": [
+        "select",
+        *S,
+        "--dataset",
+        "toy",
+        "--image-model",
+        "img",
+        "--text-model",
+        "txt",
+        "--out",
+        "{run}/config.json",
+    ],
+    "store under a file": ["extract", "--store", "{run}/config.json/s.zarr"],
+    "coco invalid json": ["extract", "--source", "coco:{tmp}/bad-json", "--store", "{tmp}/c.zarr"],
+    "coco no annotations": ["extract", "--source", "coco:{tmp}/no-ann", "--store", "{tmp}/c.zarr"],
+    "coco unknown image": ["extract", "--source", "coco:{tmp}/unknown", "--store", "{tmp}/c.zarr"],
+    "garbage manifest": ["align", "--store", "{tmp}/copy.zarr", "--out", "{tmp}/r", *TRAIN],
+    "foreign array": [
+        "align",
+        "--store",
+        "{tmp}/copy.zarr",
+        "--out",
+        "{tmp}/r",
+        *TRAIN,
+        "--image-model",
+        "foreign",
+    ],
+    "truncated chunk": [
+        "align",
+        "--store",
+        "{tmp}/copy.zarr",
+        "--out",
+        "{tmp}/r",
+        *TRAIN,
+        "--text-model",
+        "cut",
+    ],
+}
+SCRATCH = {
+    "scalar.yaml": b"align: 5\n",
+    "latin1.yaml": "common:\n  dataset: caf\u00e9\n".encode("latin-1"),
+    "lr.yaml": b"align:\n  lr: fast\n",
+    "badrun/metrics.json": b"[1]\n",
+    "bad-json/annotations/captions_train2017.json": b"{bad",
+    "no-ann/annotations/captions_train2017.json": b'{"images": []}',
+    "unknown/annotations/captions_train2017.json": (
+        b'{"images": [{"id": 1, "file_name": "a.png"}], '
+        b'"annotations": [{"id": 5, "image_id": 2, "caption": "x"}]}'
+    ),
+}
+
+
+def damage_a_copy(toy: Path, tmp: Path, case: str) -> None:
+    """The store cases work on a copy: a garbage manifest, a foreign array, a truncated chunk."""
+    import zarr
+
+    from store import FeatureStore
+
+    copy = tmp / "copy.zarr"
+    shutil.copytree(toy / "features.zarr", copy)
+    if case == "garbage manifest":
+        (copy / "toy/train/manifest.parquet").write_bytes(b"garbage")
+    elif case == "foreign array":
+        zarr.open_group(copy, mode="a").create_array(
+            "toy/train/image/foreign/complete", shape=(2,), dtype="uint8"
+        )
+    elif case == "truncated chunk":
+        shutil.copytree(copy / "toy/train/text/txt", copy / "toy/train/text/cut")
+        array = FeatureStore(copy).open("toy", "train", "text", "cut")
+        array.chunk_file(1, 1).write_bytes(array.chunk_file(1, 1).read_bytes()[:7])
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(toy, tmp_path, capsys, request, args):
+    for name, data in SCRATCH.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    shutil.copy(toy / "run/config.json", tmp_path / "badrun/config.json")
+    damage_a_copy(toy, tmp_path, request.node.callspec.id)
+    where = {"store": toy / "features.zarr", "run": toy / "run", "tmp": tmp_path}
+    args = [a.format(**where) for a in args]
+    if args[0] != "--params":
+        args = ["--params", "/dev/null", *args]
+    before = files(toy)
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert files(toy) == before
+
+
+# -- item 10: Ctrl-C ------------------------------------------------------------------------
+def test_sigint_says_how_to_resume_and_exits_130(capsys):
+    import os
+    import signal
+
+    from pipeline.app import exit_on_sigint
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        exit_on_sigint()
+        with pytest.raises(SystemExit) as exit_:
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1)  # let the handler run here
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; run the same command to resume"

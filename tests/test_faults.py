@@ -1,0 +1,170 @@
+"""Faults that used to give silently wrong features: 16-bit images, changed image files,
+interrupted --skip-bad runs, colliding local model names, damaged store chunks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from stages.datasets import to_rgb
+from stages.extract import ExtractOptions, extract
+from store import FeatureStore, UserError, pair_rows, write_manifest
+from tests.helpers import files, run_cli, save_tiny_resnet
+
+FAST = ExtractOptions(batch_size=4, block_rows=4, num_workers=0, progress=False)
+
+
+def pairs_file(folder, images: list[Image.Image]):
+    """A pairs CSV of the given images (saved as PNG), one caption each."""
+    (folder / "img").mkdir(exist_ok=True)
+    rows = []
+    for i, image in enumerate(images):
+        image.save(folder / f"img/{i}.png")
+        rows.append((f"img/{i}.png", f"picture {i}"))
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(folder / "pairs.csv", index=False)
+    return folder / "pairs.csv"
+
+
+# -- item 3: 16-bit images keep their contrast ---------------------------------------------
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(tmp_path):
+    ramp = np.linspace(300, 65000, 4096).reshape(64, 64).astype(np.uint16)
+    noise = np.random.default_rng(0).integers(0, 65535, (64, 64)).astype(np.uint16)
+    images = [Image.fromarray(ramp), Image.fromarray(noise)]
+    assert images[0].mode.startswith("I;16")
+    expected = np.round((ramp - 300.0) * 255 / (ramp.max() - 300.0))  # float64, by hand
+    assert np.array_equal(np.asarray(to_rgb(images[0]))[..., 0], expected)
+    source = pairs_file(tmp_path, images)
+    extract(str(tmp_path / "s.zarr"), "mine", "train", f"pairs:{source}", "tiny-random-vit", FAST)
+    features = FeatureStore(tmp_path / "s.zarr").open("mine", "train", "image", "tiny-random-vit")
+    last = features.read_layer(-1)
+    assert not np.allclose(last[0], last[1])  # saturated, both were the same white image
+
+
+# -- item 7: a changed file at the same path is noticed --------------------------------------
+def test_changed_image_file_is_named_and_overwrite_re_extracts(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(3)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    store = str(tmp_path / "s.zarr")
+    extract(store, "mine", "train", source, "tiny-random-vit", FAST)
+    before = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit").read_layer(-1)
+    changed = tmp_path / "img/1.png"
+    Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))).save(changed)
+    os.utime(changed, ns=(1, 1))  # another modification time, whatever the clock's resolution
+    with pytest.raises(UserError, match=r"1 image file\(s\) .* changed .*1\.png.*--overwrite"):
+        extract(store, "mine", "train", source, "tiny-random-vit", FAST)
+    extract(store, "mine", "train", source, "tiny-random-vit", replace(FAST, overwrite=True))
+    after = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit").read_layer(-1)
+    assert np.array_equal(before[[0, 2]], after[[0, 2]]) and not np.allclose(before[1], after[1])
+
+
+# -- item 8: an interrupted --skip-bad run resumed without the flag -------------------------
+def test_skip_bad_run_resumed_without_the_flag_records_the_skipped_image(tmp_path):
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(6)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    (tmp_path / "img/1.png").write_bytes(b"not a png")  # in block 0 (rows 0-3)
+    store = str(tmp_path / "s.zarr")
+    extract(store, "mine", "train", source, "tiny-random-vit", replace(FAST, skip_bad=True))
+    # as if killed after block 0: block 1 not written, the skip not yet in the manifest
+    fs = FeatureStore(store, create=True)
+    fs.open("mine", "train", "image", "tiny-random-vit").done[1] = 0
+    write_manifest(
+        fs.manifest_path("mine", "train"), fs.manifest("mine", "train").assign(skipped=False)
+    )
+    extract(store, "mine", "train", source, "tiny-random-vit", FAST)  # resumed, no --skip-bad
+    manifest = FeatureStore(store).manifest("mine", "train")
+    assert manifest.loc[manifest["skipped"], "image_row"].tolist() == [1]
+    assert 1 not in pair_rows(manifest)[0]
+
+
+# -- item 6: two local model folders of the same name ----------------------------------------
+def test_local_model_folders_of_one_name_get_their_own_features(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(3)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    v1, v2 = tmp_path / "m/v1/enc", tmp_path / "m/v2/enc"
+    for folder in (v1, v2):
+        save_tiny_resnet(folder)
+    store = str(tmp_path / "s.zarr")
+    extract(store, "mine", "train", source, str(v1), FAST)
+    with pytest.raises(UserError, match=r"named enc .* extracted from .*v1/enc, not from .*v2/enc"):
+        FeatureStore(store).open("mine", "train", "image", str(v2))  # align would get v1's
+    extract(store, "mine", "train", source, str(v2), FAST)
+    assert "stored as v2-enc" in capsys.readouterr().out
+    fs = FeatureStore(store)
+    for folder, name in ((v1, "enc"), (v2, "v2-enc")):
+        array = fs.open("mine", "train", "image", str(folder))
+        assert array.attrs["model_path"] == str(folder.resolve()) and array.attrs["name"] == name
+        assert fs.open("mine", "train", "image", name).path == array.path  # the name works too
+    assert sorted(e.model for e in fs.entries()) == ["enc", "v2-enc"]
+    extract(store, "mine", "train", source, str(v1), replace(FAST, name="first"))
+    assert fs.open("mine", "train", "image", "first").attrs["model_spec"] == str(v1)
+
+
+# -- item 5: damaged store files are found, named and repaired block by block ----------------
+def test_verify_names_damaged_blocks_and_extract_repairs_exactly_them(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(10)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    store = tmp_path / "s.zarr"
+    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
+    pristine = files(store)
+    array = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit")
+    flipped, deleted = array.chunk_file(1, 0), array.chunk_file(2, 2)
+    data = bytearray(flipped.read_bytes())
+    data[8:12] = np.float16([0.5, 0.25]).tobytes()  # finite values, the checksum unchanged
+    flipped.write_bytes(bytes(data))
+    deleted.unlink()
+    code, out, err = run_cli(["store", "ls", "--store", store], capsys)
+    assert code == 0 and "damaged: 1 blocks" in out
+    with pytest.raises(UserError, match="block 2 of layer .* is missing.*store verify"):
+        array.read_layer(2)  # never NaN, silently
+    code, out, _ = run_cli(["store", "verify", "--store", store], capsys)
+    assert code == 1
+    assert "block 0: layer " in out and "unreadable" in out and "block 2: layer " in out
+    assert "python -m pipeline extract --model tiny-random-vit --dataset mine" in out
+    code, out, _ = run_cli(["store", "verify", "--store", store, "--repair"], capsys)
+    assert code == 0 and "marked 2 blocks incomplete" in out
+    assert array.completed_blocks().tolist() == [False, True, False]
+    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
+    assert files(store) == pristine  # exactly those blocks, byte for byte
+    assert run_cli(["store", "verify", "--store", store], capsys)[0] == 0
+
+
+def test_extract_redoes_a_deleted_or_truncated_block(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(6)]
+    source = f"pairs:{pairs_file(tmp_path, images)}"
+    store = tmp_path / "s.zarr"
+    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
+    pristine = files(store)
+    array = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit")
+    array.chunk_file(0, 1).unlink()
+    array.chunk_file(1, 0).write_bytes(array.chunk_file(1, 0).read_bytes()[:10])
+    assert sorted(array.damaged_blocks()) == [0, 1]
+    assert extract(str(store), "mine", "train", source, "tiny-random-vit", FAST).rows == 6
+    assert files(store) == pristine
+
+
+# -- item 10: labels over the whole pairs file; "NA" is a caption ----------------------------
+def test_pairs_labels_are_numbered_over_the_file_and_na_captions_are_text(tmp_path):
+    from stages.datasets import load_source
+
+    rows = [("a.png", "NA", "ant", "train"), ("b.png", "None", "bee", "train"),
+            ("c.png", "a cat", "cat", "train"), ("d.png", "a bee", "bee", "test"),
+            ("e.png", "a cat", "cat", "test")]  # fmt: skip
+    for name in "abcde":
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
+    table = pd.DataFrame(rows, columns=["image", "caption", "label", "split"])
+    table.to_csv(tmp_path / "pairs.csv", index=False)
+    train = load_source(f"pairs:{tmp_path / 'pairs.csv'}", "train").manifest
+    test = load_source(f"pairs:{tmp_path / 'pairs.csv'}", "test").manifest
+    assert train["caption"].tolist()[:2] == ["NA", "None"]
+    assert dict(zip(test["label_name"], test["label"])) == {"bee": 1, "cat": 2}  # as in train
+    assert dict(zip(train["label_name"], train["label"])) == {"ant": 0, "bee": 1, "cat": 2}
