@@ -24,18 +24,13 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.select import cpu_model, make_layer
+from benchmarks.select import cpu_model, make_layer, sync
 from stages import similarity
 from stages.select import knn_graph, resolve_k, torch_device
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
