@@ -230,3 +230,38 @@ def test_sigint_says_how_to_resume_and_exits_130(capsys):
         signal.signal(signal.SIGINT, previous)
     assert exit_.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted; run the same command to resume"
+
+
+# -- item 10: head names, and a selection.json made from another store ------------------------
+def test_head_names_ignore_case_and_the_error_lists_csa():
+    from stages.train import AlignSettings
+    from store import UserError
+
+    assert AlignSettings(head="CSA").head == "csa"
+    with pytest.raises(UserError, match="csa"):
+        AlignSettings(head="cnn")
+
+
+def test_selection_of_another_store_is_not_reused(toy, tmp_path):
+    from stages.pairs import PairSpec
+    from stages.select import SelectSettings, resolve_layers
+
+    spec = PairSpec(
+        store=toy / "features.zarr", dataset="toy", split="train", image_model="img",
+        text_model="txt",
+    )  # fmt: skip
+    sel = tmp_path / "sel"
+    settings = SelectSettings(n_samples=0, k=4, device="cpu")
+    chosen = resolve_layers("auto", spec, sel, settings)
+    info = json.loads((sel / "selection.json").read_text())
+    # the same models and split, but the features of another store, whose best pair differs
+    other = "l1" if chosen[0] == "l0" else "l0"
+    info.update(image_layer=other, features={**info["features"], "store": "/elsewhere.zarr"})
+    (sel / "selection.json").write_text(json.dumps(info))
+    said = []
+    assert resolve_layers("auto", spec, sel, settings, log=said.append) == chosen
+    assert said and "other features" in said[0]
+    info["features"] = json.loads((sel / "selection.json").read_text())["features"]
+    info["image_layer"] = other  # its own store's file: reused as it is
+    (sel / "selection.json").write_text(json.dumps(info))
+    assert resolve_layers("auto", spec, sel, settings)[0] == other
