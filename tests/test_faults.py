@@ -168,3 +168,20 @@ def test_pairs_labels_are_numbered_over_the_file_and_na_captions_are_text(tmp_pa
     assert train["caption"].tolist()[:2] == ["NA", "None"]
     assert dict(zip(test["label_name"], test["label"])) == {"bee": 1, "cat": 2}  # as in train
     assert dict(zip(train["label_name"], train["label"])) == {"ant": 0, "bee": 1, "cat": 2}
+
+
+# -- item 9: a local model whose pytorch_model.bin is a pickle of more than tensors -----------
+def test_pickled_weights_file_is_one_line_not_loaded(tmp_path):
+    import datetime
+
+    import torch
+
+    from stages.encoders import load_encoder
+
+    folder = tmp_path / "enc"
+    save_tiny_resnet(folder)
+    (folder / "model.safetensors").unlink()
+    # an object weights-only loading refuses (a malicious pickle would run code here)
+    torch.save({"when": datetime.datetime(2025, 1, 1)}, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="Python objects besides tensors"):
+        load_encoder(str(folder))
