@@ -82,7 +82,7 @@ class AlignSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", self.head.lower())  # --head CSA is csa
-        heads = [*HEAD_BUILDERS, "csa"]  # csa: the closed-form trainer (stages.csa)
+        heads = list(HEAD_BUILDERS)  # csa's head is registered there too
         check_finite_settings(self)
         problems = [
             (
