@@ -108,14 +108,19 @@ def test_local_model_folders_of_one_name_get_their_own_features(tmp_path, capsys
 
 
 # -- item 5: damaged store files are found, named and repaired block by block ----------------
-def test_verify_names_damaged_blocks_and_extract_repairs_exactly_them(tmp_path, capsys):
-    rng = np.random.default_rng(4)
-    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(10)]
+def extracted_images(tmp_path, seed: int, n: int):
+    """(source, store, its files' bytes, image array) of n random images through the tiny ViT."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(n)]
     source = f"pairs:{pairs_file(tmp_path, images)}"
     store = tmp_path / "s.zarr"
     extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
-    pristine = files(store)
     array = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit")
+    return source, store, files(store), array
+
+
+def test_verify_names_damaged_blocks_and_extract_repairs_exactly_them(tmp_path, capsys):
+    source, store, pristine, array = extracted_images(tmp_path, seed=4, n=10)
     flipped, deleted = array.chunk_file(1, 0), array.chunk_file(2, 2)
     data = bytearray(flipped.read_bytes())
     data[8:12] = np.float16([0.5, 0.25]).tobytes()  # finite values, the checksum unchanged
@@ -138,13 +143,7 @@ def test_verify_names_damaged_blocks_and_extract_repairs_exactly_them(tmp_path, 
 
 
 def test_extract_redoes_a_deleted_or_truncated_block(tmp_path):
-    rng = np.random.default_rng(5)
-    images = [Image.fromarray(np.uint8(rng.integers(0, 255, (16, 16, 3)))) for _ in range(6)]
-    source = f"pairs:{pairs_file(tmp_path, images)}"
-    store = tmp_path / "s.zarr"
-    extract(str(store), "mine", "train", source, "tiny-random-vit", FAST)
-    pristine = files(store)
-    array = FeatureStore(store).open("mine", "train", "image", "tiny-random-vit")
+    source, store, pristine, array = extracted_images(tmp_path, seed=5, n=6)
     array.chunk_file(0, 1).unlink()
     array.chunk_file(1, 0).write_bytes(array.chunk_file(1, 0).read_bytes()[:10])
     assert sorted(array.damaged_blocks()) == [0, 1]
