@@ -848,10 +848,7 @@ def resolve_layers(
     if layers == "last":
         return image.layer_names[-1], text.layer_names[-1]
     if layers == "auto":
-        try:
-            (metric,) = similarity.parse_metrics(settings.metric)[:1]
-        except ValueError as err:
-            raise UserError(f"--metric: {err}") from err
+        metric = similarity.parse_metrics(settings.metric)[0]  # checked by SelectSettings
         info = read_selection(Path(select_dir))
         pair = None
         if info is not None:  # the selecting metric's pair is the top level (mutual kNN in
