@@ -33,7 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stages.select import fastest_search, knn_graph, resolve_k, score_graphs  # noqa: E402
+from stages.select import (  # noqa: E402
+    fastest_search,
+    knn_graph,
+    resolve_k,
+    score_graphs,
+    torch_device,
+)
 
 LATENT = 32
 
@@ -91,20 +97,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def table_parser(doc: str) -> argparse.ArgumentParser:
+    """The synthetic layer table's options, shared with benchmarks.similarity."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--image-layers", type=int, default=24)
     parser.add_argument("--text-layers", type=int, default=25)
     parser.add_argument("--k", default="rice")
-    parser.add_argument("--pairs", type=int, default=3, help="pairs timed with the authors' method")
     parser.add_argument("--device", default="cpu", help="ours: cpu | cuda | auto")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main() -> None:
+    parser = table_parser(__doc__)
+    parser.add_argument("--pairs", type=int, default=3, help="pairs timed with the authors' method")
     args = parser.parse_args()
     n, dim, li, lt = args.n, args.dim, args.image_layers, args.text_layers
     k = resolve_k(args.k, n)
-    base_device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    base_device = torch_device(args.device)
     print(
         f"N={n} D={dim} layers {li} x {lt} = {li * lt} pairs, k={k}, "
         f"ours on {args.device}, authors' method on {base_device}, "

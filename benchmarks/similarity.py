@@ -16,7 +16,6 @@ allocations are not seen by tracemalloc). Features: benchmarks.select's syntheti
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import time
@@ -24,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.select import cpu_model, make_layer, sync
+from benchmarks.select import cpu_model, make_layer, sync, table_parser
 from stages import similarity
 from stages.select import knn_graph, resolve_k, torch_device
 
@@ -34,17 +33,10 @@ def peak_rss_mib() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--image-layers", type=int, default=24)
-    parser.add_argument("--text-layers", type=int, default=25)
-    parser.add_argument("--k", default="rice")
+    parser = table_parser(__doc__)
     parser.add_argument("--metrics", default=",".join(similarity.METRICS))
     parser.add_argument("--pairs", type=int, default=2, help="pairs timed with the per-pair method")
     parser.add_argument("--calibrate", type=int, default=0, help="permutations K (0: none)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     n, dim, li, lt = args.n, args.dim, args.image_layers, args.text_layers
     k = resolve_k(args.k, n)
