@@ -128,9 +128,9 @@ def main() -> None:
 
     # -- ours: Li + Lt searches, then all pairs from the graphs --------------------------------
     start = time.perf_counter()
-    knn_graph(layer(0, 0)[:500], 5, args.device)  # warm-up: imports, GPU smoke test, timing
+    knn_graph(layer(0, 0)[:500], 5, args.device)  # warm-up: imports, GPU smoke test
     print(
-        f"search backend: {fastest_search(args.device, dim)} (chosen by timing at start-up, "
+        f"search backend: {fastest_search(args.device, dim, n)} (chosen by timing at start-up, "
         f"{time.perf_counter() - start:.2f} s)"
     )
     # the floor: one N x N Gram matrix per layer, nothing else (numpy's BLAS on the CPU, the
@@ -144,7 +144,7 @@ def main() -> None:
             floor_s += gram_seconds(x, base_device)
             tracemalloc.start()
             start = time.perf_counter()
-            graphs[modality].append(knn_graph(x, k, args.device))
+            graphs[modality].append(knn_graph(x, k, args.device, ordered=False))
             search_s += time.perf_counter() - start
             traced_peak = max(traced_peak, tracemalloc.get_traced_memory()[1] / 2**20)
             tracemalloc.stop()

@@ -159,30 +159,40 @@ def normalise_rows(x: np.ndarray, name: str = "features", block: int = 1024) -> 
 
 
 def knn_graph(
-    x: np.ndarray, k: int, device: str = "auto", name: str = "features", search: str = ""
+    x: np.ndarray,
+    k: int,
+    device: str = "auto",
+    name: str = "features",
+    search: str = "",
+    ordered: bool = True,
 ) -> np.ndarray:
     """The k nearest neighbours (cosine) of every row, self excluded: int32 (n, k), each row
-    ranked by (similarity desc, index asc). `search` names a backend of SEARCHES; empty: the
-    fastest working one for `device`."""
+    ranked by (similarity desc, index asc); with ordered=False the same neighbours sorted by
+    index (all that set metrics such as mutual kNN need, and cheaper: only the ties at rank k
+    are decided in float64). `search` names a backend of SEARCHES; empty: the fastest working
+    one for `device`."""
     unit = normalise_rows(x, name)
     n, d = unit.shape
     if not 1 <= k < n:
         raise UserError(f"{name}: k = {k} needs more than {k} samples, got n = {n}")
     m = min(n, k + 1 + MARGIN)
-    search = search or fastest_search(device, d)
+    search = search or fastest_search(device, d, n)
     if search == "faiss-gpu" and m > 2048:  # FAISS GPU k-selection stops at 2048
         search = "torch-cuda"
     sims, ids = SEARCHES[search](unit, m)
-    return rank_candidates(unit, np.asarray(sims), np.asarray(ids), k)
+    return rank_candidates(unit, np.asarray(sims), np.asarray(ids), k, ordered)
 
 
-def rank_candidates(unit: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+def rank_candidates(
+    unit: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int, ordered: bool = True
+) -> np.ndarray:
     """The exact graph from a backend's top-m (m > k) float32 candidates of every row.
 
     Candidates are sorted by their float32 similarity; wherever two neighbours in that order
     are within 2E (E = similarity_error), they form a cluster whose order is decided on s64,
-    then index. A row whose k-th candidate is not more than 2E above everything not fetched
-    goes to `exact_neighbours`."""
+    then index (ordered=False: only the cluster across rank k, which decides the set; rows
+    come back sorted by index). A row whose k-th candidate is not more than 2E above
+    everything not fetched goes to `exact_neighbours`."""
     n, m = ids.shape
     err = similarity_error(unit.shape[1])
     ids = ids.astype(np.int64, copy=False)
@@ -199,23 +209,25 @@ def rank_candidates(unit: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int)
         linked = ~(sims - below > 2 * err)  # NaN from -inf - -inf: linked, so redone exactly
     cut = ~linked[:, k - 1 :]
     redo = ~cut.any(axis=1) | ~fetched.all(axis=1)
-    end = k - 1 + cut.argmax(axis=1)  # the first break at or after rank k: the set is certain
-    # float64 similarities for the members of clusters of two or more, up to the break
-    position = np.arange(m - 1)
-    in_cluster = linked | np.pad(linked[:, :-1], ((0, 0), (1, 0)))
-    need = in_cluster & (position <= end[:, None]) & ~redo[:, None]
-    row, col = np.nonzero(need)
+    cluster = np.cumsum(~linked, axis=1) - ~linked  # breaks before each position
+    if ordered:  # s64 for the members of clusters of two or more, up to the first break at or
+        end = k - 1 + cut.argmax(axis=1)  # after rank k, where the set is certain
+        position = np.arange(m - 1)
+        in_cluster = linked | np.pad(linked[:, :-1], ((0, 0), (1, 0)))
+        need = in_cluster & (position <= end[:, None])
+    else:  # only for the cluster that holds ranks k and k + 1: the rest are wholly in or out
+        need = (cluster == cluster[:, k - 1 : k]) & linked[:, k - 1 : k]
+    row, col = np.nonzero(need & ~redo[:, None])
     exact = np.zeros_like(sims)
     exact[row, col] = similarities(unit, row, ids[row, col])
     if row.size and np.abs(exact[row, col] - sims[row, col]).max() > err:
         raise RuntimeError("the search backend's similarities exceed the float32 error bound")
-    cluster = np.cumsum(~linked, axis=1) - ~linked  # breaks before each position
     order = np.lexsort((ids, -exact, cluster), axis=1)
     graph = np.take_along_axis(ids, order[:, :k], axis=1).astype(np.int32)
     redo = np.flatnonzero(redo)
     if redo.size:
         graph[redo] = exact_neighbours(unit, redo, k)
-    return graph
+    return graph if ordered else np.sort(graph, axis=1)
 
 
 def exact_neighbours(unit: np.ndarray, index: np.ndarray, k: int, block: int = 256) -> np.ndarray:
@@ -344,21 +356,34 @@ def search_backends(device: str) -> tuple[str, ...]:
     return gpu or CPU_SEARCHES
 
 
+TIMED_ROWS = 8192  # the most rows a start-up timing uses
+
+
+def fastest_search(device: str, d: int = 256, n: int = 2048) -> str:
+    """The backend for `device` and n rows of dimension d, by timing (`timed_fastest`)."""
+    return timed_fastest(device, d, min(n, TIMED_ROWS))
+
+
 @cache
-def fastest_search(device: str, d: int = 256) -> str:
-    """The backend for `device`, timed once per process and dimension on 2,048 random rows of
-    dimension d: which is fastest depends on the CPU (FAISS's is 3x slower than a matmul on
-    some, its GPU search faster on others) and on d."""
+def timed_fastest(device: str, d: int, n: int) -> str:
+    """The fastest backend on n random rows of dimension d, timed once per process (the best
+    of two runs each): which is fastest depends on the CPU (FAISS's is 3x slower than a
+    matmul on some, its GPU search faster on others), on d and on n (FAISS wins at 2,048 rows
+    on a CPU where the blocked BLAS search wins at 5,000)."""
     names = search_backends(device)
     if len(names) == 1:
         return names[0]
-    x = normalise_rows(np.random.default_rng(0).standard_normal((2048, d), dtype=np.float32))
+    x = normalise_rows(np.random.default_rng(0).standard_normal((n, d), dtype=np.float32))
+    m = min(n, 32)
     seconds = {}
     for name in names:
-        SEARCHES[name](x[:256], 32)  # warm-up: imports, kernels
-        start = time.perf_counter()
-        SEARCHES[name](x, 32)
-        seconds[name] = time.perf_counter() - start
+        SEARCHES[name](x[:256], min(m, 256))  # warm-up: imports, kernels
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            SEARCHES[name](x, m)
+            times.append(time.perf_counter() - start)
+        seconds[name] = min(times)
     return min(names, key=seconds.__getitem__)
 
 
@@ -450,10 +475,12 @@ def score_graphs_cuda(
 def layer_graphs(
     layers: Iterable[np.ndarray], k: int, device: str = "auto", names: Sequence[str] | None = None
 ) -> list[np.ndarray]:
-    """One kNN graph per layer; `layers` may be a generator so that one layer is in memory."""
+    """One kNN graph per layer, each row sorted by index (mutual kNN needs the sets only);
+    `layers` may be a generator so that one layer is in memory."""
     graphs = []
     for i, x in enumerate(layers):
-        graphs.append(knn_graph(x, k, device, names[i] if names else f"layer {i}"))
+        name = names[i] if names else f"layer {i}"
+        graphs.append(knn_graph(x, k, device, name, ordered=False))  # overlaps read sets
     return graphs
 
 
@@ -512,12 +539,13 @@ def metric_sides(
     (layers may be generators: one layer in memory at a time); kNN graphs by this module's
     exact search, or the prebuilt `graphs` (one list per side)."""
     use_grams = sum(sizes) * n * n * 4 <= gram_memory
+    ordered = any(m in similarity.RANKED_METRICS for m in metrics)
     sides = []
     for side, layers in enumerate((image_layers, text_layers)):
         layer_names = list(names[side]) or [f"layer {i}" for i in range(sizes[side])]
 
         def knn(x, index, layer_names=layer_names):
-            return knn_graph(x, k, device, layer_names[index])
+            return knn_graph(x, k, device, layer_names[index], ordered=ordered)
 
         sides.append(
             similarity.build_side(
@@ -620,12 +648,14 @@ def layer_graph_task(
     split: str,
     k: int,
     device: str,
+    ordered: bool = True,
 ) -> np.ndarray:
     """The kNN graph of one stored layer over the sampled rows; job = (modality, model, layer,
     rows). Reads the store where it runs: here, or on a dask worker that sees the same path."""
     modality, model, layer, rows = job
     array = FeatureStore(store_root).open(dataset, split, modality, model, check_source=False)
-    return knn_graph(array.read_layer(layer)[rows], k, device, f"{array.path} {layer}")
+    name = f"{array.path} {layer}"
+    return knn_graph(array.read_layer(layer)[rows], k, device, name, ordered=ordered)
 
 
 def sample_pairs(
@@ -716,7 +746,8 @@ def run_selection(
 
         jobs = [("image", image_model, name, image_rows) for name in names_i]
         jobs += [("text", text_model, name, text_rows) for name in names_t]
-        common = (str(Path(store.root).resolve()), dataset, split, k_value, device)
+        ordered = any(m in similarity.RANKED_METRICS for m in metrics)
+        common = (str(Path(store.root).resolve()), dataset, split, k_value, device, ordered)
         with connect(scheduler) as client:  # one task per layer, features read on the worker
             found = run_tasks(
                 client, layer_graph_task, jobs, *common, desc="kNN graphs", unit="layer",

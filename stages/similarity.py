@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 GRAPH_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "cknna")
+RANKED_METRICS = ("lcs_knn",)  # read the neighbours' rank order; the other graph metrics, sets
 GRAM_METRICS = ("cka", "unbiased_cka")
 METRICS = (*GRAPH_METRICS, *GRAM_METRICS, "svcca")
 ALPHA = 0.05

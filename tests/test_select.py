@@ -156,7 +156,10 @@ def test_graphs_match_brute_force_with_ties(k):
         graph = knn_graph(x, k, device="cpu")
         assert graph.shape == (len(x), k)
         # same neighbours in the same order: ties go to the lower index, self never included
-        np.testing.assert_array_equal(graph, np.array(brute_knn(x, k)))
+        want = np.array(brute_knn(x, k))
+        np.testing.assert_array_equal(graph, want)
+        # the sets alone (ties at rank k decided the same way), sorted by index
+        np.testing.assert_array_equal(knn_graph(x, k, "cpu", ordered=False), np.sort(want, 1))
 
 
 def test_scores_match_brute_force_with_ties():
@@ -171,6 +174,28 @@ def test_scores_match_brute_force_with_ties():
         )
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_near_ties_decided_in_float64_whatever_the_backend_rounds(ordered):
+    """A cloud of near-duplicates (cosines apart by far less than 2E, not in index order) and
+    a backend that rounds each similarity anywhere within E of s64: only the float64 decision
+    gives the brute-force neighbours (ordering such ties by index alone would fail here)."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal(16)
+    x = np.concatenate([base + 1e-4 * rng.standard_normal((40, 16)), rng.standard_normal((20, 16))])
+    unit = normalise_rows(x)
+    n, err = len(x), similarity_error(16)
+    everyone = np.repeat(np.arange(n), n), np.tile(np.arange(n), n)
+    exact = similarities(unit, *everyone).reshape(n, n)
+    ids = np.tile(np.arange(n), (n, 1))  # every row a candidate: nothing left unfetched
+    for k in (3, 12, 30):
+        want = np.array(brute_knn(x, k))
+        want = want if ordered else np.sort(want, axis=1)
+        for seed in range(3):
+            noise = np.random.default_rng(seed).uniform(-0.9, 0.9, (n, n)) * err
+            sims = (exact + noise).astype(np.float32)
+            np.testing.assert_array_equal(rank_candidates(unit, sims, ids, k, ordered), want)
+
+
 def test_candidate_order_from_the_backend_does_not_matter():
     rng = np.random.default_rng(6)
     x = np.concatenate([rng.standard_normal((60, 6))] * 2)  # ties everywhere
@@ -182,6 +207,10 @@ def test_candidate_order_from_the_backend_does_not_matter():
     )
     np.testing.assert_array_equal(shuffled, rank_candidates(unit, sims, ids, 5))
     np.testing.assert_array_equal(shuffled, np.array(brute_knn(x, 5)))
+    shuffled = rank_candidates(
+        unit, np.take_along_axis(sims, shuffle, 1), np.take_along_axis(ids, shuffle, 1), 5, False
+    )
+    np.testing.assert_array_equal(shuffled, np.sort(brute_knn(x, 5), axis=1))
 
 
 @pytest.mark.parametrize("name", ["blas", "torch"])
@@ -238,7 +267,8 @@ GRAPHS_SCRIPT = """
 import sys, numpy as np
 from stages.select import CPU_SEARCHES, knn_graph
 x = np.load(sys.argv[1])
-np.save(sys.argv[2], np.stack([knn_graph(x, 9, "cpu", search=name) for name in CPU_SEARCHES]))
+graphs = [knn_graph(x, 9, "cpu", search=s, ordered=o) for s in CPU_SEARCHES for o in (1, 0)]
+np.save(sys.argv[2], np.stack(graphs))
 """
 
 
@@ -247,6 +277,8 @@ def test_graphs_identical_across_backends_and_threads(tmp_path):
     want = np.array(brute_knn(x, 9))
     for name in CPU_SEARCHES:  # here with 2 threads (or what the machine has)
         np.testing.assert_array_equal(knn_graph(x, 9, "cpu", search=name), want, err_msg=name)
+        graph = knn_graph(x, 9, "cpu", search=name, ordered=False)
+        np.testing.assert_array_equal(graph, np.sort(want, axis=1), err_msg=name)
     np.save(tmp_path / "x.npy", x)
     one_thread = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run(
@@ -256,8 +288,12 @@ def test_graphs_identical_across_backends_and_threads(tmp_path):
         check=True,
         timeout=120,
     )
-    for graph in np.load(tmp_path / "g.npy"):
+    graphs = np.load(tmp_path / "g.npy")
+    assert len(graphs) == 2 * len(CPU_SEARCHES)
+    for graph in graphs[0::2]:
         np.testing.assert_array_equal(graph, want)
+    for graph in graphs[1::2]:
+        np.testing.assert_array_equal(graph, np.sort(want, axis=1))
 
 
 def test_normalise_rows_at_extreme_scales():
