@@ -33,11 +33,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from stages import similarity  # noqa: E402
 from stages.select import (  # noqa: E402
     fastest_search,
     knn_graph,
+    metric_sides,
     resolve_k,
-    score_graphs,
     torch_device,
 )
 
@@ -150,7 +151,10 @@ def main() -> None:
             tracemalloc.stop()
             del x
     start = time.perf_counter()
-    scores = score_graphs(*graphs, device=args.device)
+    # the stage's own path: the graphs into its structures, the table from them
+    no_features = ([None] * li, [None] * lt)
+    sides = metric_sides(*no_features, (li, lt), n, ["mutual_knn"], k, args.device, graphs=graphs)
+    scores = similarity.tables(["mutual_knn"], *sides)["mutual_knn"]
     score_s = time.perf_counter() - start
     rss_ours = peak_rss_mib()
     ours_s = search_s + score_s

@@ -34,7 +34,7 @@ the per-row check, not from the margin.
 Among equal scores the chosen pair is the first in row-major order (lowest image layer, then
 lowest text layer), as `np.argmax` gives.
 
-The math above (`mutual_knn_scores`, `knn_graph`, `graph_overlap`, `resolve_k`) is pure; the
+The math above (`mutual_knn_scores`, `knn_graph`, `resolve_k`) is pure; the
 rest of the module runs the stage: it reads the store and writes the run directory.
 """
 
@@ -429,49 +429,6 @@ def working(name: str) -> bool:
 # ------------------------------------------------------------------------------------------
 # scores from graphs
 # ------------------------------------------------------------------------------------------
-def graph_overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """mKNN of two kNN graphs (n, k) over the same samples: mean shared neighbours / k."""
-    if a.shape != b.shape:
-        raise ValueError(f"graphs differ in shape: {a.shape} vs {b.shape}")
-    # rows hold distinct ids, so after sorting each row of [a | b] a shared id is a repeat
-    both = np.sort(np.concatenate([a, b], axis=1), axis=1)
-    return float(np.count_nonzero(both[:, 1:] == both[:, :-1])) / a.size
-
-
-def score_graphs(
-    image_graphs: Sequence[np.ndarray], text_graphs: Sequence[np.ndarray], device: str = "cpu"
-) -> np.ndarray:
-    """(Li, Lt) float64 table of graph_overlap for every layer pair (on the GPU when device
-    is not cpu and torch sees one: at n = 50,000 the CPU needs ~35 ms a pair)."""
-    if device != "cpu" and working("torch-cuda"):
-        return score_graphs_cuda(image_graphs, text_graphs)
-    scores = np.empty((len(image_graphs), len(text_graphs)), dtype=np.float64)
-    for i, a in enumerate(image_graphs):
-        for j, b in enumerate(text_graphs):
-            scores[i, j] = graph_overlap(a, b)
-    return scores
-
-
-def score_graphs_cuda(
-    image_graphs: Sequence[np.ndarray], text_graphs: Sequence[np.ndarray]
-) -> np.ndarray:
-    """score_graphs with torch on CUDA: one image layer against all text layers at once."""
-    import torch
-
-    text = torch.stack([torch.from_numpy(g) for g in text_graphs]).cuda()  # (Lt, n, k)
-    lt, n, k = text.shape
-    block = max(1, 2**27 // (lt * 2 * k))  # rows per step: ~0.5 GiB of int32 per sort
-    counts = torch.zeros((len(image_graphs), lt), dtype=torch.int64, device="cuda")
-    for i, graph in enumerate(image_graphs):
-        a = torch.from_numpy(graph).cuda()
-        for start in range(0, n, block):
-            rows = slice(start, start + block)
-            both = torch.cat([a[rows].expand(lt, -1, -1), text[:, rows]], dim=2)
-            both = torch.sort(both, dim=2).values
-            counts[i] += (both[..., 1:] == both[..., :-1]).sum(dim=(1, 2))
-    return counts.cpu().numpy().astype(np.float64) / (n * k)
-
-
 def layer_graphs(
     layers: Iterable[np.ndarray], k: int, device: str = "auto", names: Sequence[str] | None = None
 ) -> list[np.ndarray]:
@@ -503,7 +460,10 @@ def mutual_knn_scores(
     k = resolve_k(k, n_image)
     a = layer_graphs(image_layers, k, device)
     b = layer_graphs(text_layers, k, device)
-    return score_graphs(a, b, device)
+    import torch
+
+    a, b = (torch.from_numpy(np.stack(graphs)).to(torch_device(device)) for graphs in (a, b))
+    return similarity.mutual_knn_table(a, b)
 
 
 # ------------------------------------------------------------------------------------------
@@ -755,7 +715,7 @@ def run_selection(
             )  # fmt: skip
         graphs = [found[: len(names_i)], found[len(names_i) :]]
     # only the graphs' overlaps need no features here once the cluster has built the graphs
-    local = graphs is None or any(m not in ("mutual_knn", "cycle_knn", "lcs_knn") for m in metrics)
+    local = graphs is None or any(m not in similarity.GRAPH_ONLY_METRICS for m in metrics)
 
     def layers(array, rows, names, what):  # one layer in memory at a time
         for name in tqdm(names, desc=f"{what} layers", disable=not progress):

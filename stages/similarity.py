@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 GRAPH_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "cknna")
+GRAPH_ONLY_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn")  # read nothing but the kNN graphs
+INDEXED_METRICS = ("cycle_knn", "lcs_knn", "cknna")  # from the text layers' edge index
 RANKED_METRICS = ("lcs_knn",)  # read the neighbours' rank order; the other graph metrics, sets
 GRAM_METRICS = ("cka", "unbiased_cka")
 METRICS = (*GRAPH_METRICS, *GRAM_METRICS, "svcca")
@@ -143,7 +145,9 @@ def build_side(
                 side.gram_norm2 = torch.empty(n_layers, dtype=torch.float64, device=device)
                 if use_grams:  # preallocated: one copy of the stacked Grams, never two
                     side.grams = torch.empty((n_layers, n, n), dtype=dtype, device=device)
-        unit = unit_rows(x, device, dtype) if x is not None else None
+        # graphs come from the caller's search: the graph-only metrics need no unit rows
+        needs_unit = x is not None and any(m not in GRAPH_ONLY_METRICS for m in metrics)
+        unit = unit_rows(x, device, dtype) if needs_unit else None
         if need_graph:
             graph = np.asarray(graphs[index] if graphs is not None else knn(x, index))
             graph = torch.as_tensor(graph, device=device).long()
@@ -192,6 +196,35 @@ def relabel_graphs(graphs: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 # graph metrics: every text edge looked up among the image layer's edges
 # ------------------------------------------------------------------------------------------
+def graph_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """mKNN of two kNN graphs (n, k) over the same samples: mean shared neighbours / k."""
+    if a.shape != b.shape:
+        raise ValueError(f"graphs differ in shape: {a.shape} vs {b.shape}")
+    # rows hold distinct ids, so after sorting each row of [a | b] a shared id is a repeat
+    both = np.sort(np.concatenate([a, b], axis=1), axis=1)
+    return float(np.count_nonzero(both[:, 1:] == both[:, :-1])) / a.size
+
+
+def mutual_knn_table(image_graphs: torch.Tensor, text_graphs: torch.Tensor) -> np.ndarray:
+    """(Li, Lt) float64 graph_overlap of every pair of (L, n, k) graphs: numpy's row sorts on
+    the CPU (10x torch's here, and 10x the edge-index lookups the other graph metrics share),
+    torch on CUDA, one image layer against all text layers at once."""
+    li, n, k = image_graphs.shape
+    if image_graphs.device.type == "cpu":
+        image, text = image_graphs.numpy().astype(np.int32), text_graphs.numpy().astype(np.int32)
+        return np.array([[graph_overlap(a, b) for b in text] for a in image])
+    lt = len(text_graphs)
+    block = max(1, 2**27 // (lt * 2 * k))  # rows per step: ~1 GiB of int64 per sort
+    counts = torch.zeros((li, lt), dtype=torch.int64, device=image_graphs.device)
+    for i in range(li):
+        for start in range(0, n, block):
+            rows = slice(start, start + block)
+            both = torch.cat([image_graphs[i, rows].expand(lt, -1, -1), text_graphs[:, rows]], 2)
+            both = torch.sort(both, dim=2).values
+            counts[i] += (both[..., 1:] == both[..., :-1]).sum(dim=(1, 2))
+    return counts.cpu().numpy().astype(np.float64) / (n * k)
+
+
 def edge_keys(graph: torch.Tensor) -> torch.Tensor:
     """(..., n, k) keys i * n + j of the edges i -> j."""
     n = graph.shape[-2]
@@ -283,10 +316,10 @@ def graph_tables(
     metrics: Sequence[str], image_graphs: torch.Tensor, image_sims: torch.Tensor, text: Side,
     image_self: torch.Tensor | None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-    """Each graph metric's (Li, Lt) table: every image edge looked up once in the text
+    """The indexed metrics' (Li, Lt) tables: every image edge looked up once in the text
     layers' edge index, which gives its rank in every text layer at once."""
     li, n, k = image_graphs.shape
-    out = {m: np.empty((li, text.layers)) for m in metrics if m in GRAPH_METRICS}
+    out = {m: np.empty((li, text.layers)) for m in metrics if m in INDEXED_METRICS}
     if text.edge_index is None:
         text.edge_index = edge_indexes(text.graphs)
     device = image_graphs.device
@@ -303,8 +336,6 @@ def graph_tables(
             ranks = torch.where((at >= 0)[:, None], index.ranks[at.clamp_min(0)], -1)  # (nk, c)
             shared = ranks >= 0
             part = (i, index.layers)
-            if "mutual_knn" in out:
-                out["mutual_knn"][part] = (shared.sum(dim=0).double() / (n * k)).cpu().numpy()
             if "lcs_knn" in out:  # text ranks in image-rank order: LCS = their LIS (ids distinct)
                 seq = ranks.reshape(n, k, -1).transpose(1, 2).reshape(-1, k)
                 lengths = longest_increasing(seq).reshape(n, -1).sum(dim=0)
@@ -406,7 +437,10 @@ def tables(
             inverse = torch.argsort(perm)
             graphs = relabel_graphs(graphs, inverse)
             sims = sims[:, inverse] if sims is not None else None
-        out |= graph_tables(metrics, graphs, sims, text, image.knn_self)
+        if "mutual_knn" in metrics:
+            out["mutual_knn"] = mutual_knn_table(graphs, text.graphs)
+        if any(m in INDEXED_METRICS for m in metrics):
+            out |= graph_tables(metrics, graphs, sims, text, image.knn_self)
     if any(m in GRAM_METRICS for m in metrics):
         out |= gram_tables(metrics, image, text, perm)
     if "svcca" in metrics:

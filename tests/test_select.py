@@ -22,7 +22,6 @@ from stages.select import (
     CPU_SEARCHES,
     SEARCHES,
     SelectSettings,
-    graph_overlap,
     knn_graph,
     mutual_knn_scores,
     normalise_rows,
@@ -34,6 +33,7 @@ from stages.select import (
     similarities,
     similarity_error,
 )
+from stages.similarity import graph_overlap
 from store import FeatureStore, UserError
 from tests.helpers import write_features, write_pairs_manifest
 
