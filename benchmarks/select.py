@@ -1,16 +1,29 @@
-"""Benchmark: the whole mutual-kNN layer table vs the per-pair method of the authors' code.
+"""Benchmark: the select stage's layer tables.
 
     python -m benchmarks.select                      # 24 x 25 layers, D = 1024, N = 5000
     python -m benchmarks.select --n 50000 --device cuda --pairs 1
+    python -m benchmarks.select --metrics all --calibrate 100      # every metric, K = 100
+    python -m benchmarks.select --metrics cka --n 1000 --dim 256 --calibrate 20   # quick
 
-Ours builds each layer's kNN graph once (blocked matmuls with a partial top-k, or FAISS,
-whichever measured faster at start-up; exact, decided on float64 similarities) and scores all
-Li x Lt pairs from the graphs. The authors' method (platonic-rep `mutual_knn`, which the
+Default: the mutual-kNN table. Ours builds each layer's kNN graph once (blocked matmuls with a
+partial top-k, or FAISS, whichever measured faster at start-up; exact, decided on float64
+similarities) and scores all Li x Lt pairs from the graphs, by the stage's own code. The floor
+is one N x N Gram matrix per layer. The authors' method (platonic-rep `mutual_knn`, which the
 STRUCTURE code uses) rebuilds both graphs for every pair from a full N x N similarity matrix,
 an argsort of it and two N x N masks; it is timed on a few pairs in the same process and
 scaled to all pairs; its scores are checked in float64 too, where float32 rounding cannot swap
-neighbours. Features are synthetic (a shared latent at layer-dependent strength plus
-noise), generated one layer at a time outside the timers.
+neighbours.
+
+--metrics: for each kind of structure (kNN graphs, their edges' cosines, centred Grams,
+singular bases) the time to build it for all Li + Lt layers; for each metric, scoring all
+Li x Lt pairs from the structures, and the ratio (structures + pairs) / structures (the goal:
+under 2); the per-pair method (the structures rebuilt from the raw features for every pair,
+its scores checked equal) timed on a few pairs and scaled. With --calibrate K, the
+K-permutation null of each metric (the structures relabelled, no search). Peak RSS after each
+phase (torch's allocations are not seen by tracemalloc).
+
+Features are synthetic (a shared latent at layer-dependent strength plus noise), generated
+one layer at a time outside the timers.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
+from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -98,9 +112,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def table_parser(doc: str) -> argparse.ArgumentParser:
-    """The synthetic layer table's options, shared with benchmarks.similarity."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--image-layers", type=int, default=24)
@@ -108,13 +121,20 @@ def table_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--k", default="rice")
     parser.add_argument("--device", default="cpu", help="ours: cpu | cuda | auto")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def main() -> None:
-    parser = table_parser(__doc__)
-    parser.add_argument("--pairs", type=int, default=3, help="pairs timed with the authors' method")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs timed per-pair")
+    parser.add_argument(
+        "--metrics", default="", help="comma list, or all: each metric from cached structures"
+    )
+    parser.add_argument("--calibrate", type=int, default=0, help="permutations K (--metrics)")
     args = parser.parse_args()
+    if args.metrics:
+        args.metrics = ",".join(similarity.METRICS) if args.metrics == "all" else args.metrics
+        return metric_suite(args)
+    mutual_knn_table_vs_authors(args)
+
+
+def mutual_knn_table_vs_authors(args: argparse.Namespace) -> None:
+    """The default: the mutual-kNN table vs the Gram floor and the authors' per-pair method."""
     n, dim, li, lt = args.n, args.dim, args.image_layers, args.text_layers
     k = resolve_k(args.k, n)
     base_device = torch_device(args.device)
@@ -217,6 +237,129 @@ def main() -> None:
     )
     best = tuple(int(v) for v in np.unravel_index(scores.argmax(), scores.shape))
     print(f"chosen (image, text) layer pair {best}: {scores.max():.4f}; last {scores[-1, -1]:.4f}")
+
+
+def pair_knn(x: np.ndarray, _: int, k: int, ordered: bool) -> np.ndarray:
+    return knn_graph(x, k, ordered=ordered)
+
+
+def metric_suite(args: argparse.Namespace) -> None:
+    """Every --metrics metric from per-layer structures vs the per-pair method; --calibrate."""
+    n, dim, li, lt = args.n, args.dim, args.image_layers, args.text_layers
+    k = resolve_k(args.k, n)
+    metrics = similarity.parse_metrics(args.metrics)
+    device = torch_device(args.device)
+    print(
+        f"N={n} D={dim} layers {li} x {lt} = {li * lt} pairs, k={k}, metrics {metrics}, "
+        f"torch on {device}, {torch.get_num_threads()} threads; {cpu_model()}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+
+    def layers(modality: int):
+        count = (li, lt)[modality]
+        return [make_layer(modality, i, count, n, dim, args.seed) for i in range(count)]
+
+    image, text = layers(0), layers(1)  # outside the timers
+    ordered = any(m in similarity.RANKED_METRICS for m in metrics)  # as the stage builds them
+    knn_graph(image[0][:500], 5, args.device)  # warm-up: search backend timing, imports
+    print(f"features: {4 * n * dim * (li + lt) / 2**20:.0f} MiB; RSS {peak_rss_mib():.0f} MiB")
+
+    # -- structures, one kind at a time -----------------------------------------------------
+    kinds = {
+        "graph": [m for m in metrics if m in similarity.GRAPH_METRICS][:1],
+        "edge cosines": ["cknna"] if "cknna" in metrics else [],
+        "gram": [m for m in metrics if m in similarity.GRAM_METRICS][:1],
+        "basis": ["svcca"] if "svcca" in metrics else [],
+    }
+    built, seconds, graphs = {}, {}, None
+    for kind, wanted in kinds.items():
+        if not wanted:
+            continue
+        sync(device)
+        start = time.perf_counter()
+        sides = []
+        for modality, feats in enumerate((image, text)):
+            sides.append(
+                similarity.build_side(
+                    feats,
+                    len(feats),
+                    wanted,
+                    lambda x, i: knn_graph(x, k, args.device, ordered=ordered),
+                    graphs=None if graphs is None else graphs[modality],
+                    device=device,
+                )  # fmt: skip
+            )
+        if sides[1].graphs is not None:  # the text layers' edge index: a structure too
+            sides[1].edge_index = similarity.edge_indexes(sides[1].graphs)
+        sync(device)
+        seconds[kind] = time.perf_counter() - start
+        if kind == "graph":
+            graphs = [side.graphs.cpu().numpy() for side in sides]
+        built[kind] = sides
+        print(
+            f"structures {kind}: {li + lt} layers in {seconds[kind]:.2f} s; "
+            f"peak RSS {peak_rss_mib():.0f} MiB"
+        )
+    if "edge cosines" in built:  # cknna's structures: the graphs and their edges' cosines
+        seconds["edge cosines"] += seconds["graph"]
+
+    def kind_of(metric: str) -> str:
+        if metric == "cknna":
+            return "edge cosines"
+        if metric in similarity.GRAPH_METRICS:
+            return "graph"
+        return "gram" if metric in similarity.GRAM_METRICS else "basis"
+
+    # -- every pair from the structures --------------------------------------------------------
+    tables = {}
+    print(f"{'metric':>13} {'structures':>11} {'pairs':>8} {'ratio':>6} {'per-pair':>10} speed-up")
+    for metric in metrics:
+        kind = kind_of(metric)
+        per_pair_knn = partial(pair_knn, k=k, ordered=metric in similarity.RANKED_METRICS)
+        sync(device)
+        start = time.perf_counter()
+        tables[metric] = similarity.tables([metric], *built[kind])[metric]
+        sync(device)
+        pair_s = time.perf_counter() - start
+        # the per-pair method: both layers' structures rebuilt from the raw features per pair
+        per_pair = []
+        for i, j in [(0, 0), (li - 1, lt - 1), (li // 2, lt // 2)][: args.pairs]:
+            sync(device)
+            start = time.perf_counter()
+            one = similarity.build_side([image[i]], 1, [metric], per_pair_knn)
+            two = similarity.build_side([text[j]], 1, [metric], per_pair_knn)
+            value = similarity.tables([metric], one, two)[metric][0, 0]
+            sync(device)
+            per_pair.append(time.perf_counter() - start)
+            assert abs(value - tables[metric][i, j]) < 1e-5, (metric, value, tables[metric][i, j])
+        theirs = float(np.mean(per_pair)) * li * lt
+        ours = seconds[kind] + pair_s
+        print(
+            f"{metric:>13} {seconds[kind]:>10.2f}s {pair_s:>7.2f}s {ours / seconds[kind]:>5.2f}x "
+            f"{theirs:>9.0f}s {theirs / ours:>6.0f}x"
+        )
+    print(f"peak RSS {peak_rss_mib():.0f} MiB")
+    for metric, table in tables.items():
+        best = np.unravel_index(table.argmax(), table.shape)
+        print(f"  {metric}: best pair {tuple(int(b) for b in best)} = {table.max():.4f}")
+
+    # -- the permutation null ------------------------------------------------------------------
+    if args.calibrate:
+        print(f"calibration: K = {args.calibrate} permutations, each applied to all pairs")
+        for metric in metrics:
+            kind = kind_of(metric)
+            sync(device)
+            start = time.perf_counter()
+            null = similarity.permutation_null([metric], *built[kind], args.calibrate, args.seed)
+            sync(device)
+            null_s = time.perf_counter() - start
+            result = similarity.calibrate_table(tables[metric], null[metric])
+            print(
+                f"  {metric:>13}: {null_s:.2f} s ({null_s / args.calibrate * 1e3:.0f} ms a "
+                f"permutation, {null_s / seconds[kind]:.2f}x the structures); max pair "
+                f"calibrated {result.max_calibrated:.3f}, p = {result.max_p_value:.3g}"
+            )
+        print(f"peak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":
