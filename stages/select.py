@@ -194,12 +194,35 @@ def rank_candidates(
     come back sorted by index). A row whose k-th candidate is not more than 2E above
     everything not fetched goes to `exact_neighbours`."""
     n, m = ids.shape
+    rows = np.arange(n)
+    if ordered or m <= k + 1:
+        return ranked_rows(unit, sims, ids, rows, k, ordered)
+    # sets: most rows have a gap wider than 2E between their k-th and (k+1)-th candidates
+    # (self excluded), and then their first k by float32 are the set; no sort, no s64
+    ids = ids.astype(np.int64, copy=False)
+    fetched = (ids >= 0).all(axis=1)
+    values = np.where(ids == rows[:, None], -np.inf, sims.astype(np.float64))
+    part = np.argpartition(-values, (k - 1, k), axis=1)
+    kth, after = (np.take_along_axis(values, part[:, [k - 1, k]], axis=1)).T
+    clear = fetched & (kth - after > 2 * similarity_error(unit.shape[1]))
+    graph = np.empty((n, k), dtype=np.int32)
+    graph[clear] = np.take_along_axis(ids[clear], part[clear, :k], axis=1)
+    rest = rows[~clear]
+    graph[rest] = ranked_rows(unit, sims[rest], ids[rest], rest, k, ordered)
+    return np.sort(graph, axis=1)
+
+
+def ranked_rows(
+    unit: np.ndarray, sims: np.ndarray, ids: np.ndarray, rows: np.ndarray, k: int, ordered: bool
+) -> np.ndarray:
+    """`rank_candidates` for the given rows (their candidates in `sims`, `ids`), by clusters."""
+    m = ids.shape[1]
     err = similarity_error(unit.shape[1])
     ids = ids.astype(np.int64, copy=False)
     sims = sims.astype(np.float64)
     fetched = ids >= 0
     unfetched_max = np.where(fetched, sims, np.inf).min(axis=1)  # bounds every row not fetched
-    sims[~fetched | (ids == np.arange(n)[:, None])] = -np.inf  # self is never a neighbour
+    sims[~fetched | (ids == rows[:, None])] = -np.inf  # self is never a neighbour
     order = np.argsort(-sims, axis=1, kind="stable")[:, : m - 1]
     sims = np.take_along_axis(sims, order, axis=1)
     ids = np.take_along_axis(ids, order, axis=1)
@@ -219,14 +242,14 @@ def rank_candidates(
         need = (cluster == cluster[:, k - 1 : k]) & linked[:, k - 1 : k]
     row, col = np.nonzero(need & ~redo[:, None])
     exact = np.zeros_like(sims)
-    exact[row, col] = similarities(unit, row, ids[row, col])
+    exact[row, col] = similarities(unit, rows[row], ids[row, col])
     if row.size and np.abs(exact[row, col] - sims[row, col]).max() > err:
         raise RuntimeError("the search backend's similarities exceed the float32 error bound")
     order = np.lexsort((ids, -exact, cluster), axis=1)
     graph = np.take_along_axis(ids, order[:, :k], axis=1).astype(np.int32)
     redo = np.flatnonzero(redo)
     if redo.size:
-        graph[redo] = exact_neighbours(unit, redo, k)
+        graph[redo] = exact_neighbours(unit, rows[redo], k)
     return graph if ordered else np.sort(graph, axis=1)
 
 
@@ -278,16 +301,20 @@ def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", bloc
     return torch.cat(sims).numpy(), torch.cat(ids).numpy()
 
 
-def search_blas(x: np.ndarray, m: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+BLOCK_ROWS = 8192  # rows of one block of the N x N matrix: 256 MiB of float32, the most held
+
+
+def search_blas(x: np.ndarray, m: int, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """numpy's BLAS for the blocks on and above the diagonal (`a @ a.T` on a diagonal block is
     a symmetric rank-k update: the Gram floor's own kernel), FAISS's heaps for the top-m: one
     comparison per similarity against each row's current m-th best, in C++ threads. Each
     off-diagonal block serves its columns too, through its transposed copy, so the N x N
-    matrix is never held, only one block (and briefly its transpose)."""
+    matrix is never held, only one block (and briefly its transpose). Up to `block` rows the
+    one block is the whole matrix: splitting it would only add the transposed copies."""
     import faiss
 
     n = len(x)
-    block = -(-n // -(-n // block))  # equal blocks of at most `block` rows: 5,000 -> 2 x 2,500
+    block = -(-n // -(-n // block))  # equal blocks of at most `block` rows: 10,000 -> 2 x 5,000
     sims = np.empty((n, m), dtype=np.float32)
     ids = np.empty((n, m), dtype=np.int64)
     heaps = faiss.float_minheap_array_t()  # min-heaps: keep the m largest of each row
@@ -313,7 +340,7 @@ def search_torch(
     import torch
 
     xt = torch.from_numpy(x).to(device)
-    block = block or (4096 if device == "cpu" else 16384)
+    block = block or (BLOCK_ROWS if device == "cpu" else 16384)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would break the float32 error bound
     try:
