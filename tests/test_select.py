@@ -20,6 +20,7 @@ from pipeline.app import app
 from stages.pairs import PairSpec
 from stages.select import (
     CPU_SEARCHES,
+    GPU_SEARCHES,
     SEARCHES,
     SelectSettings,
     knn_graph,
@@ -32,6 +33,7 @@ from stages.select import (
     search_backends,
     similarities,
     similarity_error,
+    working,
 )
 from stages.similarity import graph_overlap
 from store import FeatureStore, UserError
@@ -294,6 +296,18 @@ def test_graphs_identical_across_backends_and_threads(tmp_path):
         np.testing.assert_array_equal(graph, want)
     for graph in graphs[1::2]:
         np.testing.assert_array_equal(graph, np.sort(want, axis=1))
+
+
+@pytest.mark.parametrize("name", GPU_SEARCHES)
+def test_gpu_graphs_equal_the_cpu_reference(name):
+    """Where a GPU is lent: FAISS-GPU and torch on CUDA give the plain-Python graphs too."""
+    if not working(name):
+        pytest.skip(f"no working {name} search here")
+    x = tied_and_near_tied_rows()
+    want = np.array(brute_knn(x, 9))
+    np.testing.assert_array_equal(knn_graph(x, 9, "cuda", search=name), want)
+    graph = knn_graph(x, 9, "cuda", search=name, ordered=False)
+    np.testing.assert_array_equal(graph, np.sort(want, axis=1))
 
 
 def test_normalise_rows_at_extreme_scales():
