@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages.datasets import PROMPT_TEMPLATES, load_source, open_image, to_rgb
-from stages.encoders import Encoder, load_encoder, truncate_encoder
+from stages.encoders import (
+    Encoder,
+    load_encoder,
+    load_saved_encoder,
+    save_encoder,
+    truncate_encoder,
+)
 from stages.evaluate import class_embeddings, l2_normalise
 from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
 from stages.heads import CHECKPOINT, CONFIG, load_run
@@ -184,7 +190,9 @@ class AlignedModel:
                 for name, sha in info["sha256"].items():
                     if not (folder / name).is_file() or file_sha256(folder / name) != sha:
                         raise UserError(f"{folder / name} is missing or changed since the export")
-                encoders[side] = load_encoder(str(folder), None, trust_remote_code)
+                encoders[side] = load_saved_encoder(
+                    folder, info["layer"], info.get("timm"), trust_remote_code
+                )
             else:
                 encoders[side] = load_checked_encoder(info["spec"], info, trust_remote_code, where)
             # a truncated encoder keeps the names of the layers it still computes
@@ -345,15 +353,8 @@ def export_model(
         for side in SIDES:
             info = side_info(model, side)
             if with_encoders:
-                encoder = model.encoders[side]
-                if encoder.config.get("timm") or not hasattr(encoder.model, "save_pretrained"):
-                    raise UserError(
-                        f"--with-encoders saves Hugging Face encoders; {encoder.spec} is not one "
-                        "(export without it: the encoder is then loaded by name)"
-                    )
                 folder = tmp / f"{side}_encoder"
-                encoder.model.save_pretrained(folder, safe_serialization=True)
-                encoder.processor.save_pretrained(folder)
+                info.update(save_encoder(model.encoders[side], folder))
                 weights = sorted(p.name for p in folder.glob("*.safetensors"))
                 info.update(
                     dir=folder.name,
