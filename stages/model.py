@@ -326,6 +326,7 @@ def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
         "model_id": recorded.get("model_id", encoder.model_id),
         "revision": recorded.get("revision", encoder.revision),
         "model_fingerprint": recorded.get("model_fingerprint"),
+        **({"weights": recorded["weights"]} if recorded.get("weights") else {}),  # timm --weights
         "layer": model.config[f"{side}_layer"],
         "pooling": encoder.pooling,
         "blocks_run": kept,

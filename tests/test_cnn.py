@@ -197,6 +197,21 @@ def test_mixed_width_store_through_select_align_evaluate(tmp_path, capsys, monke
         assert 0 <= metrics["zero_shot"]["top1"] <= 100
     assert json.loads((tmp_path / "narrow" / "config.json").read_text())["image_layer"] == "stage.2"
 
+    # the run as a model: the CNN cut after stage.2, raw test images through it equal the head
+    # on the stored (float16) stage.2 features
+    from stages.datasets import digits_source
+    from stages.model import AlignedModel
+
+    model = AlignedModel.from_run(tmp_path / "narrow", device="cpu")
+    assert model.blocks["image"] == (3, 5)
+    stored = FeatureStore(store).open("digits", "test", "image", resnet).read_layer("stage.2")
+    with torch.no_grad():
+        want = model.heads["image"](torch.from_numpy(stored)).double()
+    want = want / want.norm(dim=1, keepdim=True)
+    source = digits_source("test")
+    raw = model.encode_image([source.load_image(i) for i in range(len(stored))]).double()
+    assert (raw * want).sum(1).min() >= 0.999
+
 
 # -- run only up to the chosen stage ------------------------------------------------------------
 def record_runs(modules: list[torch.nn.Module]) -> list[int]:

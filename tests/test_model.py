@@ -491,6 +491,10 @@ def test_export_with_encoders_round_trip(tmp_path, monkeypatch, kind):
     expected = original.encode_image(pictures)
     texts = ["a small text", "another one"]
     expected_text = original.encode_text(texts)
+    # without --with-encoders the export names the encoder (and its --weights file)
+    export_model(tmp_path / "run", tmp_path / "by-name")
+    by_name = AlignedModel.from_pretrained(tmp_path / "by-name", device="cpu")
+    torch.testing.assert_close(by_name.encode_image(pictures), expected, rtol=0, atol=0)
     weights.unlink()  # the export needs neither the original weights nor the hub
     if kind != "hf-cnn":  # and the data config is the recorded one, not timm's registry's
         asked = offline_timm(monkeypatch, SMALL_VIT if kind == "timm-vit" else {})
