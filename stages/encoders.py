@@ -604,7 +604,7 @@ def cut_hf_stages(encoder: Encoder, keep: int) -> int:
 def cut_hf_blocks(encoder: Encoder, keep: int) -> int:
     """Hugging Face transformers whose hidden states are one per block: the block list cut
     (at least one block: with none they return no hidden states), and the config with it, so
-    that save_pretrained writes the truncated model's config."""
+    that an export writes the truncated model's config."""
     model = encoder.model
     n_blocks = len(encoder.layer_names) - 1
     keep = max(keep, 1)
@@ -626,9 +626,8 @@ def truncate_encoder(encoder: Encoder, layer: int) -> int:
     `encoder.layer_names[layer]`, so they are never run. The kept ones are a prefix, so
     `encoder.embed(batch)[layer]` stays that layer with extraction's pooling. Returns the number
     of blocks or stages still run; a second call for a layer still computed changes nothing."""
-    n_blocks = (
-        len(encoder.layer_names) - 1
-    )  # blocks + final_norm; embeddings + layers; stages + final
+    # the layer names are blocks + final_norm, embeddings + layers, or stages + final
+    n_blocks = len(encoder.layer_names) - 1
     keep = blocks_needed(encoder.layer_names[layer], n_blocks)
     if encoder.blocks_run is not None:
         if keep > encoder.blocks_run:

@@ -6,11 +6,11 @@
     probs, top_probs, top_classes = model.classify(["cat.jpg"], ["cat", "dog"])
 
 Each frozen encoder is loaded with extraction's code (`load_encoder`), checked against the
-fingerprint the store recorded when its features were extracted, and cut after the block that
-computes the run's chosen layer (`truncate_encoder`: a run that picked block 7 of 12 never runs
-blocks 8-12). Inputs go through extraction's path (prepare per sample, collate, `embed` with
-the same pooling), so `encode_image` of a raw image equals the head applied to its stored
-features up to the store's float16 rounding.
+fingerprint the store recorded when its features were extracted, and cut after the block (or
+CNN / Swin stage) that computes the run's chosen layer (`truncate_encoder`: a run that picked
+block 7 of 12 never runs blocks 8-12). Inputs go through extraction's path (prepare per
+sample, collate, `embed` with the same pooling), so `encode_image` of a raw image equals the
+head applied to its stored features up to the store's float16 rounding.
 
 `export_model` writes a self-contained directory (see README, "Use the aligned model").
 """
