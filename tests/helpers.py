@@ -146,6 +146,29 @@ def save_random_timm(name: str, path: Path, seed: int = 0) -> dict[str, torch.Te
     return state
 
 
+def save_tiny_hf_maps(kind: str, directory: Path) -> Path:
+    """A tiny Hugging Face ConvNeXt or Swin (4 stages, RANDOM seeded weights) and an image
+    processor, saved with save_pretrained."""
+    from transformers import (
+        ConvNextConfig,
+        ConvNextModel,
+        SwinConfig,
+        SwinModel,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    if kind == "convnext":
+        model = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
+    else:
+        config = SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1, 1],
+                            num_heads=[1, 1, 1, 1], window_size=2)  # fmt: skip
+        model = SwinModel(config)
+    model.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
 def files(root: Path) -> dict[str, bytes]:
     """Every file under root, by relative path: to compare stores byte for byte."""
     return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}

@@ -2,7 +2,6 @@
 Hugging Face CNNs, and the stages end to end on a store of such layers."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,13 @@ from safetensors.torch import save_file
 
 from stages.encoders import load_encoder
 from store import FeatureStore, UserError
-from tests.helpers import one_line_error, run_cli, save_random_timm, save_tiny_resnet
+from tests.helpers import (
+    one_line_error,
+    run_cli,
+    save_random_timm,
+    save_tiny_hf_maps,
+    save_tiny_resnet,
+)
 
 
 # -- hand computations: the model run module by module, every stage map averaged over H, W --
@@ -269,29 +274,6 @@ def test_timm_map_models_run_only_up_to_the_chosen_stage(tmp_path, monkeypatch, 
     assert [layer for module, layer in stages if id(module) in inside] == [
         layer for _, layer in stages if layer <= 2
     ]
-
-
-def save_tiny_hf_maps(kind: str, directory: Path) -> Path:
-    """A tiny Hugging Face ConvNeXt or Swin (4 stages, RANDOM seeded weights) and an image
-    processor, saved with save_pretrained."""
-    from transformers import (
-        ConvNextConfig,
-        ConvNextModel,
-        SwinConfig,
-        SwinModel,
-        ViTImageProcessor,
-    )
-
-    torch.manual_seed(0)
-    if kind == "convnext":
-        model = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
-    else:
-        config = SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1, 1],
-                            num_heads=[1, 1, 1, 1], window_size=2)  # fmt: skip
-        model = SwinModel(config)
-    model.save_pretrained(directory)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("kind", ["resnet", "convnext", "swin"])

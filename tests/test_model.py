@@ -4,6 +4,7 @@ inputs through the truncated encoders equal the heads on the stored features."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -414,6 +415,7 @@ EXPORT_CASES = {  # image spec kind: (name, chosen layer, blocks run, prefixes o
     "timm-vit": (VIT, "block.3", 4, [f"blocks.{i}." for i in range(4, 12)] + ["norm."]),
     "timm-cnn": ("resnet18", "stage.2", 3, ["layer3.", "layer4."]),
     "hf-cnn": ("resnet", "stage.2", 3, ["encoder.stages.2.", "encoder.stages.3."]),
+    "hf-swin": ("swin", "stage.2", 3, ["encoder.layers.2.", "encoder.layers.3.", "layernorm."]),
 }
 
 
@@ -442,12 +444,14 @@ def test_export_with_encoders_round_trip(tmp_path, monkeypatch, kind):
     the hub and gives the same embeddings."""
     from safetensors.torch import load_file
 
-    from tests.helpers import save_random_timm, save_tiny_resnet
+    from tests.helpers import save_random_timm, save_tiny_hf_maps, save_tiny_resnet
 
     name, layer, keep, dropped = EXPORT_CASES[kind]
-    if kind == "hf-cnn":
-        spec, recorded = str(save_tiny_resnet(tmp_path / "resnet")), {}
-        weights = tmp_path / "resnet" / "model.safetensors"
+    hf = kind.startswith("hf")
+    if hf:
+        save = save_tiny_resnet if name == "resnet" else partial(save_tiny_hf_maps, name)
+        spec, recorded = str(save(tmp_path / name)), {}
+        weights = tmp_path / name / "model.safetensors"
     else:
         # the ViT's data config says 56 px too (timm registers 518); the export must carry it
         data = {"pretrained_cfg_overlay": {"input_size": (3, 56, 56)}} if kind == "timm-vit" else {}
@@ -473,7 +477,7 @@ def test_export_with_encoders_round_trip(tmp_path, monkeypatch, kind):
     save_run(tmp_path / "run", *heads, config)
     export = export_model(tmp_path / "run", tmp_path / "export", with_encoders=True)
     info = export["image"]
-    assert (info["blocks_run"], info["blocks_total"]) == (keep, 5 if "cnn" in kind else 12)
+    assert (info["blocks_run"], info["blocks_total"]) == (keep, 12 if kind == "timm-vit" else 5)
     # the saved tensors: the whole encoder's, less those of the blocks or stages not run
     saved = load_file(tmp_path / "export" / "image_encoder" / "model.safetensors")
     kept = {k: v for k, v in whole.items() if not k.startswith(tuple(dropped))}
@@ -496,10 +500,10 @@ def test_export_with_encoders_round_trip(tmp_path, monkeypatch, kind):
     by_name = AlignedModel.from_pretrained(tmp_path / "by-name", device="cpu")
     torch.testing.assert_close(by_name.encode_image(pictures), expected, rtol=0, atol=0)
     weights.unlink()  # the export needs neither the original weights nor the hub
-    if kind != "hf-cnn":  # and the data config is the recorded one, not timm's registry's
+    if not hf:  # and the data config is the recorded one, not timm's registry's
         asked = offline_timm(monkeypatch, SMALL_VIT if kind == "timm-vit" else {})
     loaded = AlignedModel.from_pretrained(tmp_path / "export", device="cpu")
-    if kind != "hf-cnn":
+    if not hf:
         assert asked == [False]
     assert loaded.blocks["image"][0] == keep
     torch.testing.assert_close(loaded.encode_image(pictures), expected, rtol=0, atol=0)
