@@ -1,6 +1,7 @@
 """The aligned model: encode_image against the full encoder's bare forward, and search latency.
 
     python -m benchmarks.model                                    # DINOv2-S, layer block.5 of 12
+    python -m benchmarks.model --timm resnet50 --layer stage.3 --rows 0  # a CNN, 4 of 5 stages
     python -m benchmarks.model --image-model /work/models/dinov2-small --layer block.8
     python -m benchmarks.model --arch large --layer block.17 --images 256 --device cuda
     python -m benchmarks.model --rows 1000000 --dim 256            # search part only: --images 0
@@ -10,7 +11,10 @@
    truncated forward alone, and `AlignedModel.encode_image` end to end (preprocessing, the
    truncated encoder, the head, L2 normalisation). The run is made up (random linear heads)
    around a real encoder directory, or, by default, a DINOv2 architecture of `--arch` size with
-   random weights saved to a temporary directory (the timings do not depend on the weights).
+   random weights saved to a temporary directory, or (`--timm NAME`) a timm architecture such
+   as a CNN with random weights saved to a safetensors file (the timings and sizes do not depend
+   on the weights). Then the sizes of the encoder's weights as `export --with-encoders` writes
+   them (cut after the chosen layer) against the whole encoder's.
 2. Search latency over `--rows` unit embeddings of `--dim`: the exact FAISS IndexFlatIP that
    `index` builds below 2M rows, for one query and a batch of 100, against torch matmul + topk.
 """
@@ -27,10 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.encoders import load_encoder
+from stages.encoders import Encoder, load_encoder
 from stages.heads import build_head, save_run
 from stages.index import make_index, unit_rows
-from stages.model import AlignedModel
+from stages.model import AlignedModel, export_model
 
 ARCHS = {  # DINOv2 sizes: hidden, blocks, heads
     "small": (384, 12, 6),
@@ -63,21 +67,37 @@ def random_dinov2(folder: Path, arch: str) -> str:
     return str(folder)
 
 
-def made_up_run(folder: Path, image_model: str, layer: str, text_model: str) -> Path:
+def random_timm(folder: Path, name: str) -> tuple[str, str]:
+    """A timm architecture with random weights in a safetensors file: (spec, weights file)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = timm.create_model(name, pretrained=False, num_classes=0).state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "weights.safetensors")
+    return f"timm:{name}", str(folder / "weights.safetensors")
+
+
+def made_up_run(
+    folder: Path, image_model: str, layer: str, text_model: str, weights: str | None = None
+) -> Path:
     """A run directory around real encoders: random linear heads to a 256-d space."""
-    image, text = load_encoder(image_model), load_encoder(text_model)
+    image, text = load_encoder(image_model, weights=weights), load_encoder(text_model)
+    image_dim = image.layer_dims[image.layer_names.index(layer)]
+    recorded = {"model_spec": image_model, "model_fingerprint": image.fingerprint()}
     config = {
         "image_model": image_model,
         "text_model": text_model,
         "image_layer": layer,
         "text_layer": text.layer_names[-1],
         "head": "linear",
-        "image_dim": image.dim,
+        "image_dim": image_dim,
         "text_dim": text.dim,
         "out_dim": 256,
         "temperature": 0.05,
         "store_fingerprint": {
-            "image": {"model_fingerprint": image.fingerprint()},
+            "image": {**recorded, **({"weights": weights} if weights else {})},
             "text": {"model_fingerprint": text.fingerprint()},
         },
     }
@@ -85,11 +105,27 @@ def made_up_run(folder: Path, image_model: str, layer: str, text_model: str) -> 
     return save_run(folder / "run", *heads, config)
 
 
+def bare_pixels(encoder: Encoder, images: list[Image.Image]) -> torch.Tensor:
+    """What a user of the whole model feeds it: the processor's (HF) or timm's eval transform's
+    pixels, ready-made."""
+    if encoder.processor is not None:
+        return encoder.processor(images=images, return_tensors="pt")["pixel_values"]
+    from timm.data import create_transform, resolve_model_data_config
+
+    transform = create_transform(**resolve_model_data_config(encoder.model), is_training=False)
+    return torch.stack([transform(image.convert("RGB")) for image in images])
+
+
 def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
-    image_model = args.image_model or random_dinov2(tmp / "vit", args.arch)
-    run = made_up_run(tmp, image_model, args.layer, args.text_model)
+    weights = None
+    if args.timm:
+        image_model, weights = random_timm(tmp / "timm", args.timm)
+    else:
+        image_model = args.image_model or random_dinov2(tmp / "vit", args.arch)
+    layer = args.layer or ("stage.3" if args.timm else "block.5")
+    run = made_up_run(tmp, image_model, layer, args.text_model, weights)
     model = AlignedModel.from_run(run, device=args.device)
-    full = load_encoder(image_model)  # the same encoder, whole
+    full = load_encoder(image_model, weights=weights)  # the same encoder, whole
     device = model.device
     full.model.to(device)
     cuda = device.type == "cuda"
@@ -105,16 +141,15 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
         {k: v.to(device) for k, v in encoder.collate([encoder.prepare(x) for x in c]).items()}
         for c in chunks
     ]
-    # the baseline gets its pixels ready-made by the processor, as a user of the model would
-    pixels = [
-        full.processor(images=c, return_tensors="pt")["pixel_values"].to(device) for c in chunks
-    ]
+    # the baseline gets its pixels ready-made, as a user of the model would
+    pixels = [bare_pixels(full, c).to(device) for c in chunks]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    timm_model = full.processor is None
 
     def bare_forward() -> None:
         with torch.inference_mode(), autocast:
             for x in pixels:
-                full.model(pixel_values=x)
+                full.model(x) if timm_model else full.model(pixel_values=x)
 
     def truncated_forward() -> None:
         with torch.inference_mode(), autocast:
@@ -122,7 +157,8 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
                 encoder.embed(batch)
 
     kept, total = model.blocks["image"]
-    print(f"image encoder {image_model}, layer {args.layer}: {kept} of {total} blocks run")
+    unit = "stages" if encoder.pooling == "gap" else "blocks"
+    print(f"image encoder {image_model}, layer {layer}: {kept} of {total} {unit} run")
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.images} images")
     base = best_seconds(bare_forward, args.repeats, sync)
     rows = [
@@ -136,6 +172,12 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
     for name, seconds in rows:
         rate = args.images / seconds
         print(f"  {name:40} {rate:8.1f} img/s   {base / seconds:5.2f}x the baseline")
+    info = export_model(run, tmp / "export", with_encoders=True)["image"]
+    saved, whole = info["exported_bytes"], info["full_encoder_bytes"]
+    print(
+        f"  export --with-encoders: image encoder {saved / 1e6:.1f} MB "
+        f"vs {whole / 1e6:.1f} MB whole ({saved / whole:.0%})"
+    )
 
 
 def search_benchmark(args: argparse.Namespace) -> None:
@@ -163,7 +205,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-model", default="", help="encoder directory or spec")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="small")
-    parser.add_argument("--layer", default="block.5", help="the run's chosen image layer")
+    parser.add_argument("--timm", default="", help="a timm architecture instead (resnet50, ...)")
+    parser.add_argument(
+        "--layer", default="", help="the run's chosen image layer (block.5; stage.3 for --timm)"
+    )
     parser.add_argument("--text-model", default="tiny-random-text")
     parser.add_argument("--images", type=int, default=64, help="0: skip the encoder part")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -61,6 +61,7 @@ class Encoder:
     embed: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
     config: dict[str, Any] = field(default_factory=dict)
     processor: Any = None  # the HF image processor or tokenizer (saved by `export`)
+    blocks_run: int | None = None  # set by `truncate_encoder`: the blocks / stages still run
 
     @property
     def dim(self) -> int:
@@ -274,13 +275,24 @@ def download_hint(model_id: str, err: Exception) -> UserError:
     )
 
 
-def load_hf(spec: str, model_id: str, revision: str | None, trust_remote_code: bool) -> Encoder:
+def load_hf(
+    spec: str,
+    model_id: str,
+    revision: str | None,
+    trust_remote_code: bool,
+    random_weights: bool = False,
+) -> Encoder:
+    """A Hugging Face model and its processor or tokenizer; `random_weights`: the architecture
+    of its config only, for weights loaded afterwards (an export's)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(model_id, **kwargs)
-        model = AutoModel.from_pretrained(model_id, **kwargs)
+        if random_weights:
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModel.from_pretrained(model_id, **kwargs)
         if is_image_config(config):
             side = AutoImageProcessor.from_pretrained(model_id, **kwargs)
         else:
@@ -369,42 +381,72 @@ def load_timm_weights(model, name: str, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_timm(spec: str, name: str, weights: str | None = None) -> Encoder:
-    """A timm model through forward_intermediates: ViTs (prefix tokens) per block in NLC, the
-    CLS token (or the token mean) of each; every other model (ResNet, ConvNeXt, EfficientNet,
-    Swin, ...) per stage in NCHW, spatially averaged. `final` is the model's own pooled
-    embedding (forward_head with pre_logits). `weights`: a local file instead of timm's
-    pretrained weights (the architecture and preprocessing still come from timm's NAME)."""
+def create_timm(name: str, pretrained: bool, pretrained_cfg: dict[str, Any] | None = None):
+    """timm's architecture NAME without a classifier: with timm's pretrained weights, or with
+    random ones (`pretrained=False`: no download) to be overwritten. `pretrained_cfg`: the data
+    config recorded at export, instead of the one this timm version registers for NAME."""
     import timm
 
+    extra = {"pretrained_cfg": pretrained_cfg} if pretrained_cfg else {}
     try:
-        model = timm.create_model(name, pretrained=weights is None, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **extra)
     except OSError as err:
         raise download_hint(f"timm/{name}", err) from err
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise UserError(f"unknown timm model {name!r}: {err}") from err
-    if not hasattr(model, "forward_intermediates"):
-        raise UserError(f"timm model {name!r} does not expose forward_intermediates")
+
+
+def timm_embed(
+    model, to_pixels: Callable[[torch.Tensor], torch.Tensor], stop: int | None = None
+) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """A batch -> the pooled layers of a timm model through forward_intermediates: ViTs (prefix
+    tokens, NLC) the CLS token (or the token mean) of each block; every other model (ResNet,
+    ConvNeXt, Swin, ...) the spatial mean of each stage's NCHW map; then `final`, the model's
+    own pooled embedding (forward_head with pre_logits). With `stop`, only layers 0..stop-1:
+    the blocks after them are never run (stop_early) and there is no `final`."""
+    tokens = hasattr(model, "num_prefix_tokens")
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    options = {"output_fmt": "NLC", "return_prefix_tokens": prefix > 0} if tokens else {}
+
+    def pool(out) -> torch.Tensor:
+        if not tokens:
+            return spatial_mean(out)
+        return out[1][:, 0] if prefix else out.mean(1)
+
+    def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        pixels = to_pixels(batch["pixel_values"])
+        if stop is not None:
+            layers = model.forward_intermediates(
+                pixels, indices=list(range(stop)), norm=False, stop_early=True,
+                intermediates_only=True, **options,
+            )  # fmt: skip
+            return [pool(x) for x in layers]
+        final, layers = model.forward_intermediates(pixels, norm=False, **options)
+        return [*(pool(x) for x in layers), model.forward_head(final, pre_logits=True)]
+
+    return embed
+
+
+def load_timm(spec: str, name: str, weights: str | None = None) -> Encoder:
+    """A timm model (see `timm_embed` for its layers). `weights`: a local file instead of
+    timm's pretrained weights (the architecture and preprocessing still come from timm's NAME)."""
+    model = create_timm(name, pretrained=weights is None)
     config = {"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}}
     if weights:
         config["weights_sha256"] = load_timm_weights(model, name, Path(weights).expanduser())
+    revision = f"file:{Path(weights).name}" if weights else ""
+    return timm_encoder(spec, model, revision, config)
+
+
+def timm_encoder(spec: str, model, revision: str, config: dict[str, Any]) -> Encoder:
+    """The Encoder of a created timm model (weights in place)."""
+    name = config["timm"]
+    if not hasattr(model, "forward_intermediates"):
+        raise UserError(f"timm model {name!r} does not expose forward_intermediates")
     model.eval().requires_grad_(False)
     prepare, to_pixels = timm_preprocessing(model)
     tokens = hasattr(model, "num_prefix_tokens")  # ViT family: NLC outputs
     prefix = getattr(model, "num_prefix_tokens", 0)
-
-    def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        pixels = to_pixels(batch["pixel_values"])
-        if tokens:
-            final, blocks = model.forward_intermediates(
-                pixels, output_fmt="NLC", return_prefix_tokens=prefix > 0, norm=False
-            )
-            layers = [b[1][:, 0] if prefix else b.mean(1) for b in blocks]
-        else:
-            final, maps = model.forward_intermediates(pixels, output_fmt="NCHW")
-            layers = [spatial_mean(m) for m in maps]
-        return [*layers, model.forward_head(final, pre_logits=True)]
-
     # ViTs: `block.i` and `final_norm` as for Hugging Face ViTs; maps: `stage.i` and `final`
     names = [f"{'block' if tokens else 'stage'}.{i}" for i in range(len(model.feature_info))]
     names.append("final_norm" if tokens else "final")
@@ -412,7 +454,7 @@ def load_timm(spec: str, name: str, weights: str | None = None) -> Encoder:
     return Encoder(
         spec=spec,
         model_id=f"timm/{name}",
-        revision=f"file:{Path(weights).name}" if weights else hub_id,
+        revision=revision or hub_id,
         modality="image",
         pooling=("cls" if prefix else "mean") if tokens else "gap",
         layer_names=names,
@@ -420,7 +462,7 @@ def load_timm(spec: str, name: str, weights: str | None = None) -> Encoder:
         model=model,
         prepare=lambda image: prepare(image.convert("RGB")),
         collate=lambda items: {"pixel_values": torch.stack(items)},
-        embed=embed,
+        embed=timm_embed(model, to_pixels),
         config=config,
     )
 
@@ -506,17 +548,18 @@ def load_encoder(
 
 # -- running an encoder only up to one layer (used by stages.model) -----------------------------
 def blocks_needed(layer_name: str, n_blocks: int) -> int:
-    """How many transformer blocks compute the stored layer `layer_name`: `block.i` and
-    `layer.i` need i + 1, `embeddings` none, `final_norm` (or an unknown name) all of them."""
+    """How many blocks (transformers) or stages (CNNs, Swin; the stem is `stage.0`) compute the
+    stored layer `layer_name`: `block.i`, `layer.i` and `stage.i` need i + 1, `embeddings`
+    none, `final_norm` / `final` (or an unknown name) all of them."""
     kind, _, number = layer_name.rpartition(".")
-    if kind in ("block", "layer") and number.isdigit():
+    if kind in ("block", "layer", "stage") and number.isdigit():
         return int(number) + 1
     return 0 if layer_name == "embeddings" else n_blocks
 
 
 def block_list(model: torch.nn.Module, n_blocks: int) -> tuple[torch.nn.Module, str] | None:
     """(parent, attribute name) of the model's list of its n_blocks transformer blocks
-    (`encoder.layer` in BERT, ViT and DINOv2, `blocks` in timm), or None."""
+    (`encoder.layer` in BERT, ViT and DINOv2), or None."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_blocks and name:
             parent, _, attr = name.rpartition(".")
@@ -524,33 +567,135 @@ def block_list(model: torch.nn.Module, n_blocks: int) -> tuple[torch.nn.Module, 
     return None
 
 
-def truncate_encoder(encoder: Encoder, layer: int) -> int:
-    """Drop, in place, the blocks after the one that computes `encoder.layer_names[layer]`, so
-    they are never run. The kept blocks are a prefix, so `encoder.embed(batch)[layer]` stays
-    that layer with extraction's pooling. Returns the number of blocks still run."""
+def cut_timm(encoder: Encoder, keep: int) -> int:
+    """timm's own pruning (later blocks or stages, the final norm and the head go), and an
+    embed that stops after layer keep - 1."""
     model = encoder.model
-    n_blocks = len(encoder.layer_names) - 1  # image: blocks + final_norm; text: embeddings + layers
-    # at least one block: with none, Hugging Face models return no hidden states at all
-    keep = max(blocks_needed(encoder.layer_names[layer], n_blocks), 1)
-    if keep >= n_blocks:
-        return n_blocks
-    if encoder.config.get("timm"):
-        if not hasattr(model, "blocks"):
-            return n_blocks
-        # timm's own pruning: later blocks, the final norm and the head go
-        model.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
-        return keep
-    # only transformers whose hidden states are one per block (not CNN stages); any other
-    # architecture runs whole, which is still correct
+    if not hasattr(model, "prune_intermediate_layers"):
+        return len(encoder.layer_names) - 1  # runs whole, still correct
+    model.prune_intermediate_layers([keep - 1], prune_norm=True, prune_head=True)
+    encoder.embed = timm_embed(model, timm_preprocessing(model)[1], stop=keep)
+    return keep
+
+
+HF_STAGE_LISTS = ("encoder.stages", "encoder.layers")  # ResNet and ConvNeXt; Swin
+
+
+def cut_hf_stages(encoder: Encoder, keep: int) -> int:
+    """Hugging Face CNNs and Swin: the stem (`stage.0`) and the first keep - 1 stages stay (at
+    least one: with none some return no stage maps); the final layer norm, sized for the last
+    stage and used only by the pooled `final`, goes. The config is left whole: an export
+    rebuilds the whole architecture and cuts it the same way before loading its weights."""
+    model = encoder.model
+    n_stages = len(model.config.depths)
+    for path in HF_STAGE_LISTS:
+        parent_path, _, attr = path.rpartition(".")
+        parent = getattr(model, parent_path, None)
+        stages = getattr(parent, attr, None)
+        if isinstance(stages, torch.nn.ModuleList) and len(stages) == n_stages:
+            kept = max(keep - 1, 1)
+            setattr(parent, attr, torch.nn.ModuleList(list(stages)[:kept]))
+            if isinstance(getattr(model, "layernorm", None), torch.nn.LayerNorm):
+                model.layernorm = torch.nn.Identity()
+            return kept + 1
+    return n_stages + 1  # another layout: runs whole, still correct
+
+
+def cut_hf_blocks(encoder: Encoder, keep: int) -> int:
+    """Hugging Face transformers whose hidden states are one per block: the block list cut
+    (at least one block: with none they return no hidden states), and the config with it, so
+    that an export writes the truncated model's config."""
+    model = encoder.model
+    n_blocks = len(encoder.layer_names) - 1
+    keep = max(keep, 1)
     found = block_list(model, n_blocks)
     if getattr(model.config, "num_hidden_layers", None) != n_blocks or found is None:
-        return n_blocks
+        return n_blocks  # another layout: runs whole, still correct
     parent, attr = found
     setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[:keep]))
-    # so that save_pretrained writes a config of the truncated model
     config = model.config
     config.num_hidden_layers = keep
     if hasattr(config, "stage_names"):  # backbone configs (DINOv2): one stage per block
         config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, keep + 1)]
         config.set_output_features_output_indices(out_features=None, out_indices=None)
     return keep
+
+
+def truncate_encoder(encoder: Encoder, layer: int) -> int:
+    """Drop, in place, the blocks (or stages) after the one that computes
+    `encoder.layer_names[layer]`, so they are never run. The kept ones are a prefix, so
+    `encoder.embed(batch)[layer]` stays that layer with extraction's pooling. Returns the number
+    of blocks or stages still run; a second call for a layer still computed changes nothing."""
+    # the layer names are blocks + final_norm, embeddings + layers, or stages + final
+    n_blocks = len(encoder.layer_names) - 1
+    keep = blocks_needed(encoder.layer_names[layer], n_blocks)
+    if encoder.blocks_run is not None:
+        if keep > encoder.blocks_run:
+            raise ValueError(f"{encoder.spec} was cut before {encoder.layer_names[layer]}")
+        return encoder.blocks_run
+    if keep >= n_blocks:
+        encoder.blocks_run = n_blocks
+    elif encoder.config.get("timm"):
+        encoder.blocks_run = cut_timm(encoder, max(keep, 1))
+    elif encoder.pooling == "gap":
+        encoder.blocks_run = cut_hf_stages(encoder, keep)
+    else:
+        encoder.blocks_run = cut_hf_blocks(encoder, keep)
+    return encoder.blocks_run
+
+
+# -- an encoder as `export` saves it: cut weights and what rebuilds the architecture offline ---
+SAVED_WEIGHTS = "model.safetensors"
+
+
+def save_encoder(encoder: Encoder, folder: Path) -> dict[str, Any]:
+    """Write the encoder as it is now (cut by `truncate_encoder`) into `folder`: its weights
+    (safetensors) and, for Hugging Face models, their config and processor or tokenizer files.
+    Returns what else rebuilds it: for timm, the model name and the pretrained config (the data
+    config: input size, mean, std, crop), recorded in the export's config.json."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(encoder.model, str(folder / SAVED_WEIGHTS), metadata={"format": "pt"})
+    name = encoder.config.get("timm")
+    if name:
+        cfg = json.loads(json.dumps(encoder.model.pretrained_cfg, default=str))
+        return {"timm": {"name": name, "pretrained_cfg": cfg}}
+    encoder.model.config.save_pretrained(folder)
+    encoder.processor.save_pretrained(folder)
+    return {}
+
+
+def load_saved_encoder(
+    folder: Path, layer: str, timm_recipe: dict[str, Any] | None, trust_remote_code: bool
+) -> Encoder:
+    """An encoder written by `save_encoder`: the architecture built with random weights
+    (nothing downloaded), cut at `layer` as it was when saved, then the saved weights loaded
+    into it; every tensor must fit."""
+    from safetensors.torch import load_model
+
+    if timm_recipe:
+        name = timm_recipe["name"]
+        cfg = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in timm_recipe["pretrained_cfg"].items()}  # fmt: skip
+        model = create_timm(name, pretrained=False, pretrained_cfg=cfg)
+        config = {"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}}
+        encoder = timm_encoder(f"timm:{name}", model, f"export:{folder.name}", config)
+    else:
+        encoder = load_hf(str(folder), str(folder), None, trust_remote_code, random_weights=True)
+    if layer not in encoder.layer_names:
+        raise UserError(f"{folder} has no layer {layer!r} (its layers: {encoder.layer_names})")
+    truncate_encoder(encoder, encoder.layer_names.index(layer))
+    path = folder / SAVED_WEIGHTS
+    unfit = f"{path} does not fit its architecture"
+    try:
+        missing, unexpected = load_model(encoder.model, str(path), strict=False)
+    except (RuntimeError, OSError) as err:  # a tensor of another shape, an unreadable file
+        first = " ".join(str(err).strip().splitlines()[:2])[:200]
+        raise UserError(f"{unfit}: {first}") from err
+    # a text model saved without its pooler (BERT's, unused: layers are masked means) gets one
+    # from its config; any other tensor missing or left over is refused
+    missing = [k for k in missing if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise UserError(f"{unfit}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return encoder

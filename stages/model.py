@@ -6,11 +6,11 @@
     probs, top_probs, top_classes = model.classify(["cat.jpg"], ["cat", "dog"])
 
 Each frozen encoder is loaded with extraction's code (`load_encoder`), checked against the
-fingerprint the store recorded when its features were extracted, and cut after the block that
-computes the run's chosen layer (`truncate_encoder`: a run that picked block 7 of 12 never runs
-blocks 8-12). Inputs go through extraction's path (prepare per sample, collate, `embed` with
-the same pooling), so `encode_image` of a raw image equals the head applied to its stored
-features up to the store's float16 rounding.
+fingerprint the store recorded when its features were extracted, and cut after the block (or
+CNN / Swin stage) that computes the run's chosen layer (`truncate_encoder`: a run that picked
+block 7 of 12 never runs blocks 8-12). Inputs go through extraction's path (prepare per
+sample, collate, `embed` with the same pooling), so `encode_image` of a raw image equals the
+head applied to its stored features up to the store's float16 rounding.
 
 `export_model` writes a self-contained directory (see README, "Use the aligned model").
 """
@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from stages.datasets import PROMPT_TEMPLATES, load_source, open_image, to_rgb
-from stages.encoders import Encoder, load_encoder, truncate_encoder
+from stages.encoders import (
+    Encoder,
+    load_encoder,
+    load_saved_encoder,
+    save_encoder,
+    truncate_encoder,
+)
 from stages.evaluate import class_embeddings, l2_normalise
 from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
 from stages.heads import CHECKPOINT, CONFIG, load_run
@@ -184,7 +190,9 @@ class AlignedModel:
                 for name, sha in info["sha256"].items():
                     if not (folder / name).is_file() or file_sha256(folder / name) != sha:
                         raise UserError(f"{folder / name} is missing or changed since the export")
-                encoders[side] = load_encoder(str(folder), None, trust_remote_code)
+                encoders[side] = load_saved_encoder(
+                    folder, info["layer"], info.get("timm"), trust_remote_code
+                )
             else:
                 encoders[side] = load_checked_encoder(info["spec"], info, trust_remote_code, where)
             # a truncated encoder keeps the names of the layers it still computes
@@ -318,6 +326,7 @@ def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
         "model_id": recorded.get("model_id", encoder.model_id),
         "revision": recorded.get("revision", encoder.revision),
         "model_fingerprint": recorded.get("model_fingerprint"),
+        **({"weights": recorded["weights"]} if recorded.get("weights") else {}),  # timm --weights
         "layer": model.config[f"{side}_layer"],
         "pooling": encoder.pooling,
         "blocks_run": kept,
@@ -345,15 +354,8 @@ def export_model(
         for side in SIDES:
             info = side_info(model, side)
             if with_encoders:
-                encoder = model.encoders[side]
-                if encoder.config.get("timm") or not hasattr(encoder.model, "save_pretrained"):
-                    raise UserError(
-                        f"--with-encoders saves Hugging Face encoders; {encoder.spec} is not one "
-                        "(export without it: the encoder is then loaded by name)"
-                    )
                 folder = tmp / f"{side}_encoder"
-                encoder.model.save_pretrained(folder, safe_serialization=True)
-                encoder.processor.save_pretrained(folder)
+                info.update(save_encoder(model.encoders[side], folder))
                 weights = sorted(p.name for p in folder.glob("*.safetensors"))
                 info.update(
                     dir=folder.name,

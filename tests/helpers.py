@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from store import FeatureStore, write_manifest
 
@@ -121,7 +122,6 @@ def save_tiny_resnet(directory: Path) -> Path:
     """A 4-stage Hugging Face ResNet with RANDOM (seeded) weights and stage widths 8, 16, 24,
     32 (the stem 8), and the image processor of microsoft/resnet-50 at 32 px, saved with
     save_pretrained: a CNN whose layers differ in width, loaded like a user's local model."""
-    import torch
     from transformers import ConvNextImageProcessor, ResNetConfig, ResNetModel
 
     config = ResNetConfig(
@@ -130,6 +130,42 @@ def save_tiny_resnet(directory: Path) -> Path:
     torch.manual_seed(0)
     ResNetModel(config).save_pretrained(directory)
     ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(directory)
+    return directory
+
+
+def save_random_timm(name: str, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A timm architecture with seeded RANDOM weights and a 10-class classifier (as a user's
+    fine-tuned checkpoint has), saved as safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = timm.create_model(name, pretrained=False, num_classes=10).state_dict()
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, path)
+    return state
+
+
+def save_tiny_hf_maps(kind: str, directory: Path) -> Path:
+    """A tiny Hugging Face ConvNeXt or Swin (4 stages, RANDOM seeded weights) and an image
+    processor, saved with save_pretrained."""
+    from transformers import (
+        ConvNextConfig,
+        ConvNextModel,
+        SwinConfig,
+        SwinModel,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    if kind == "convnext":
+        model = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]))
+    else:
+        config = SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1, 1],
+                            num_heads=[1, 1, 1, 1], window_size=2)  # fmt: skip
+        model = SwinModel(config)
+    model.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     return directory
 
 

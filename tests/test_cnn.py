@@ -2,7 +2,6 @@
 Hugging Face CNNs, and the stages end to end on a store of such layers."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,13 @@ from safetensors.torch import save_file
 
 from stages.encoders import load_encoder
 from store import FeatureStore, UserError
-from tests.helpers import one_line_error, run_cli, save_tiny_resnet
+from tests.helpers import (
+    one_line_error,
+    run_cli,
+    save_random_timm,
+    save_tiny_hf_maps,
+    save_tiny_resnet,
+)
 
 
 # -- hand computations: the model run module by module, every stage map averaged over H, W --
@@ -51,18 +56,6 @@ TIMM_CASES = {
     "convnext_atto": (convnext_by_hand, [40, 80, 160, 320, 320], 64, {}),
     "swin_tiny_patch4_window7_224": (swin_by_hand, [24, 48, 96, 192, 192], 64, SMALL_SWIN),
 }
-
-
-def save_random_timm(name: str, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A timm architecture with seeded RANDOM weights and a 10-class classifier (as a user's
-    fine-tuned checkpoint has), saved as safetensors."""
-    import timm
-
-    torch.manual_seed(seed)
-    state = timm.create_model(name, pretrained=False, num_classes=10).state_dict()
-    state = {k: v.contiguous() for k, v in state.items()}
-    save_file(state, path)
-    return state
 
 
 @pytest.mark.parametrize("name", list(TIMM_CASES))
@@ -208,3 +201,114 @@ def test_mixed_width_store_through_select_align_evaluate(tmp_path, capsys, monke
         metrics = json.loads((tmp_path / run / "metrics.json").read_text())
         assert 0 <= metrics["zero_shot"]["top1"] <= 100
     assert json.loads((tmp_path / "narrow" / "config.json").read_text())["image_layer"] == "stage.2"
+
+    # the run as a model: the CNN cut after stage.2, raw test images through it equal the head
+    # on the stored (float16) stage.2 features
+    from stages.datasets import digits_source
+    from stages.model import AlignedModel
+
+    model = AlignedModel.from_run(tmp_path / "narrow", device="cpu")
+    assert model.blocks["image"] == (3, 5)
+    stored = FeatureStore(store).open("digits", "test", "image", resnet).read_layer("stage.2")
+    with torch.no_grad():
+        want = model.heads["image"](torch.from_numpy(stored)).double()
+    want = want / want.norm(dim=1, keepdim=True)
+    source = digits_source("test")
+    raw = model.encode_image([source.load_image(i) for i in range(len(stored))]).double()
+    assert (raw * want).sum(1).min() >= 0.999
+
+
+# -- run only up to the chosen stage ------------------------------------------------------------
+def record_runs(modules: list[torch.nn.Module]) -> list[int]:
+    """Hooks on `modules`: the list fills with the position of each one that runs."""
+    ran: list[int] = []
+    for i, module in enumerate(modules):
+        module.register_forward_hook(lambda *_, i=i: ran.append(i))
+    return ran
+
+
+# the stage modules after the stem, with the index of the `stage.i` layer each one outputs
+TIMM_STAGES = {
+    "resnet18": lambda m: [(getattr(m, f"layer{i}"), i) for i in range(1, 5)],  # stage.0: stem
+    "convnext_atto": lambda m: [(s, i) for i, s in enumerate(m.stages)],
+    "swin_tiny_patch4_window7_224": lambda m: [(s, i) for i, s in enumerate(m.layers)],
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_CASES))
+def test_timm_map_models_run_only_up_to_the_chosen_stage(tmp_path, monkeypatch, name):
+    """Cut at stage.2: the later stages never run, and the stages kept give the pooled values
+    of the whole model (the hand computation above) and of extraction's embed."""
+    import timm
+
+    from stages.encoders import truncate_encoder
+
+    by_hand, widths, side, changes = TIMM_CASES[name]
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *args, **kw: create(*args, **kw, **changes))
+    save_random_timm(name, tmp_path / "w.safetensors")
+    encoder = load_encoder(f"timm:{name}", weights=str(tmp_path / "w.safetensors"))
+    stages = TIMM_STAGES[name](encoder.model)
+    ran = record_runs([module for module, _ in stages])
+    raw = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, side, side)))
+    batch = {"pixel_values": raw.to(torch.uint8)}
+    config = timm.data.resolve_model_data_config(encoder.model)
+    mean, std = (torch.tensor(config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    with torch.no_grad():
+        want = by_hand(encoder.model, (raw.float() / 255 - mean) / std)
+        ran.clear()
+        whole = encoder.embed(batch)
+    assert ran == list(range(len(stages)))
+    ran.clear()
+
+    assert truncate_encoder(encoder, encoder.layer_names.index("stage.2")) == 3
+    with torch.no_grad():
+        cut = encoder.embed(batch)
+    assert ran == [pos for pos, (_, layer) in enumerate(stages) if layer <= 2]
+    assert len(cut) == 3
+    for i in range(3):
+        torch.testing.assert_close(cut[i], whole[i], rtol=0, atol=0)
+        torch.testing.assert_close(cut[i], want[i], rtol=1e-4, atol=1e-4)
+    # the stages after it are gone from the model (and from its weights), not only skipped
+    inside = {id(m) for m in encoder.model.modules()}
+    assert [layer for module, layer in stages if id(module) in inside] == [
+        layer for _, layer in stages if layer <= 2
+    ]
+
+
+@pytest.mark.parametrize("kind", ["resnet", "convnext", "swin"])
+def test_hf_map_models_run_only_up_to_the_chosen_stage(tmp_path, kind):
+    """Hugging Face ResNet, ConvNeXt, Swin cut at stage.2 (the stem and two stages): the last
+    two stages never run and stage.0-2 equal the whole model's pooled values."""
+    from stages.encoders import truncate_encoder
+
+    directory = tmp_path / kind
+    if kind == "resnet":
+        save_tiny_resnet(directory)
+    else:
+        save_tiny_hf_maps(kind, directory)
+    encoder = load_encoder(str(directory))
+    stages = getattr(encoder.model.encoder, "layers" if kind == "swin" else "stages")
+    ran = record_runs(list(stages))
+    pixels = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    batch = encoder.collate([encoder.prepare(image_from(p)) for p in pixels])
+    with torch.no_grad():
+        whole = encoder.embed(batch)
+    assert ran == [0, 1, 2, 3]
+    ran.clear()
+    assert truncate_encoder(encoder, encoder.layer_names.index("stage.2")) == 3
+    with torch.no_grad():
+        cut = encoder.embed(batch)
+    assert ran == [0, 1]
+    for i in range(3):
+        torch.testing.assert_close(cut[i], whole[i], rtol=0, atol=0)
+    inside = {id(m) for m in encoder.model.modules()}
+    assert [id(s) in inside for s in stages] == [True, True, False, False]
+    # a second cut for a layer still computed changes nothing
+    assert truncate_encoder(encoder, encoder.layer_names.index("stage.1")) == 3
+
+
+def image_from(chw: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray(chw.permute(1, 2, 0).numpy())

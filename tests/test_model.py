@@ -4,6 +4,7 @@ inputs through the truncated encoders equal the heads on the stored features."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -405,3 +406,105 @@ def test_timm_truncation_prunes_blocks(monkeypatch):
     cut = encoder.embed(pixels)
     assert len(calls) == 4
     torch.testing.assert_close(cut[3], full[3])
+
+
+# -- export with encoders: timm ViT, timm CNN, Hugging Face CNN -----------------------------
+VIT = "vit_small_patch14_dinov2.lvd142m"
+SMALL_VIT = {"img_size": 56}  # DINOv2-S at 56 px: 4 x 4 patches, 12 blocks of width 384
+EXPORT_CASES = {  # image spec kind: (name, chosen layer, blocks run, prefixes of dropped tensors)
+    "timm-vit": (VIT, "block.3", 4, [f"blocks.{i}." for i in range(4, 12)] + ["norm."]),
+    "timm-cnn": ("resnet18", "stage.2", 3, ["layer3.", "layer4."]),
+    "hf-cnn": ("resnet", "stage.2", 3, ["encoder.stages.2.", "encoder.stages.3."]),
+    "hf-swin": ("swin", "stage.2", 3, ["encoder.layers.2.", "encoder.layers.3.", "layernorm."]),
+}
+
+
+def offline_timm(monkeypatch, changes: dict) -> list:
+    """timm.create_model with `changes` and no hub: pretrained weights asked for fail as they
+    would offline. Returns the `pretrained` flags it was called with."""
+    import timm
+
+    create, asked = timm.models.create_model, []  # timm's own, even when patched before
+
+    def create_model(name, **kw):
+        asked.append(kw.get("pretrained"))
+        if kw.get("pretrained"):
+            raise OSError(f"no network: {name}")
+        return create(name, **{**kw, **changes})
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    return asked
+
+
+@pytest.mark.parametrize("kind", list(EXPORT_CASES))
+def test_export_with_encoders_round_trip(tmp_path, monkeypatch, kind):
+    """A run on a non-last layer of a timm ViT (DINOv2-S), a timm CNN and a Hugging Face CNN,
+    exported with its encoders: only the blocks or stages run are saved (safetensors, no
+    pickle), and from_pretrained rebuilds the cut encoder without the original weights file or
+    the hub and gives the same embeddings."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import save_random_timm, save_tiny_hf_maps, save_tiny_resnet
+
+    name, layer, keep, dropped = EXPORT_CASES[kind]
+    hf = kind.startswith("hf")
+    if hf:
+        save = save_tiny_resnet if name == "resnet" else partial(save_tiny_hf_maps, name)
+        spec, recorded = str(save(tmp_path / name)), {}
+        weights = tmp_path / name / "model.safetensors"
+    else:
+        # the ViT's data config says 56 px too (timm registers 518); the export must carry it
+        data = {"pretrained_cfg_overlay": {"input_size": (3, 56, 56)}} if kind == "timm-vit" else {}
+        changes = SMALL_VIT if kind == "timm-vit" else {}
+        offline_timm(monkeypatch, {**changes, **data})
+        weights = tmp_path / "w.safetensors"
+        save_random_timm(name, weights)
+        spec, recorded = f"timm:{name}", {"weights": str(weights)}
+    image = load_encoder(spec, weights=recorded.get("weights"))
+    whole = {k: v.clone() for k, v in image.model.state_dict().items()}
+    text = load_encoder("tiny-random-text")
+    config = {
+        "image_model": spec, "text_model": "tiny-random-text", "image_layer": layer,
+        "text_layer": "layer.1", "head": "linear", "image_dim": image.layer_dims[
+            image.layer_names.index(layer)], "text_dim": 64, "out_dim": 8, "temperature": 0.05,
+        "store_fingerprint": {
+            "image": {"model_spec": spec, "model_fingerprint": image.fingerprint(), **recorded},
+            "text": {"model_fingerprint": text.fingerprint()},
+        },
+    }  # fmt: skip
+    torch.manual_seed(0)
+    heads = [build_head("linear", config[f"{s}_dim"], 8) for s in ("image", "text")]
+    save_run(tmp_path / "run", *heads, config)
+    export = export_model(tmp_path / "run", tmp_path / "export", with_encoders=True)
+    info = export["image"]
+    assert (info["blocks_run"], info["blocks_total"]) == (keep, 12 if kind == "timm-vit" else 5)
+    # the saved tensors: the whole encoder's, less those of the blocks or stages not run
+    saved = load_file(tmp_path / "export" / "image_encoder" / "model.safetensors")
+    kept = {k: v for k, v in whole.items() if not k.startswith(tuple(dropped))}
+    assert saved.keys() == kept.keys()
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert info["full_encoder_bytes"] == sum(v.numel() * v.element_size() for v in whole.values())
+    tensor_bytes = sum(v.numel() * v.element_size() for v in kept.values())
+    assert tensor_bytes <= info["exported_bytes"] < tensor_bytes + 65536  # + the file's header
+    files = {p.name for p in (tmp_path / "export").rglob("*")}
+    assert not any(f.endswith((".bin", ".pkl", ".pt", ".pth")) for f in files)
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)) for _ in "ab"]
+    original = AlignedModel.from_run(tmp_path / "run", device="cpu")
+    expected = original.encode_image(pictures)
+    texts = ["a small text", "another one"]
+    expected_text = original.encode_text(texts)
+    # without --with-encoders the export names the encoder (and its --weights file)
+    export_model(tmp_path / "run", tmp_path / "by-name")
+    by_name = AlignedModel.from_pretrained(tmp_path / "by-name", device="cpu")
+    torch.testing.assert_close(by_name.encode_image(pictures), expected, rtol=0, atol=0)
+    weights.unlink()  # the export needs neither the original weights nor the hub
+    if not hf:  # and the data config is the recorded one, not timm's registry's
+        asked = offline_timm(monkeypatch, SMALL_VIT if kind == "timm-vit" else {})
+    loaded = AlignedModel.from_pretrained(tmp_path / "export", device="cpu")
+    if not hf:
+        assert asked == [False]
+    assert loaded.blocks["image"][0] == keep
+    torch.testing.assert_close(loaded.encode_image(pictures), expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode_text(texts), expected_text, rtol=0, atol=0)
