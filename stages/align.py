@@ -117,7 +117,11 @@ def run_align(
     out = Path(out)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
-        pairs.image_rows, settings.n_pairs, settings.val_fraction, settings.seed
+        pairs.image_rows,
+        settings.n_pairs,
+        settings.val_fraction,
+        settings.seed,
+        settings.min_val_pairs,
     )
     train_source, val_source = pair_sources(pairs, train, val, memory_cap)
     names = (pairs.info["image_layer"], pairs.info["text_layer"])

@@ -48,16 +48,28 @@ def align(
     lr: float = typer.Option(D.lr, help="Peak AdamW learning rate (cosine decay)."),
     weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay (matrices)."),
     warmup_steps: int = typer.Option(D.warmup_steps, help="Steps over which lambda ramps up."),
-    patience: int = typer.Option(D.patience, help="Early stopping: epochs without gain (0 = off)."),
+    patience: int = typer.Option(
+        D.patience,
+        help="Early stopping: optimiser steps without a better validation objective, counted "
+        "once lambda's warm-up ends (0 = off).",
+    ),
     out_dim: int = typer.Option(D.out_dim, help="Shared embedding size."),
     hidden_dim: int = typer.Option(D.hidden_dim, help="Hidden width of the mlp head."),
     val_fraction: float = typer.Option(D.val_fraction, help="Held-out share for validation."),
+    min_val_pairs: int = typer.Option(
+        D.min_val_pairs,
+        help="Smallest validation hold-out: with fewer, every pair trains, no early stopping, "
+        "the last weights are kept.",
+    ),
     seed: int = typer.Option(D.seed, help="Seed of the subset, split, initialisation, shuffling."),
     select_dir: Path = typer.Option(
         Path("runs/select"), help="Where --layers auto reads (or writes) the layer selection."
     ),
     csa_ridge: float = typer.Option(
         D.csa_ridge, help="--head csa: canonical ridge eps (C + eps * mean variance * I); 0 = CCA."
+    ),
+    csa_steps: int = typer.Option(
+        D.csa_steps, help="--head csa with --lambda > 0: R_S refinement steps (for any --n-pairs)."
     ),
     unpaired_images: str = typer.Option(
         "",
@@ -97,8 +109,10 @@ def align(
         out_dim=out_dim,
         hidden_dim=hidden_dim,
         val_fraction=val_fraction,
+        min_val_pairs=min_val_pairs,
         seed=seed,
         csa_ridge=csa_ridge,
+        csa_steps=csa_steps,
     )
     cap = parse_memory_cap(memory_cap)
     if extra_n < 0 or (extra_n and not extra_pairs):
