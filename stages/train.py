@@ -10,9 +10,10 @@ and the guarded optimiser step.
 Few pairs (the point of the method) shape three rules, each measured on real encoders (README,
 "Training with few pairs"):
 
-- no validation hold-out smaller than `min_val_pairs`: a CLIP loss over a few dozen pairs is
-  noise, and choosing weights or stopping on it is choosing at random. Below that the pairs all
-  train, the whole cosine schedule runs and the last weights are kept;
+- no validation hold-out smaller than `min_val_pairs`: a loss over a few dozen or hundred
+  pairs is noise, and choosing weights or stopping on it is choosing at random, at a learning
+  rate that the cosine schedule has not yet lowered. Below that the pairs all train, the whole
+  schedule runs and the last weights are kept;
 - early stopping watches the objective being trained (CLIP + lambda * R_S at full lambda, on the
   validation pairs; the authors' `overall_loss`), never fires and keeps no weights before
   lambda's warm-up ends, and counts its patience in optimiser steps, not epochs: with one
@@ -90,7 +91,7 @@ class AlignSettings:
     out_dim: int = 512
     hidden_dim: int = 1024
     val_fraction: float = 0.1
-    min_val_pairs: int = 100  # a smaller hold-out is not made: all pairs train, last weights
+    min_val_pairs: int = 1000  # a smaller hold-out is not made: all pairs train, last weights
     seed: int = 0
     csa_ridge: float = 0.1  # --head csa: canonical ridge, relative to the mean variance
     csa_steps: int = 200  # --head csa with lambda > 0: R_S refinement steps (any n_pairs)
