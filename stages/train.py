@@ -83,6 +83,7 @@ class AlignSettings:
     temperature: float = 0.05
     n_pairs: int = 0
     epochs: int = 1000  # the authors' n_epochs; with few pairs an epoch is one step
+    max_steps: int = 1000  # and no more epochs than these optimiser steps need (0 = no cap)
     batch_size: int = 4096
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -113,6 +114,7 @@ class AlignSettings:
             (self.temperature <= 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.n_pairs < 0, f"--n-pairs must be >= 0 (0 = all), got {self.n_pairs}"),
             (self.epochs < 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps < 0, f"--max-steps must be >= 0 (0 = no cap), got {self.max_steps}"),
             (self.batch_size < 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (self.lr <= 0, f"--lr must be > 0, got {self.lr}"),
             (self.weight_decay < 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
@@ -149,6 +151,15 @@ class TrainResult:
 def lambda_at(step: int, lam: float, warmup_steps: int) -> float:
     """Linear ramp from 0 to lam over warmup_steps."""
     return lam if warmup_steps == 0 else lam * min(1.0, step / warmup_steps)
+
+
+def run_epochs(epochs: int, max_steps: int, steps_per_epoch: int) -> int:
+    """Epochs of a run: `epochs`, or fewer when `max_steps` (> 0) optimiser steps need fewer
+    (the last epoch completes). One step an epoch with few pairs, dozens with many: a cap in
+    steps keeps the schedule the same length at any number of pairs."""
+    if max_steps == 0:
+        return epochs
+    return max(1, min(epochs, math.ceil(max_steps / steps_per_epoch)))
 
 
 def lr_at(step: int, total_steps: int, lr: float) -> float:
@@ -312,7 +323,8 @@ def train_heads(
 
     n = len(source)
     steps_per_epoch, batch = batch_plan(n, s.batch_size)
-    total_steps = s.epochs * steps_per_epoch
+    epochs = run_epochs(s.epochs, s.max_steps, steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
     # early stopping and best weights only once lambda is fully on: during its warm-up the
     # validation objective (at full lambda) is not yet the one being trained
     first_candidate_step = min(s.warmup_steps, total_steps) if s.lam > 0 else 0
@@ -332,7 +344,7 @@ def train_heads(
 
     history, step, stopping = [], 0, EarlyStopping(s.patience)
     start_time = time.perf_counter()
-    bar = tqdm(range(1, s.epochs + 1), desc="align", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, epochs + 1), desc="align", unit="epoch", disable=not progress)
     for epoch in bar:
         image_head.train()
         text_head.train()

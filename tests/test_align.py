@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -199,6 +200,23 @@ def test_early_stopping_waits_for_the_warm_up_and_counts_steps(monkeypatch):
     result = train_heads((x[:160], y[:160]), (x[160:], y[160:]), settings, progress=False)
     assert result.info["best_step"] == 8 and result.best_epoch == 2  # warm-up over at step 8
     assert result.steps == 8 + 12 and len(result.history) == 5
+
+
+def test_max_steps_caps_the_epochs_and_the_schedule_ends_there():
+    """4 steps an epoch: --max-steps 10 runs ceil(10 / 4) = 3 epochs (12 steps), and the cosine
+    learning rate spans those 12 steps, not --epochs x 4; full batch: 10 epochs."""
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(200, 12)), rng.normal(size=(200, 10))
+    settings = AlignSettings(lam=0.0, out_dim=4, batch_size=50, epochs=100, max_steps=10)
+    result = train_heads((x, y), None, settings, progress=False)
+    assert result.steps == 12 and len(result.history) == 3
+    # the lr recorded for each epoch is that of its last step: 3, 7, 11 of 12
+    expected = [lr_at(step, 12, settings.lr) for step in (3, 7, 11)]
+    np.testing.assert_allclose(result.history["lr"], expected)
+    full = train_heads((x[:40], y[:40]), None, replace(settings, batch_size=64), progress=False)
+    assert full.steps == 10 and len(full.history) == 10
+    uncapped = replace(settings, epochs=2, max_steps=0)
+    assert train_heads((x, y), None, uncapped, progress=False).steps == 8
 
 
 def test_validation_score_is_the_trained_objective():

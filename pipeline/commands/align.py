@@ -44,6 +44,11 @@ def align(
     temperature: float = typer.Option(D.temperature, help="Temperature of CLIP and R_S."),
     n_pairs: int = typer.Option(D.n_pairs, help="Train on a seeded subset of N pairs (0 = all)."),
     epochs: int = typer.Option(D.epochs, help="Maximum epochs."),
+    max_steps: int = typer.Option(
+        D.max_steps,
+        help="Maximum optimiser steps: no more epochs than these need (0 = no cap); the cosine "
+        "schedule spans the epochs run.",
+    ),
     batch_size: int = typer.Option(D.batch_size, help="Pairs per step (capped at the pairs)."),
     lr: float = typer.Option(D.lr, help="Peak AdamW learning rate (cosine decay)."),
     weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay (matrices)."),
@@ -101,6 +106,7 @@ def align(
         temperature=temperature,
         n_pairs=n_pairs,
         epochs=epochs,
+        max_steps=max_steps,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
