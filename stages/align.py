@@ -57,6 +57,7 @@ def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None
     ax_loss.plot(e, history["train_loss"], label="train loss")
     ax_loss.plot(e, history["clip_loss"], label="train CLIP loss")
     ax_loss.plot(e, history["val_loss"], label="validation CLIP loss")
+    ax_loss.plot(e, history["val_objective"], label="validation objective (early stopping)")
     if best_epoch:
         ax_loss.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="losses")

@@ -142,10 +142,14 @@ def align(
         extra_pairs=extra_pairs or None,
         extra_n=extra_n,
     )
+    kept = (
+        f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"
+        if config["n_val"]
+        else f"no validation (fewer than --min-val-pairs {settings.min_val_pairs}): last weights"
+    )
     typer.echo(
         f"{config['n_train']} train / {config['n_val']} validation pairs, "
-        f"{config['epochs_run']} epochs ({result.steps} steps, {result.seconds:.1f} s), "
-        f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"
+        f"{config['epochs_run']} epochs ({result.steps} steps, {result.seconds:.1f} s), {kept}"
     )
     if config["streamed_from_store"]:
         typer.echo(f"features streamed from the store (they exceed --memory-cap {memory_cap})")
