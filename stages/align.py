@@ -57,6 +57,7 @@ def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None
     ax_loss.plot(e, history["train_loss"], label="train loss")
     ax_loss.plot(e, history["clip_loss"], label="train CLIP loss")
     ax_loss.plot(e, history["val_loss"], label="validation CLIP loss")
+    ax_loss.plot(e, history["val_objective"], label="validation objective (early stopping)")
     if best_epoch:
         ax_loss.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="losses")
@@ -117,7 +118,11 @@ def run_align(
     out = Path(out)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
-        pairs.image_rows, settings.n_pairs, settings.val_fraction, settings.seed
+        pairs.image_rows,
+        settings.n_pairs,
+        settings.val_fraction,
+        settings.seed,
+        settings.min_val_pairs,
     )
     train_source, val_source = pair_sources(pairs, train, val, memory_cap)
     names = (pairs.info["image_layer"], pairs.info["text_layer"])

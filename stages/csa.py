@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,9 @@ from stages.train import (
 from store import UserError
 
 MOMENT_CHUNK = 4096  # rows per pass when accumulating the covariances (and streaming)
+# history rows of a refinement: each costs a CLIP loss over every training pair, so their
+# number stays fixed (a row per epoch made CSA + R_S 8-12x plain CSA on real features)
+LOG_POINTS = 20
 CSA_HISTORY = [*HISTORY_COLUMNS, "mean_corr", "val_mean_corr"]
 
 
@@ -268,18 +271,27 @@ class Refinement:
     rs: tuple[float, float] = (math.nan, math.nan)  # R_S (image, text) of the final solution
 
 
-def _batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[list[np.ndarray]]:
-    """Per epoch, the shuffled index batches of `batch` pairs, the ragged end dropped (unlike
-    stages.train, whose batch_plan spreads every pair over near-equal batches)."""
+def _batches(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
+    """The index batches of `steps` steps: shuffled epochs of `batch` pairs, the ragged end of
+    each dropped (unlike stages.train, whose batch_plan spreads every pair over near-equal
+    batches), as many epochs as the steps need."""
     generator = torch.Generator().manual_seed(seed)
     per_epoch = n // batch
-    for _ in range(epochs):
+    batches: list[np.ndarray] = []
+    while len(batches) < steps:
         order = (
             torch.arange(n)
             if per_epoch == 1 and batch == n
             else torch.randperm(n, generator=generator)
         )
-        yield [order[b * batch : (b + 1) * batch].numpy() for b in range(per_epoch)]
+        batches += [order[b * batch : (b + 1) * batch].numpy() for b in range(per_epoch)]
+    return batches[:steps]
+
+
+def log_points(steps: int, points: int = LOG_POINTS) -> list[int]:
+    """The steps after which the history records a row: about `points` of them, evenly spread,
+    the last step always (so the diagnostics cost the same at 100 pairs and at 10,000)."""
+    return sorted({round(steps * (i + 1) / points) for i in range(points)} - {0} | {steps})
 
 
 def refine_with_structure(
@@ -288,14 +300,15 @@ def refine_with_structure(
     start: CCASolution,
     settings: AlignSettings,
     *,
-    epochs: int,
-    on_epoch: Callable[[int, int, CCASolution, dict[str, float]], None] | None = None,
+    steps: int,
+    on_log: Callable[[int, int, CCASolution, dict[str, float]], None] | None = None,
     progress: bool = False,
 ) -> Refinement:
-    """Refine the CCA subspaces for `epochs` epochs by Adam on lambda * (R_S(X, Z_x) +
+    """Refine the CCA subspaces for `steps` steps by Adam on lambda * (R_S(X, Z_x) +
     R_S(Y, Z_y)) - mean rho (lambda, levels, temperature, batch size, lr and seed from
-    `settings`), then re-whiten and rotate (canonical_rotation). `on_epoch(epoch, step,
-    solution, row)` may add to each epoch's history row (epoch 0 is the starting point)."""
+    `settings`), then re-whiten and rotate (canonical_rotation). The history gets a row at step
+    0 and at each of log_points(steps); `on_log(row index, step, solution, row)` may add to it.
+    A row's `epoch` is the passes over the pairs so far (fractional)."""
     lam, levels, temperature = settings.lam, settings.levels, settings.temperature
     batch_size, lr, seed = settings.batch_size, settings.lr, settings.seed
     w = whiten(m, start.ridge)
@@ -310,8 +323,8 @@ def refine_with_structure(
 
     n = len(source)
     batch = min(batch_size, n)
-    full_batch = n // batch == 1 and batch == n
-    total_steps = epochs * (n // batch)
+    per_epoch = n // batch
+    full_batch = per_epoch == 1 and batch == n
     cache: dict[str, Any] = {}
 
     def batch_terms(x: Tensor, y: Tensor, key: str | None):
@@ -340,10 +353,10 @@ def refine_with_structure(
         with torch.no_grad():
             return canonical_rotation(m, w, g_x.detach().numpy(), g_y.detach().numpy(), start.ridge)
 
-    def record(epoch: int, step: int, sums: np.ndarray, lr_t: float) -> dict[str, float]:
+    def record(index: int, step: int, sums: np.ndarray, lr_t: float) -> dict[str, float]:
         loss, rs_x, rs_y, corr = sums
         row = {
-            "epoch": epoch,
+            "epoch": step / per_epoch,
             "step": step,
             "rs_image": rs_x,
             "rs_text": rs_y,
@@ -352,8 +365,8 @@ def refine_with_structure(
             "lr": lr_t,
             "mean_corr": corr,
         }
-        if on_epoch is not None:
-            on_epoch(epoch, step, current(), row)
+        if on_log is not None:
+            on_log(index, step, current(), row)
         return row
 
     def run_batches(batches: list[np.ndarray], step: int, train: bool) -> tuple[np.ndarray, int]:
@@ -362,7 +375,7 @@ def refine_with_structure(
             xw, yw, t_x, t_y = batch_terms(x, y, "all" if full_batch else None)
             if train:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, lr)
+                    group["lr"] = lr_at(step, steps, lr)
                 loss, rs_x, rs_y, corr = objective(xw, yw, t_x, t_y)
                 optimizer_step(optimizer, loss, step, what="the CSA + R_S objective")
                 step += 1
@@ -372,19 +385,23 @@ def refine_with_structure(
             sums += [loss.item(), rs_x.item(), rs_y.item(), corr.item()]
         return sums / max(len(batches), 1), step
 
-    schedule = list(_batches(n, batch, max(epochs, 1), seed))
-    history = [record(0, 0, run_batches(schedule[0], 0, train=False)[0], lr)]
+    schedule = _batches(n, batch, max(steps, per_epoch), seed)
+    history = [record(0, 0, run_batches(schedule[:per_epoch], 0, train=False)[0], lr)]
     step = 0
-    bar = tqdm(range(1, epochs + 1), desc="csa + R_S", unit="epoch", disable=not progress)
-    for epoch in bar:
-        lr_t = lr_at(step, total_steps, lr)
-        sums, step = run_batches(schedule[epoch - 1], step, train=True)
-        history.append(record(epoch, step, sums, lr_t))
+    bar = tqdm(log_points(steps) if steps else [], desc="csa + R_S", disable=not progress)
+    for index, until in enumerate(bar, 1):
+        lr_t = lr_at(step, steps, lr)
+        sums, step = run_batches(schedule[step:until], step, train=True)
+        history.append(record(index, step, sums, lr_t))
         bar.set_postfix(loss=f"{sums[0]:.4f}", corr=f"{sums[3]:.3f}")
     bar.close()
-    # history rows average the values seen before each step; this is R_S after the last one
-    final = run_batches(schedule[-1], step, train=False)[0] if epochs else history[0]
-    rs = (final[1], final[2]) if epochs else (final["rs_image"], final["rs_text"])
+    # history rows average the values seen before each step; this is R_S after the last one,
+    # on the last epoch's batches
+    if steps:
+        final = run_batches(schedule[max(steps - per_epoch, 0) : steps], step, train=False)[0]
+        rs = (final[1], final[2])
+    else:
+        rs = (history[0]["rs_image"], history[0]["rs_text"])
     return Refinement(current(), history, step, (float(rs[0]), float(rs[1])))
 
 
@@ -425,7 +442,9 @@ def train_csa(
     progress: bool = True,
 ) -> CSAResult:
     """Fit CSA (d = settings.out_dim, ridge = settings.csa_ridge); with settings.lam > 0 refine
-    it with R_S for settings.epochs epochs. Returns heads, history and a summary (`info`)."""
+    it with R_S for settings.csa_steps steps (the authors refine for a fixed 10 epochs; a fixed
+    step count keeps the cost the same at any number of pairs). Returns heads, history and a
+    summary (`info`)."""
     s = settings
     started = time.perf_counter()
     source, val_source = as_source(train), as_source(val)
@@ -450,13 +469,13 @@ def train_csa(
         )
         return train_loss, val_loss
 
-    def on_epoch(epoch: int, step: int, solution: CCASolution, row: dict[str, float]) -> None:
+    def on_log(index: int, step: int, solution: CCASolution, row: dict[str, float]) -> None:
         row["clip_loss"], row["val_loss"] = losses(solution)
         row["val_mean_corr"] = _pair_corr(solution, m_val)
 
-    epochs = s.epochs if s.lam > 0 else 0
+    steps = s.csa_steps if s.lam > 0 else 0
     refined = refine_with_structure(
-        source, m, cca, s, epochs=epochs, on_epoch=on_epoch, progress=progress
+        source, m, cca, s, steps=steps, on_log=on_log, progress=progress
     )
     solution = refined.solution if s.lam > 0 else cca
     history = pd.DataFrame(refined.history, columns=CSA_HISTORY)
@@ -483,9 +502,10 @@ def train_csa(
         "betas": [0.9, 0.999] if s.lam > 0 else None,
         "grad_clip": None,
         "lr_schedule": "cosine to 0" if s.lam > 0 else None,
-        "early_stopping": "none: CCA, then a fixed number of R_S refinement epochs",
-        # config.json's keys of the kept weights: here those of the last epoch
-        "best_epoch": int(last["epoch"]),
+        "early_stopping": "none: CCA, then a fixed number of R_S refinement steps",
+        "refine_steps": refined.steps,
+        # config.json's keys of the kept weights: here those of the last step
+        "best_epoch": round(float(last["epoch"]), 3),
         "best_val_loss": float(last["val_loss"]),
     }
     return CSAResult(

@@ -255,10 +255,12 @@ def pair_sources(
 
 
 def split_pairs(
-    image_rows: np.ndarray, n_pairs: int, val_fraction: float, seed: int
+    image_rows: np.ndarray, n_pairs: int, val_fraction: float, seed: int, min_val: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) pair indices: a seeded subset of n_pairs (0 = all), then a seeded
-    hold-out of about val_fraction of it, whole images at a time (its captions stay together)."""
+    hold-out of about val_fraction of it, whole images at a time (its captions stay together).
+    No hold-out when val_fraction of the subset is under min_val pairs (too few to choose
+    weights on): every pair trains."""
     total = len(image_rows)
     if n_pairs > total:
         raise UserError(f"--n-pairs {n_pairs} exceeds the {total} pairs available")
@@ -266,6 +268,8 @@ def split_pairs(
     chosen = rng.permutation(total)[: n_pairs or total]
     # at least 2 validation pairs: a CLIP loss needs a negative
     n_val = 0 if val_fraction == 0 else max(2, round(val_fraction * len(chosen)))
+    if n_val < min_val:
+        n_val = 0
     groups = image_rows[chosen]
     val_groups: set[int] = set()
     count = 0

@@ -3,9 +3,22 @@
     L = L_A(f1(X1), f2(X2)) + lambda_t * (R_S(X1, f1(X1)) + R_S(X2, f2(X2)))
 
 Plain loop (nanoGPT's shape): AdamW, cosine learning rate, lambda warmed up linearly, gradient
-clipping, early stopping on the validation CLIP loss (the best weights are kept). Also the
+clipping, early stopping on the validation objective (the best weights are kept). Also the
 pieces other trainers share: the settings, the schedules, the mean CLIP loss of a pair source
 and the guarded optimiser step.
+
+Few pairs (the point of the method) shape three rules, each measured on real encoders (README,
+"Training with few pairs"):
+
+- no validation hold-out smaller than `min_val_pairs`: a loss over a few dozen or hundred
+  pairs is noise, and choosing weights or stopping on it is choosing at random, at a learning
+  rate that the cosine schedule has not yet lowered. Below that the pairs all train, the whole
+  schedule runs and the last weights are kept;
+- early stopping watches the objective being trained (CLIP + lambda * R_S at full lambda, on the
+  validation pairs; the authors' `overall_loss`), never fires and keeps no weights before
+  lambda's warm-up ends, and counts its patience in optimiser steps, not epochs: with one
+  full-batch step per epoch, "20 epochs" was 20 steps;
+- R_S of the frozen side of a repeated full batch is computed once.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ HISTORY_COLUMNS = [
     "lambda",
     "train_loss",
     "val_loss",
+    "val_objective",
     "lr",
 ]
 
@@ -68,17 +82,20 @@ class AlignSettings:
     levels: int = 1
     temperature: float = 0.05
     n_pairs: int = 0
-    epochs: int = 100
+    epochs: int = 1000  # the authors' n_epochs; with few pairs an epoch is one step
+    max_steps: int = 1000  # and no more epochs than these optimiser steps need (0 = no cap)
     batch_size: int = 4096
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 1000
-    patience: int = 10
+    patience: int = 200  # optimiser steps without a better validation objective (0 = off)
     out_dim: int = 512
     hidden_dim: int = 1024
     val_fraction: float = 0.1
+    min_val_pairs: int = 1000  # a smaller hold-out is not made: all pairs train, last weights
     seed: int = 0
     csa_ridge: float = 0.1  # --head csa: canonical ridge, relative to the mean variance
+    csa_steps: int = 200  # --head csa with lambda > 0: R_S refinement steps (any n_pairs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", self.head.lower())  # --head CSA is csa
@@ -97,11 +114,14 @@ class AlignSettings:
             (self.temperature <= 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.n_pairs < 0, f"--n-pairs must be >= 0 (0 = all), got {self.n_pairs}"),
             (self.epochs < 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps < 0, f"--max-steps must be >= 0 (0 = no cap), got {self.max_steps}"),
             (self.batch_size < 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (self.lr <= 0, f"--lr must be > 0, got {self.lr}"),
             (self.weight_decay < 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.warmup_steps < 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.patience < 0, f"--patience must be >= 0 (0 = off), got {self.patience}"),
+            (self.min_val_pairs < 2, f"--min-val-pairs must be >= 2, got {self.min_val_pairs}"),
+            (self.csa_steps < 1, f"--csa-steps must be >= 1, got {self.csa_steps}"),
             (
                 not 0 <= self.val_fraction < 1,
                 f"--val-fraction must be in [0, 1), got {self.val_fraction}",
@@ -131,6 +151,15 @@ class TrainResult:
 def lambda_at(step: int, lam: float, warmup_steps: int) -> float:
     """Linear ramp from 0 to lam over warmup_steps."""
     return lam if warmup_steps == 0 else lam * min(1.0, step / warmup_steps)
+
+
+def run_epochs(epochs: int, max_steps: int, steps_per_epoch: int) -> int:
+    """Epochs of a run: `epochs`, or fewer when `max_steps` (> 0) optimiser steps need fewer
+    (the last epoch completes). One step an epoch with few pairs, dozens with many: a cap in
+    steps keeps the schedule the same length at any number of pairs."""
+    if max_steps == 0:
+        return epochs
+    return max(1, min(epochs, math.ceil(max_steps / steps_per_epoch)))
 
 
 def lr_at(step: int, total_steps: int, lr: float) -> float:
@@ -186,23 +215,23 @@ def _optimizer(modules: list[nn.Module], lr: float, weight_decay: float) -> torc
 
 @dataclass
 class EarlyStopping:
-    """The best weights seen so far (lowest score) and when `patience` epochs brought none
-    better (patience 0: never stop early)."""
+    """The best weights seen so far (lowest score) and when `patience` optimiser steps went by
+    without a better one (patience 0: never stop early). Counted in steps, not epochs: an epoch
+    is one step with few pairs and dozens with many."""
 
     patience: int
     best_score: float = math.inf
     best_epoch: int = 0
+    best_step: int = 0
     best_state: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    bad_epochs: int = 0
 
-    def update(self, epoch: int, score: float, modules: list[nn.Module]) -> bool:
-        """Record one epoch's score; True when training should stop."""
+    def update(self, epoch: int, step: int, score: float, modules: list[nn.Module]) -> bool:
+        """Record the score after `step` steps (in `epoch`); True when training should stop."""
         if score < self.best_score:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_score, self.best_epoch, self.best_step = score, epoch, step
             self.best_state = [copy.deepcopy(m.state_dict()) for m in modules]
             return False
-        self.bad_epochs += 1
-        return bool(self.patience) and self.bad_epochs >= self.patience
+        return bool(self.patience) and step - self.best_step >= self.patience
 
     def restore(self, modules: list[nn.Module]) -> None:
         for module, state in zip(modules, self.best_state, strict=True):
@@ -236,6 +265,25 @@ def batch_losses(
             target = structure_targets(x, s.levels, s.temperature)
         rs.append(structure_regularizer(target, zx, s.levels, s.temperature))
     return clip, rs[0], rs[1]
+
+
+@torch.no_grad()
+def validation_losses(
+    heads: tuple[nn.Module, nn.Module], source: PairSource, batch: int, settings: AlignSettings
+) -> tuple[float, float]:
+    """(CLIP loss, objective CLIP + lambda * (R_S image + R_S text) at full lambda), each the
+    mean over near-equal chunks of `source` of at least `batch` pairs (NaN with fewer than 2
+    pairs). The objective is what early stopping watches: the loss being trained, not a part of
+    it (R_S trades CLIP loss for structure, so the CLIP part alone rises when R_S works)."""
+    if len(source) < 2:
+        return float("nan"), float("nan")
+    chunks = np.array_split(np.arange(len(source)), max(1, len(source) // batch))
+    sums = np.zeros(2)
+    for pair in source.take(chunks):
+        clip, rs_i, rs_t = batch_losses(heads, pair, settings)
+        sums += [clip.item(), (clip + settings.lam * (rs_i + rs_t)).item()]
+    clip_mean, objective = sums / len(chunks)
+    return float(clip_mean), float(objective)
 
 
 def unpaired_batch(rows: torch.Tensor | None, size: int, generator: torch.Generator):
@@ -275,9 +323,10 @@ def train_heads(
 
     n = len(source)
     steps_per_epoch, batch = batch_plan(n, s.batch_size)
-    total_steps = s.epochs * steps_per_epoch
+    epochs = run_epochs(s.epochs, s.max_steps, steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
     # early stopping and best weights only once lambda is fully on: during its warm-up the
-    # validation CLIP loss says nothing about the regularised model being trained
+    # validation objective (at full lambda) is not yet the one being trained
     first_candidate_step = min(s.warmup_steps, total_steps) if s.lam > 0 else 0
     full_batch = steps_per_epoch == 1
     use_rs = s.lam > 0
@@ -295,7 +344,7 @@ def train_heads(
 
     history, step, stopping = [], 0, EarlyStopping(s.patience)
     start_time = time.perf_counter()
-    bar = tqdm(range(1, s.epochs + 1), desc="align", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, epochs + 1), desc="align", unit="epoch", disable=not progress)
     for epoch in bar:
         image_head.train()
         text_head.train()
@@ -316,7 +365,7 @@ def train_heads(
             sums += [loss_a.item(), rs_i.item(), rs_t.item(), loss.item()]
         image_head.eval()
         text_head.eval()
-        val_loss = mean_clip_loss(image_head, text_head, val_source, batch, s.temperature)
+        val_loss, val_objective = validation_losses((image_head, text_head), val_source, batch, s)
         clip_mean, rs_i_mean, rs_t_mean, train_mean = sums / steps_per_epoch
         history.append(
             {
@@ -328,6 +377,7 @@ def train_heads(
                 "lambda": lam_t,
                 "train_loss": train_mean,
                 "val_loss": val_loss,
+                "val_objective": val_objective,
                 "lr": lr_t,
             }
         )
@@ -335,12 +385,14 @@ def train_heads(
         if step < first_candidate_step:
             continue
         # without a validation set the last weights are kept
-        score = val_loss if math.isfinite(val_loss) else -epoch
-        if stopping.update(epoch, score, heads):
+        score = val_objective if math.isfinite(val_objective) else -epoch
+        if stopping.update(epoch, step, score, heads):
             break
     bar.close()
     stopping.restore(heads)
-    best_val_loss = float(stopping.best_score) if len(val_source) else float("nan")
+    best = history[stopping.best_epoch - 1] if stopping.best_epoch else {}
+    best_val_loss = float(best.get("val_loss", math.nan))
+    best_val_objective = float(best.get("val_objective", math.nan))
     return TrainResult(
         image_head=image_head.eval(),
         text_head=text_head.eval(),
@@ -353,8 +405,14 @@ def train_heads(
             "betas": list(BETAS),
             "grad_clip": GRAD_CLIP,
             "lr_schedule": "cosine to 0",
-            "early_stopping": "validation CLIP loss",
+            "early_stopping": (
+                f"validation objective, patience {s.patience} steps, after lambda's warm-up"
+                if len(val_source)
+                else "none: no validation pairs, the last weights"
+            ),
             "best_epoch": stopping.best_epoch,
+            "best_step": stopping.best_step,
             "best_val_loss": best_val_loss,
+            "best_val_objective": best_val_objective,
         },
     )

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -14,11 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import stages.train as train_module
 from pipeline.app import app
 from stages.align import TRAINERS, run_align
 from stages.heads import HEAD_BUILDERS, build_head, load_run
-from stages.losses import structure_regularizer
-from stages.pairs import PairSpec, split_pairs
+from stages.losses import clip_loss, structure_regularizer
+from stages.pairs import MemoryPairs, PairSpec, split_pairs
 from stages.train import (
     HISTORY_COLUMNS,
     AlignSettings,
@@ -26,6 +28,7 @@ from stages.train import (
     lr_at,
     optimizer_step,
     train_heads,
+    validation_losses,
 )
 from store import FeatureStore, UserError
 from tests.helpers import write_features, write_pairs_manifest
@@ -40,8 +43,9 @@ FAST = AlignSettings(
     epochs=40,
     lr=1e-2,
     warmup_steps=20,
-    patience=10,
+    patience=30,
     val_fraction=0.2,
+    min_val_pairs=20,
     seed=0,
 )
 
@@ -91,7 +95,11 @@ def test_planted_problem_is_learned_and_saved(store, tmp_path):
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert list(history.columns) == HISTORY_COLUMNS
     assert history["val_loss"].min() < 0.5 * history["val_loss"].iloc[0]
-    assert result.best_val_loss == pytest.approx(history["val_loss"].min())
+    # the kept weights: the lowest validation objective once lambda is fully on
+    candidates = history[history["step"] >= FAST.warmup_steps]
+    best = candidates.loc[candidates["val_objective"].idxmin()]
+    assert result.best_epoch == best["epoch"]
+    assert result.best_val_loss == pytest.approx(best["val_loss"])
     assert (np.diff(history["lambda"]) >= 0).all() and history["lambda"].iloc[-1] == 1.0
     assert history["lr"].iloc[-1] < history["lr"].iloc[0]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
@@ -161,6 +169,80 @@ def test_split_is_seeded_and_keeps_captions_of_an_image_together():
     assert len(split_pairs(image_rows, 0, 0.0, seed=0)[0]) == 500
 
 
+def test_no_validation_hold_out_below_min_val_pairs():
+    """val_fraction 0.1 of 100 pairs was a 10-pair validation set (chance-level noise to choose
+    weights on): under min_val pairs every drawn pair trains; above it the hold-out is made."""
+    image_rows = np.arange(1500)
+    drawn = np.random.default_rng(4).permutation(1500)  # the subset, drawn independently
+    train, val = split_pairs(image_rows, 100, 0.1, seed=4, min_val=100)
+    assert len(val) == 0 and np.array_equal(train, np.sort(drawn[:100]))
+    train, val = split_pairs(image_rows, 1000, 0.1, seed=4, min_val=100)
+    assert len(val) == 100 and np.array_equal(np.sort([*train, *val]), np.sort(drawn[:1000]))
+
+
+def test_early_stopping_waits_for_the_warm_up_and_counts_steps(monkeypatch):
+    """A validation objective that only gets worse: the kept weights are those at the end of
+    lambda's warm-up, and training stops `patience` optimiser steps later (4 steps an epoch
+    here, so a patience counted in epochs would run 4x longer; the old loop also stopped on a
+    CLIP loss that ignored R_S)."""
+    scores = iter(range(10_000))  # rises at every validation
+
+    def worse(heads, source, batch, settings):
+        value = float(next(scores))
+        return value, value
+
+    monkeypatch.setattr(train_module, "validation_losses", worse)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(200, 12)), rng.normal(size=(200, 10))
+    settings = AlignSettings(
+        lam=1.0, out_dim=4, batch_size=50, epochs=100, warmup_steps=8, patience=12, seed=0
+    )
+    result = train_heads((x[:160], y[:160]), (x[160:], y[160:]), settings, progress=False)
+    assert result.info["best_step"] == 8 and result.best_epoch == 2  # warm-up over at step 8
+    assert result.steps == 8 + 12 and len(result.history) == 5
+
+
+def test_max_steps_caps_the_epochs_and_the_schedule_ends_there():
+    """4 steps an epoch: --max-steps 10 runs ceil(10 / 4) = 3 epochs (12 steps), and the cosine
+    learning rate spans those 12 steps, not --epochs x 4; full batch: 10 epochs."""
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(200, 12)), rng.normal(size=(200, 10))
+    settings = AlignSettings(lam=0.0, out_dim=4, batch_size=50, epochs=100, max_steps=10)
+    result = train_heads((x, y), None, settings, progress=False)
+    assert result.steps == 12 and len(result.history) == 3
+    # the lr recorded for each epoch is that of its last step: 3, 7, 11 of 12
+    expected = [lr_at(step, 12, settings.lr) for step in (3, 7, 11)]
+    np.testing.assert_allclose(result.history["lr"], expected)
+    full = train_heads((x[:40], y[:40]), None, replace(settings, batch_size=64), progress=False)
+    assert full.steps == 10 and len(full.history) == 10
+    uncapped = replace(settings, epochs=2, max_steps=0)
+    assert train_heads((x, y), None, uncapped, progress=False).steps == 8
+
+
+def test_validation_score_is_the_trained_objective():
+    """validation_losses = CLIP + lambda (R_S image + R_S text) at full lambda, each a mean over
+    near-equal chunks of at least `batch` pairs, against the loss functions applied by hand."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(90, 12)).astype(np.float32)
+    y = rng.normal(size=(90, 10)).astype(np.float32)
+    settings = AlignSettings(lam=3.0, out_dim=4, levels=2, temperature=0.1)
+    torch.manual_seed(0)
+    heads = (build_head("linear", 12, 4, 8), build_head("linear", 10, 4, 8))
+    clip, objective = validation_losses(heads, MemoryPairs(x, y), 40, settings)
+    expected_clip, expected = [], []
+    with torch.no_grad():
+        for rows in (np.arange(45), np.arange(45, 90)):  # 90 // 40 = 2 chunks of 45
+            xi, yi = torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+            zi, zt = heads[0](xi), heads[1](yi)
+            a = clip_loss(zi, zt, 0.1).item()
+            rs = structure_regularizer(xi, zi, 2, 0.1) + structure_regularizer(yi, zt, 2, 0.1)
+            expected_clip.append(a)
+            expected.append(a + 3.0 * rs.item())
+    assert clip == pytest.approx(np.mean(expected_clip), rel=1e-6)
+    assert objective == pytest.approx(np.mean(expected), rel=1e-6)
+    assert objective > clip  # R_S of random heads is well above 0
+
+
 def test_schedules():
     assert lambda_at(0, 10.0, 100) == 0.0
     assert lambda_at(50, 10.0, 100) == 5.0
@@ -176,7 +258,7 @@ def test_bad_input(store, tmp_path):
     with pytest.raises(UserError, match="exceeds the 400 pairs"):
         align(store, tmp_path / "r", AlignSettings(n_pairs=401))
     with pytest.raises(UserError, match="1 training pair"):
-        align(store, tmp_path / "r", AlignSettings(n_pairs=3, val_fraction=0.1))
+        align(store, tmp_path / "r", AlignSettings(n_pairs=3, val_fraction=0.1, min_val_pairs=2))
     with pytest.raises(UserError, match="0 training pair"):
         train_heads((np.zeros((0, 4)), np.zeros((0, 4))), None, FAST, progress=False)
     with pytest.raises(UserError, match="levels"):

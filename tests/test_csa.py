@@ -14,6 +14,7 @@ import torch
 import yaml
 from sklearn.cross_decomposition import CCA
 
+import stages.csa as csa_module
 from stages.csa import (
     csa_heads,
     csa_similarity,
@@ -134,7 +135,7 @@ def test_csa_retrieval_on_a_planted_problem_is_far_above_chance():
 
 def test_refinement_keeps_the_canonical_property_and_lowers_rs():
     x, y = planted(160, np.random.default_rng(6), dx=16, dy=12, k=4, noise=1.0)
-    base = AlignSettings(head="csa", out_dim=6, epochs=30, batch_size=512, lr=0.01, lam=1.0)
+    base = AlignSettings(head="csa", out_dim=6, csa_steps=30, batch_size=512, lr=0.01, lam=1.0)
     plain = train_csa((x, y), None, replace(base, lam=0.0), progress=False)
     refined = train_csa((x, y), None, base, progress=False)
     assert plain.info["csa"]["refined"] is False and refined.info["csa"]["refined"] is True
@@ -160,13 +161,38 @@ def test_refinement_keeps_the_canonical_property_and_lowers_rs():
     np.testing.assert_allclose(px.T @ m.cov_xy @ py, np.diag(corr), atol=1e-5)
     assert np.all(np.diff(corr) <= 1e-12) and corr.min() >= 0
     np.testing.assert_allclose(refined.image_head.weight.numpy(), corr, atol=1e-6)
-    history = refined.history
-    assert list(history["epoch"]) == list(range(31)) and history["val_loss"].isna().all()
+    history = refined.history  # full batch: a step is an epoch; 20 rows after the start
+    assert refined.steps == 30 and len(history) == 21 and history["val_loss"].isna().all()
+    assert history["step"].iloc[0] == 0 and history["step"].iloc[-1] == 30
+    assert (np.diff(history["step"]) >= 1).all() and np.diff(history["step"]).max() <= 2
+    assert (history["epoch"] == history["step"]).all()
+
+
+@pytest.mark.parametrize("n, batch", [(64, 512), (640, 32)])
+def test_refinement_cost_does_not_grow_with_the_pairs(n, batch):
+    """--csa-steps steps and 21 history rows (each a CLIP loss over every pair) at any n: the
+    refinement used to run --epochs epochs (n / batch steps each) with a row per epoch."""
+    x, y = planted(n, np.random.default_rng(10), dx=16, dy=12, k=4, noise=1.0)
+    settings = AlignSettings(head="csa", out_dim=4, epochs=50, batch_size=batch, lam=1.0,
+                             csa_steps=40, val_fraction=0.0)  # fmt: skip
+    calls = []
+    original = csa_module.mean_clip_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(csa_module, "mean_clip_loss", counting)
+        result = train_csa((x, y), None, settings, progress=False)
+    per_epoch = n // min(batch, n)
+    assert result.steps == 40 and len(result.history) == 21 and len(calls) == 21
+    np.testing.assert_allclose(result.history["epoch"], result.history["step"] / per_epoch)
 
 
 def test_same_seed_same_result():
     x, y = planted(200, np.random.default_rng(7))
-    s = AlignSettings(head="csa", out_dim=4, epochs=3, batch_size=64, lr=0.01, lam=1.0, seed=3)
+    s = AlignSettings(head="csa", out_dim=4, csa_steps=9, batch_size=64, lr=0.01, lam=1.0, seed=3)
 
     def buffers(settings):
         r = train_csa((x, y), None, settings, progress=False)
@@ -238,12 +264,23 @@ def params_file(tmp_path, **table) -> str:
 def test_align_head_csa_then_evaluate(store, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["--params", params_file(tmp_path), "align", "--store", store, "--out", run]
-    csa = ["--head", "csa", "--out-dim", "4", "--lambda", "0.5", "--no-progress"]
+    csa = [
+        "--head",
+        "csa",
+        "--out-dim",
+        "4",
+        "--lambda",
+        "0.5",
+        "--csa-steps",
+        "3",
+        "--no-progress",
+    ]
     code, out, err = run_cli([*args, *csa, "--layers", "final_norm,embeddings"], capsys)
     assert code == 0, err
     config = json.loads((run / "config.json").read_text())
     assert config["head"] == "csa" and config["csa"]["dim"] == 4 and config["lambda"] == 0.5
-    assert len(pd.read_csv(run / "history.csv")) == 4  # epoch 0 (CCA) + 3 refinement epochs
+    assert config["refine_steps"] == 3
+    assert len(pd.read_csv(run / "history.csv")) == 4  # step 0 (CCA) + 3 refinement steps
     code, out, err = run_cli([args[0], args[1], "evaluate", "--store", store, "--run", run], capsys)
     assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())

@@ -23,10 +23,8 @@ INTENDED = {
     ("align", "out_dim"): (256, 512),
     ("align", "hidden_dim"): (512, 1024),
     ("align", "warmup_steps"): (100, 1000),
-    ("align", "epochs"): (200, 100),
     ("align", "batch_size"): (256, 4096),
     ("align", "lr"): (0.003, 0.001),
-    ("align", "patience"): (20, 10),
     # evaluate and index without params.yaml take the run's own dataset; with it, `common.dataset`
     ("evaluate", "dataset"): ("digits", None),
     ("index", "dataset"): ("digits", None),

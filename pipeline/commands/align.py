@@ -44,20 +44,37 @@ def align(
     temperature: float = typer.Option(D.temperature, help="Temperature of CLIP and R_S."),
     n_pairs: int = typer.Option(D.n_pairs, help="Train on a seeded subset of N pairs (0 = all)."),
     epochs: int = typer.Option(D.epochs, help="Maximum epochs."),
+    max_steps: int = typer.Option(
+        D.max_steps,
+        help="Maximum optimiser steps: no more epochs than these need (0 = no cap); the cosine "
+        "schedule spans the epochs run.",
+    ),
     batch_size: int = typer.Option(D.batch_size, help="Pairs per step (capped at the pairs)."),
     lr: float = typer.Option(D.lr, help="Peak AdamW learning rate (cosine decay)."),
     weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay (matrices)."),
     warmup_steps: int = typer.Option(D.warmup_steps, help="Steps over which lambda ramps up."),
-    patience: int = typer.Option(D.patience, help="Early stopping: epochs without gain (0 = off)."),
+    patience: int = typer.Option(
+        D.patience,
+        help="Early stopping: optimiser steps without a better validation objective, counted "
+        "once lambda's warm-up ends (0 = off).",
+    ),
     out_dim: int = typer.Option(D.out_dim, help="Shared embedding size."),
     hidden_dim: int = typer.Option(D.hidden_dim, help="Hidden width of the mlp head."),
     val_fraction: float = typer.Option(D.val_fraction, help="Held-out share for validation."),
+    min_val_pairs: int = typer.Option(
+        D.min_val_pairs,
+        help="Smallest validation hold-out: with fewer, every pair trains, no early stopping, "
+        "the last weights are kept.",
+    ),
     seed: int = typer.Option(D.seed, help="Seed of the subset, split, initialisation, shuffling."),
     select_dir: Path = typer.Option(
         Path("runs/select"), help="Where --layers auto reads (or writes) the layer selection."
     ),
     csa_ridge: float = typer.Option(
         D.csa_ridge, help="--head csa: canonical ridge eps (C + eps * mean variance * I); 0 = CCA."
+    ),
+    csa_steps: int = typer.Option(
+        D.csa_steps, help="--head csa with --lambda > 0: R_S refinement steps (for any --n-pairs)."
     ),
     unpaired_images: str = typer.Option(
         "",
@@ -89,6 +106,7 @@ def align(
         temperature=temperature,
         n_pairs=n_pairs,
         epochs=epochs,
+        max_steps=max_steps,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
@@ -97,8 +115,10 @@ def align(
         out_dim=out_dim,
         hidden_dim=hidden_dim,
         val_fraction=val_fraction,
+        min_val_pairs=min_val_pairs,
         seed=seed,
         csa_ridge=csa_ridge,
+        csa_steps=csa_steps,
     )
     cap = parse_memory_cap(memory_cap)
     if extra_n < 0 or (extra_n and not extra_pairs):
@@ -122,10 +142,14 @@ def align(
         extra_pairs=extra_pairs or None,
         extra_n=extra_n,
     )
+    kept = (
+        f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"
+        if config["n_val"]
+        else f"no validation (fewer than --min-val-pairs {settings.min_val_pairs}): last weights"
+    )
     typer.echo(
         f"{config['n_train']} train / {config['n_val']} validation pairs, "
-        f"{config['epochs_run']} epochs ({result.steps} steps, {result.seconds:.1f} s), "
-        f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"
+        f"{config['epochs_run']} epochs ({result.steps} steps, {result.seconds:.1f} s), {kept}"
     )
     if config["streamed_from_store"]:
         typer.echo(f"features streamed from the store (they exceed --memory-cap {memory_cap})")
