@@ -550,7 +550,8 @@ def hcs_table(image: Side, text: Side, perm: torch.Tensor | None, block_bytes: i
     lt = text.layers
     inverse = None if perm is None else torch.argsort(perm)
     mixed = torch.zeros((li, lt, levels), dtype=torch.float64, device=image.half_probs.device)
-    rows = max(1, block_bytes // (lt * n * image.half_probs.element_size()))
+    rows = min(n, max(1, block_bytes // (lt * n * image.half_probs.element_size())))
+    buffer = image.half_probs.new_empty((lt, rows, n))
     for i in range(li):
         for level in range(levels):
             half = image.half_probs[i, level]
@@ -558,8 +559,11 @@ def hcs_table(image: Side, text: Side, perm: torch.Tensor | None, block_bytes: i
                 half = half[inverse[:, None], inverse[None, :]]
             for start in range(0, n, rows):
                 block = slice(start, start + rows)
-                m = text.half_probs[:, level, block] + half[block]  # (Lt, rows, n)
-                mixed[i, :, level] += torch.special.xlogy(m, m).sum(dim=(1, 2), dtype=torch.float64)
+                m = buffer[:, : len(half[block])]
+                torch.add(text.half_probs[:, level, block], half[block], out=m)  # (Lt, rows, n)
+                torch.special.xlogy(m, m, out=m)  # m log m in place (0 log 0 = 0)
+                # float32 sums are pairwise (accurate); the blocks add up in float64
+                mixed[i, :, level] += m.sum(dim=(1, 2)).double()
     own = 0.5 * (image.neg_entropy.mean(dim=-1)[:, None] + text.neg_entropy.mean(dim=-1)[None])
     js = own - mixed / n  # (Li, Lt, h)
     weights = 1 / torch.arange(1, levels + 1, dtype=torch.float64, device=js.device) / levels
