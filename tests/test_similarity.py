@@ -180,6 +180,17 @@ def test_every_metric_matches_its_formula(metric):
     assert got[0, 0] == (got[0].max() if metric == "hcs" else got.max())
 
 
+@pytest.mark.parametrize("metric", ["l_hop_cka", "hcs"])
+def test_layers_wider_than_the_sample(metric):
+    """d > n: l_hop_cka's kernel powers go through X Xᵀ instead of XᵀX."""
+    rng = np.random.default_rng(5)
+    image = [rng.standard_normal((14, 30)), rng.standard_normal((14, 9))]
+    text = [image[0] @ rng.standard_normal((30, 40)) + rng.standard_normal((14, 40))]
+    got = layer_scores(image, text, metric=metric, device="cpu")
+    want = np.array([[REFERENCES[metric](x, y, K) for y in text] for x in image])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_cka_from_the_centred_features_when_grams_do_not_fit():
     image, text = layered(n=30)
     for metric in similarity.GRAM_METRICS:
