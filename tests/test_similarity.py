@@ -191,6 +191,15 @@ def test_layers_wider_than_the_sample(metric):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("metric", similarity.METRICS)
+def test_gpu_tables_equal_the_cpu_ones(metric):
+    image, text = layered()
+    on_cpu = layer_scores(image, text, metric=metric, k=K, device="cpu")
+    on_gpu = layer_scores(image, text, metric=metric, k=K, device="cuda")
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
+
+
 def test_cka_from_the_centred_features_when_grams_do_not_fit():
     image, text = layered(n=30)
     for metric in similarity.GRAM_METRICS:
