@@ -14,13 +14,14 @@ an argsort of it and two N x N masks; it is timed on a few pairs in the same pro
 scaled to all pairs; its scores are checked in float64 too, where float32 rounding cannot swap
 neighbours.
 
---metrics: for each kind of structure (kNN graphs, their edges' cosines, centred Grams,
-singular bases) the time to build it for all Li + Lt layers; for each metric, scoring all
-Li x Lt pairs from the structures, and the ratio (structures + pairs) / structures (the goal:
-under 2); the per-pair method (the structures rebuilt from the raw features for every pair,
-its scores checked equal) timed on a few pairs and scaled. With --calibrate K, the
-K-permutation null of each metric (the structures relabelled, no search). Peak RSS after each
-phase (torch's allocations are not seen by tracemalloc).
+--metrics: for each kind of structure (kNN graphs, their edges' cosines, centred Grams, those
+of l_hop_cka's kernel powers, singular bases, hcs's transition matrices P^l) the time to build
+it for all Li + Lt layers; for each metric, scoring all Li x Lt pairs from the structures, and
+the ratio (structures + pairs) / structures (the goal: under 2); the per-pair method (the
+structures rebuilt from the raw features for every pair, its scores checked equal) timed on a
+few pairs and scaled. With --calibrate K, the K-permutation null of each metric (the structures
+relabelled, no search). Peak RSS after each phase (torch's allocations are not seen by
+tracemalloc).
 
 Features are synthetic (a shared latent at layer-dependent strength plus noise), generated
 one layer at a time outside the timers.
@@ -268,8 +269,10 @@ def metric_suite(args: argparse.Namespace) -> None:
     kinds = {
         "graph": [m for m in metrics if m in similarity.GRAPH_METRICS][:1],
         "edge cosines": ["cknna"] if "cknna" in metrics else [],
-        "gram": [m for m in metrics if m in similarity.GRAM_METRICS][:1],
+        "gram": [m for m in metrics if m in ("cka", "unbiased_cka")][:1],
+        "hop grams": ["l_hop_cka"] if "l_hop_cka" in metrics else [],  # one Gram a level
         "basis": ["svcca"] if "svcca" in metrics else [],
+        "transitions": ["hcs"] if "hcs" in metrics else [],  # P^l / 2 of every level
     }
     built, seconds, graphs = {}, {}, None
     for kind, wanted in kinds.items():
@@ -304,8 +307,9 @@ def metric_suite(args: argparse.Namespace) -> None:
         seconds["edge cosines"] += seconds["graph"]
 
     def kind_of(metric: str) -> str:
-        if metric == "cknna":
-            return "edge cosines"
+        named = {"cknna": "edge cosines", "l_hop_cka": "hop grams", "hcs": "transitions"}
+        if metric in named:
+            return named[metric]
         if metric in similarity.GRAPH_METRICS:
             return "graph"
         return "gram" if metric in similarity.GRAM_METRICS else "basis"

@@ -525,7 +525,7 @@ def metric_sides(
     """The image and text structures of `metrics` for n samples and sizes = (Li, Lt) layers
     (layers may be generators: one layer in memory at a time); kNN graphs by this module's
     exact search, or the prebuilt `graphs` (one list per side)."""
-    use_grams = sum(sizes) * n * n * 4 <= gram_memory
+    use_grams = sum(sizes) * n * n * 4 * similarity.grams_per_layer(metrics) <= gram_memory
     ordered = any(m in similarity.RANKED_METRICS for m in metrics)
     sides = []
     for side, layers in enumerate((image_layers, text_layers)):

@@ -16,6 +16,12 @@ K = X Xᵀ, H = I - 11ᵀ/n, Kc = H K H (the centred Gram matrix), kc = diag(Kc)
     svcca         mean of the q canonical correlations of the top-q left singular vectors of
                   the standardised features (columns centred, divided by their std + 1e-8):
                   the singular values of U_Xᵀ U_Y (Raghu et al. 2017; q = cca_dim = 10)
+    l_hop_cka     Σ_{l=1..h} CKA(K^l, L^l) / l  /  Σ_{l=1..h} 1/l: linear CKA (biased HSIC) of
+                  the matrix powers of the uncentred Grams (the authors' metrics.py, h =
+                  HOP_LEVELS = 3; they divide by h, so that identical layers score 0.61)
+    hcs           exp(-R_S), R_S = (1/h) Σ_{l=1..h} JS(P^l, Q^l) / l: the STRUCTURE
+                  regularizer of stages.losses (rows normalised then centred, P = row-softmax
+                  of X Xᵀ / 0.05, JS averaged over rows; h = 3)
 
 Per-layer structures, each built once (`build_side`): the kNN graph (by the caller's exact
 search) and its edges' cosines; the centred Gram matrix Kc (or, when the Grams of all layers
@@ -24,6 +30,14 @@ basis. Every pair is then scored from the structures alone: set lookups on the g
 one matrix product over the stacked Grams, q x q SVDs. HSIC_u is unchanged by centring the
 features, so unbiased CKA comes from Kc too: with K~ = Kc - diag(kc), 1ᵀK~1 = -tr Kc and
 K~1 = -kc.
+
+l_hop_cka: H K^l H = (H K^(l-1) X)(H X)ᵀ, and K^(l-1) X = X (XᵀX)^(l-1) (d x d products when
+d <= n), so each level is one more centred Gram per layer, stored divided by its norm (or, when
+the Grams do not fit, its two factors: <U Wᵀ, V Zᵀ> = Σ (UᵀV) ∘ (WᵀZ)). hcs: each layer's
+P^l / 2 and Σ_j p log p per row (`stages.losses.structure_targets`); JS = ½ Σ p log p +
+½ Σ q log q - Σ m log m with M = (P + Q) / 2, and that last sum mixes the two layers
+elementwise: it is the one part computed per pair, an O(n²) pass per level over the two cached
+matrices (in row blocks, no n x n temporary), no product with the raw features.
 
 The permutation null (Gröger, Wen, Brbić: "Revisiting the Platonic Representation
 Hypothesis: An Aristotelian View"; package `calibrated-similarity`): Y's rows are permuted,
@@ -44,13 +58,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stages.losses import structure_targets
+
 GRAPH_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn", "cknna")
 GRAPH_ONLY_METRICS = ("mutual_knn", "cycle_knn", "lcs_knn")  # read nothing but the kNN graphs
 INDEXED_METRICS = ("cycle_knn", "lcs_knn", "cknna")  # from the text layers' edge index
 RANKED_METRICS = ("lcs_knn",)  # read the neighbours' rank order; the other graph metrics, sets
-GRAM_METRICS = ("cka", "unbiased_cka")
-METRICS = (*GRAPH_METRICS, *GRAM_METRICS, "svcca")
+GRAM_METRICS = ("cka", "unbiased_cka", "l_hop_cka")
+METRICS = (*GRAPH_METRICS, *GRAM_METRICS, "svcca", "hcs")
 ALPHA = 0.05
+HOP_LEVELS = 3  # l_hop_cka's kernel powers, as the authors' default
+HCS_LEVELS, HCS_TEMPERATURE = 3, 0.05  # hcs: R_S's levels and temperature, the authors' defaults
+
+
+def grams_per_layer(metrics: Sequence[str]) -> int:
+    """How many n x n centred Grams each layer holds for `metrics` (l_hop_cka: one a level)."""
+    if "l_hop_cka" in metrics:
+        return HOP_LEVELS
+    return 1 if any(m in GRAM_METRICS for m in metrics) else 0
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
@@ -80,11 +105,15 @@ class Side:
     gram_norm2: torch.Tensor | None = None  # (L,) float64 ||Kc||²
     bases: torch.Tensor | None = None  # (L, n, q) float64 top-q left singular vectors
     knn_self: torch.Tensor | None = None  # (L,) float64 HSIC_u(M∘K, M∘K) (cknna)
+    hops: torch.Tensor | None = None  # (h - 1, L, n, n) H K^l H / ||H K^l H||, l = 2..h
+    hop_factors: list[list[torch.Tensor]] = field(default_factory=list)  # no Grams: H K^(l-1) X
+    half_probs: torch.Tensor | None = None  # (L, h, n, n) P^l / 2 (hcs)
+    neg_entropy: torch.Tensor | None = None  # (L, h, n) float64 Σ_j p log p per row (hcs)
     edge_index: list | None = None  # the graphs' EdgeIndex, built when first needed
 
     @property
     def layers(self) -> int:
-        for value in (self.graphs, self.grams, self.bases, self.diag):
+        for value in (self.graphs, self.grams, self.bases, self.diag, self.half_probs):
             if value is not None:
                 return len(value)
         return len(self.factors)
@@ -168,6 +197,10 @@ def build_side(
                 side.factors.append(centred)
                 gram = centred.T @ centred if centred.shape[1] < n else centred @ centred.T
             side.gram_norm2[index] = torch.linalg.vector_norm(gram, dtype=torch.float64) ** 2
+            if "l_hop_cka" in metrics:
+                add_hops(side, index, unit, centred, n_layers, use_grams)
+        if "hcs" in metrics:
+            add_transitions(side, index, unit, n_layers)
         if "svcca" in metrics:
             basis = singular_basis(unit, min(cca_dim, unit.shape[1], n - 1))
             if side.bases is None:
@@ -180,6 +213,55 @@ def build_side(
             [self_masked_hsic(g, s) for g, s in zip(side.graphs, side.edge_sims)]
         )
     return side
+
+
+def kernel_powers(unit: torch.Tensor, levels: int) -> Iterable[torch.Tensor]:
+    """H K^(l-1) X (n, d) for l = 2..levels, K = X Xᵀ uncentred, each divided by its norm (only
+    directions matter to CKA): so that H K^l H = (H K^(l-1) X)(H X)ᵀ up to scale."""
+    n, d = unit.shape
+    step = unit.T @ unit if d <= n else unit @ unit.T  # the smaller of XᵀX and XXᵀ
+    power = unit
+    for _ in range(2, levels + 1):
+        power = power @ step if d <= n else step @ power  # K^(l-1) X = X (XᵀX)^(l-1)
+        power = power / torch.linalg.vector_norm(power)
+        yield power - power.mean(dim=0)
+
+
+def add_hops(
+    side: Side, index: int, unit: torch.Tensor, centred: torch.Tensor, n_layers: int,
+    use_grams: bool,
+) -> None:  # fmt: skip
+    """l_hop_cka's levels 2..h of one layer: H K^l H / ||H K^l H||, or its factors."""
+    n = side.n
+    if use_grams and side.hops is None:
+        shape = (HOP_LEVELS - 1, n_layers, n, n)
+        side.hops = torch.empty(shape, dtype=centred.dtype, device=side.device)
+    if not use_grams and not side.hop_factors:
+        side.hop_factors = [[] for _ in range(HOP_LEVELS - 1)]
+    for level, left in enumerate(kernel_powers(unit, HOP_LEVELS)):
+        if use_grams:
+            gram = side.hops[level, index]
+            torch.matmul(left, centred.T, out=gram)
+            gram /= torch.linalg.vector_norm(gram, dtype=torch.float64).to(gram.dtype)
+        else:
+            norm2 = factor_dot(left, centred, left, centred)
+            side.hop_factors[level].append(left / norm2.sqrt().to(left.dtype))
+
+
+def add_transitions(side: Side, index: int, unit: torch.Tensor, n_layers: int) -> None:
+    """hcs's structures of one layer: P^l / 2 and Σ_j p log p for l = 1..h."""
+    targets = structure_targets(unit, HCS_LEVELS, HCS_TEMPERATURE)
+    if side.half_probs is None:
+        n = side.n
+        side.half_probs = torch.empty(
+            (n_layers, HCS_LEVELS, n, n), dtype=unit.dtype, device=side.device
+        )
+        side.neg_entropy = torch.empty(
+            (n_layers, HCS_LEVELS, n), dtype=torch.float64, device=side.device
+        )
+    for level in range(HCS_LEVELS):
+        side.half_probs[index, level] = targets.half_probs[level]
+        side.neg_entropy[index, level] = targets.neg_entropy[level].double()
 
 
 # ------------------------------------------------------------------------------------------
@@ -365,22 +447,39 @@ def graph_tables(
 # ------------------------------------------------------------------------------------------
 # CKA family: <Kc_i, Lc_j> for every pair, from the stacked Grams or the centred features
 # ------------------------------------------------------------------------------------------
-def gram_cross(image: Side, text: Side, perm: torch.Tensor | None, chunk_bytes: int = 2**29):
-    """(Li, Lt) float64 <Kc_i, P Lc_j Pᵀ>: one product of the stacked Grams (a few text
-    layers permuted at a time), or ||Xc_iᵀ P Yc_j||² from the centred features."""
-    if image.grams is None:
-        cross = torch.empty((image.layers, text.layers), dtype=torch.float64)
-        for j, y in enumerate(text.factors):
-            y = y if perm is None else y[perm]
-            for i, x in enumerate(image.factors):
-                cross[i, j] = torch.linalg.vector_norm(x.T @ y, dtype=torch.float64) ** 2
-        return cross
-    li, n = image.layers, image.n
-    flat = image.grams.reshape(li, n * n)
-    step = max(1, chunk_bytes // (n * n * text.grams.element_size()))
+def factor_dot(u: torch.Tensor, w: torch.Tensor, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """<U Wᵀ, V Zᵀ> = Σ (UᵀV) ∘ (WᵀZ), float64, without the n x n matrices."""
+    right = w.T @ z
+    left = right if u is w and v is z else u.T @ v
+    return (left.double() * right.double()).sum()
+
+
+def factor_cross(
+    image: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    text: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    perm: torch.Tensor | None,
+) -> torch.Tensor:
+    """(Li, Lt) float64 <U_i W_iᵀ, P V_j Z_jᵀ Pᵀ> of Grams given by their factors (U, W)."""
+    cross = torch.empty((len(image), len(text)), dtype=torch.float64)
+    for j, (v, z) in enumerate(text):
+        if perm is not None:
+            v, z = (v[perm], z[perm]) if v is not z else (v[perm],) * 2
+        for i, (u, w) in enumerate(image):
+            cross[i, j] = factor_dot(u, w, v, z)
+    return cross
+
+
+def stacked_cross(
+    image: torch.Tensor, text: torch.Tensor, perm: torch.Tensor | None, chunk_bytes: int = 2**29
+) -> torch.Tensor:
+    """(Li, Lt) float64 <A_i, P B_j Pᵀ> of stacked (L, n, n) Grams: one product (a few text
+    layers permuted at a time)."""
+    li, n = len(image), image.shape[-1]
+    flat = image.reshape(li, n * n)
+    step = max(1, chunk_bytes // (n * n * text.element_size()))
     parts = []
-    for start in range(0, text.layers, step):
-        grams = text.grams[start : start + step]
+    for start in range(0, len(text), step):
+        grams = text[start : start + step]
         if perm is not None:  # one gather: rows and columns at once
             grams = grams[:, perm[:, None], perm[None, :]]
         # float32 products of n² terms, summed in float64 blocks of rows for accuracy
@@ -393,14 +492,32 @@ def gram_cross(image: Side, text: Side, perm: torch.Tensor | None, chunk_bytes: 
     return torch.cat(parts, dim=1).cpu()
 
 
+def gram_cross(image: Side, text: Side, perm: torch.Tensor | None, level: int = 1):
+    """(Li, Lt) float64 <Kc_i, P Lc_j Pᵀ> (level 1) or l_hop_cka's <H K^l H, P H L^l H Pᵀ>
+    normalised (level l >= 2), from the stacked Grams or their factors."""
+    if level == 1:
+        if image.grams is not None:
+            return stacked_cross(image.grams, text.grams, perm)
+        return factor_cross(*([(x, x) for x in side.factors] for side in (image, text)), perm)
+    if image.hops is not None:
+        return stacked_cross(image.hops[level - 2], text.hops[level - 2], perm)
+    pairs = [list(zip(side.hop_factors[level - 2], side.factors)) for side in (image, text)]
+    return factor_cross(*pairs, perm)
+
+
 def gram_tables(
     metrics: Sequence[str], image: Side, text: Side, perm: torch.Tensor | None
 ) -> dict[str, np.ndarray]:
     cross = gram_cross(image, text, perm)
     out = {}
+    norms = torch.outer(image.gram_norm2, text.gram_norm2).cpu().sqrt()
     if "cka" in metrics:
-        norms = torch.outer(image.gram_norm2, text.gram_norm2).cpu().sqrt()
         out["cka"] = (cross / norms).numpy()
+    if "l_hop_cka" in metrics:  # Σ_l CKA(K^l, L^l) / l / Σ_l 1/l; levels >= 2 stored normalised
+        total = cross / norms
+        for level in range(2, HOP_LEVELS + 1):
+            total += gram_cross(image, text, perm, level) / level
+        out["l_hop_cka"] = (total / sum(1 / level for level in range(1, HOP_LEVELS + 1))).numpy()
     if "unbiased_cka" in metrics:
         n = image.n
         kc, lc = image.diag, text.diag if perm is None else text.diag[:, perm]
@@ -424,6 +541,35 @@ def svcca_table(image: Side, text_bases: torch.Tensor) -> np.ndarray:
     return torch.linalg.svdvals(products).mean(dim=-1).cpu().numpy()
 
 
+def hcs_table(image: Side, text: Side, perm: torch.Tensor | None, block_bytes: int = 2**28):
+    """(Li, Lt) exp(-R_S): JS(P^l, Q^l) averaged over rows = ½ mean Σ p log p + ½ mean Σ q log q
+    - (1/n) Σ m log m, the last from the cached P^l / 2 and Q^l / 2, a block of rows of all
+    text layers at a time. With perm the image side is relabelled by its inverse instead (the
+    row mean does not change)."""
+    li, levels, n, _ = image.half_probs.shape
+    lt = text.layers
+    inverse = None if perm is None else torch.argsort(perm)
+    mixed = torch.zeros((li, lt, levels), dtype=torch.float64, device=image.half_probs.device)
+    rows = min(n, max(1, block_bytes // (lt * n * image.half_probs.element_size())))
+    buffer = image.half_probs.new_empty((lt, rows, n))
+    for i in range(li):
+        for level in range(levels):
+            half = image.half_probs[i, level]
+            if inverse is not None:
+                half = half[inverse[:, None], inverse[None, :]]
+            for start in range(0, n, rows):
+                block = slice(start, start + rows)
+                m = buffer[:, : len(half[block])]
+                torch.add(text.half_probs[:, level, block], half[block], out=m)  # (Lt, rows, n)
+                torch.special.xlogy(m, m, out=m)  # m log m in place (0 log 0 = 0)
+                # float32 sums are pairwise (accurate); the blocks add up in float64
+                mixed[i, :, level] += m.sum(dim=(1, 2)).double()
+    own = 0.5 * (image.neg_entropy.mean(dim=-1)[:, None] + text.neg_entropy.mean(dim=-1)[None])
+    js = own - mixed / n  # (Li, Lt, h)
+    weights = 1 / torch.arange(1, levels + 1, dtype=torch.float64, device=js.device) / levels
+    return torch.exp(-(js * weights).sum(dim=-1)).cpu().numpy()
+
+
 def tables(
     metrics: Sequence[str], image: Side, text: Side, perm: torch.Tensor | None = None
 ) -> dict[str, np.ndarray]:
@@ -445,6 +591,8 @@ def tables(
         out |= gram_tables(metrics, image, text, perm)
     if "svcca" in metrics:
         out["svcca"] = svcca_table(image, text.bases if perm is None else text.bases[:, perm])
+    if "hcs" in metrics:
+        out["hcs"] = hcs_table(image, text, perm)
     return {m: out[m].astype(np.float64) for m in metrics}
 
 

@@ -109,7 +109,42 @@ def ref_svcca(x, y, k, q=10):
     return np.cos(subspace_angles(basis(x), basis(y))).mean()  # canonical correlations
 
 
+def ref_l_hop_cka(x, y, k, levels=similarity.HOP_LEVELS):
+    """The authors' l_hop_cka ("ip" kernel, biased HSIC) times levels / Σ 1/l (1 at most)."""
+    a, b = cosine(x), cosine(y)
+    total, weights = 0.0, 0.0
+    for level in range(1, levels + 1):
+        ka, kb = np.linalg.matrix_power(a, level), np.linalg.matrix_power(b, level)
+        total += hsic_biased(ka, kb) / np.sqrt(hsic_biased(ka, ka) * hsic_biased(kb, kb)) / level
+        weights += 1 / level
+    return total / weights
+
+
+def ref_hcs(x, y, k, levels=similarity.HCS_LEVELS, tau=similarity.HCS_TEMPERATURE):
+    """exp(-R_S): the paper's R_S, JS averaged over rows, 0 log 0 = 0."""
+
+    def transitions(v):
+        z = unit(v)
+        z = z - z.mean(axis=0)
+        s = z @ z.T / tau
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        return p / p.sum(axis=1, keepdims=True)
+
+    def plogp(p):
+        return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(axis=1)
+
+    p, q = transitions(x), transitions(y)
+    total = 0.0
+    for level in range(1, levels + 1):
+        pl, ql = np.linalg.matrix_power(p, level), np.linalg.matrix_power(q, level)
+        js = 0.5 * plogp(pl) + 0.5 * plogp(ql) - plogp((pl + ql) / 2)
+        total += js.mean() / level
+    return np.exp(-total / levels)
+
+
 REFERENCES = {
+    "l_hop_cka": ref_l_hop_cka,
+    "hcs": ref_hcs,
     "mutual_knn": ref_mutual_knn,
     "cycle_knn": ref_cycle_knn,
     "lcs_knn": ref_lcs_knn,
@@ -138,8 +173,31 @@ def test_every_metric_matches_its_formula(metric):
     want = np.array([[REFERENCES[metric](x, y, K) for y in text] for x in image])
     assert got.shape == (3, 2) and got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # the related pair stands out in every metric: the tables say something
-    assert got[0, 0] == got.max()
+    # the related pair stands out in every metric: the tables say something. hcs keeps the
+    # softmax's diagonal (|z_i|² / 0.05 = 20 against off-diagonal cosines of ±0.3 / 0.05 here),
+    # so two unrelated noise layers both have P ≈ I and agree: only within its image row does
+    # the related text layer win
+    assert got[0, 0] == (got[0].max() if metric == "hcs" else got.max())
+
+
+@pytest.mark.parametrize("metric", ["l_hop_cka", "hcs"])
+def test_layers_wider_than_the_sample(metric):
+    """d > n: l_hop_cka's kernel powers go through X Xᵀ instead of XᵀX."""
+    rng = np.random.default_rng(5)
+    image = [rng.standard_normal((14, 30)), rng.standard_normal((14, 9))]
+    text = [image[0] @ rng.standard_normal((30, 40)) + rng.standard_normal((14, 40))]
+    got = layer_scores(image, text, metric=metric, device="cpu")
+    want = np.array([[REFERENCES[metric](x, y, K) for y in text] for x in image])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("metric", similarity.METRICS)
+def test_gpu_tables_equal_the_cpu_ones(metric):
+    image, text = layered()
+    on_cpu = layer_scores(image, text, metric=metric, k=K, device="cpu")
+    on_gpu = layer_scores(image, text, metric=metric, k=K, device="cuda")
+    np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
 
 
 def test_cka_from_the_centred_features_when_grams_do_not_fit():
@@ -155,10 +213,11 @@ def test_cka_known_values():
     x = rng.standard_normal((50, 8))
     q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
     y = np.stack([x, x @ q, 3.7 * x, rng.standard_normal((50, 8))], axis=1)
-    for metric in ("cka", "unbiased_cka"):
+    for metric in ("cka", "unbiased_cka", "l_hop_cka", "hcs"):
         scores = layer_scores(x[:, None], y, metric=metric, device="cpu")[0]
         np.testing.assert_allclose(scores[:3], 1.0, atol=1e-6)  # identical, rotated, scaled
-        assert abs(scores[3]) < 0.5
+        if metric != "hcs":  # hcs of two 8-d noise layers is ~1 too (see above: P ≈ I)
+            assert abs(scores[3]) < 0.5
 
 
 def test_array_and_sequence_inputs_agree():
@@ -231,7 +290,7 @@ def test_null_calibrated_near_zero_and_p_values_uniform(one_thread):
     """100 independent data sets (fixed seeds), 2 x 2 unrelated layers, 19 permutations each:
     the per-pair and max-pair p-values are uniform on {1/20, ..., 1} (Kolmogorov-Smirnov
     distance below its 1 % critical value 1.63 / sqrt(100)) and calibrated scores ~0."""
-    metrics = ["cka", "mutual_knn"]
+    metrics = ["cka", "mutual_knn", "l_hop_cka", "hcs"]
     count, runs = 19, 100
     p = {m: [] for m in metrics}
     calibrated = {m: [] for m in metrics}
@@ -260,17 +319,26 @@ def test_null_calibrated_near_zero_and_p_values_uniform(one_thread):
 def test_planted_pair_found_with_small_p_value(tmp_path):
     store, out = tmp_path / "f.zarr", tmp_path / "sel"
     planted_store(store, n_images=60, captions=1)
-    args = select_args(store, out, "--metric", "cka,mutual_knn,svcca", "--calibrate", "99")
+    metrics = ("cka", "mutual_knn", "svcca", "l_hop_cka", "hcs")
+    args = select_args(store, out, "--metric", ",".join(metrics), "--calibrate", "99")
     result = run_cli(*args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     info = json.loads((out / "selection.json").read_text())
     assert info["metric"] == "cka" and info["permutations"] == 99
     table = pd.read_parquet(out / "scores.parquet")
-    for metric in ("cka", "mutual_knn", "svcca"):
+    for metric in metrics:
         best = info["by_metric"][metric]
-        assert (best["image_index"], best["text_index"]) == PLANTED
-        assert best["p_value"] < 0.05 and best["calibrated"] > 0
         row = table[(table.image_index == PLANTED[0]) & (table.text_index == PLANTED[1])]
+        if metric == "hcs":
+            # raw hcs is highest for two noise layers (both transition matrices ≈ I, see
+            # test_every_metric_matches_its_formula) and calibration says so; the planted pair
+            # has the highest calibrated score
+            assert best["p_value"] > 0.05 and best["calibrated"] == 0
+            calibrated = table["hcs_calibrated"].to_numpy()
+            assert row.index.item() == int(np.argmax(calibrated))
+        else:
+            assert (best["image_index"], best["text_index"]) == PLANTED
+            assert best["p_value"] < 0.05 and best["calibrated"] > 0
         assert row[f"{metric}_p_value"].item() == pytest.approx(0.01)
         assert row[f"{metric}_calibrated"].item() > 0
         assert (out / ("heatmap.png" if metric == "cka" else f"heatmap_{metric}.png")).is_file()

@@ -10,6 +10,7 @@ import typer
 from pipeline.app import app
 from stages.pairs import PairSpec
 from stages.select import SelectSettings, run_selection, top_pairs
+from stages.similarity import METRICS
 
 D = SelectSettings()
 
@@ -31,8 +32,7 @@ def select(
     top: int = typer.Option(10, help="How many of the best pairs to print."),
     metric: str = typer.Option(
         D.metric,
-        help="Metrics, a comma list (the first selects): mutual_knn, cycle_knn, lcs_knn, cknna, "
-        "cka, unbiased_cka, svcca.",
+        help=f"Metrics, a comma list (the first selects): {', '.join(METRICS)}.",
     ),
     calibrate: int = typer.Option(
         D.calibrate,
