@@ -516,6 +516,30 @@ def torch_device(device: str) -> str:
     return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+def free_memory(device: str) -> int:
+    """Bytes free for new tensors on `device` ("cpu" or "cuda")."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def require_hcs_memory(sizes: tuple[int, int], n: int, device: str) -> None:
+    """hcs keeps every layer's n x n transition matrices (no low-rank form): refuse in one
+    line, before any work, when they cannot fit, rather than die out of memory midway."""
+    need = sum(sizes) * similarity.HCS_LEVELS * n * n * 4  # float32
+    free = free_memory(device)
+    if need > free:
+        raise UserError(
+            f"--metric hcs needs {need / 2**30:.1f} GiB for its transition matrices "
+            f"({sum(sizes)} layers x {similarity.HCS_LEVELS} levels x n² at n = {n}), "
+            f"{free / 2**30:.1f} GiB free on {device}: lower --n-samples or leave hcs out"
+        )
+
+
 def metric_sides(
     image_layers: Iterable, text_layers: Iterable, sizes: tuple[int, int], n: int,
     metrics: Sequence[str], k: int, device: str = "auto", cca_dim: int = 10,
@@ -525,6 +549,8 @@ def metric_sides(
     """The image and text structures of `metrics` for n samples and sizes = (Li, Lt) layers
     (layers may be generators: one layer in memory at a time); kNN graphs by this module's
     exact search, or the prebuilt `graphs` (one list per side)."""
+    if "hcs" in metrics:
+        require_hcs_memory(sizes, n, torch_device(device))
     use_grams = sum(sizes) * n * n * 4 * similarity.grams_per_layer(metrics) <= gram_memory
     ordered = any(m in similarity.RANKED_METRICS for m in metrics)
     sides = []

@@ -208,6 +208,21 @@ def test_cka_from_the_centred_features_when_grams_do_not_fit():
         np.testing.assert_allclose(via_features, via_grams, rtol=1e-5, atol=1e-6)
 
 
+def test_hcs_refused_in_one_line_when_its_matrices_do_not_fit(monkeypatch):
+    image, text = layered(n=30)
+    layers = len(as_layers(image)) + len(as_layers(text))
+    need = layers * 3 * 30 * 30 * 4  # float32 P^l for 3 levels, every layer of both sides
+    monkeypatch.setattr("stages.select.free_memory", lambda device: need - 1)
+    with pytest.raises(UserError, match="hcs needs .* GiB .* lower --n-samples"):
+        layer_scores(image, text, metric="hcs", device="cpu")
+    layer_scores(image, text, metric="cka", device="cpu")  # the others keep no such matrices
+    monkeypatch.setattr("stages.select.free_memory", lambda device: need)
+    assert layer_scores(image, text, metric="hcs", device="cpu").shape == (
+        len(as_layers(image)),
+        len(as_layers(text)),
+    )
+
+
 def test_cka_known_values():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((50, 8))
