@@ -393,24 +393,24 @@ def fastest_search(device: str, d: int = 256, n: int = 2048) -> str:
 
 @cache
 def timed_fastest(device: str, d: int, n: int) -> str:
-    """The fastest backend on n random rows of dimension d, timed once per process (the best
-    of two runs each): which is fastest depends on the CPU (FAISS's is 3x slower than a
-    matmul on some, its GPU search faster on others), on d and on n (FAISS wins at 2,048 rows
-    on a CPU where the blocked BLAS search wins at 5,000)."""
+    """The fastest backend on n random rows of dimension d, timed once per process: which is
+    fastest depends on the CPU (FAISS's is 3x slower than a matmul on some, its GPU search
+    faster on others), on d and on n (FAISS wins at 2,048 rows on a CPU where the blocked BLAS
+    search wins at 5,000). Each backend's best of three full-size runs, taken in turns, so
+    that a burst of load elsewhere or a first run's page faults do not decide it."""
     names = search_backends(device)
     if len(names) == 1:
         return names[0]
     x = normalise_rows(np.random.default_rng(0).standard_normal((n, d), dtype=np.float32))
     m = min(n, 32)
-    seconds = {}
+    seconds = dict.fromkeys(names, math.inf)
     for name in names:
-        SEARCHES[name](x[:256], min(m, 256))  # warm-up: imports, kernels
-        times = []
-        for _ in range(2):
+        SEARCHES[name](x, m)  # warm-up: imports, kernels, the block's pages
+    for _ in range(3):
+        for name in names:
             start = time.perf_counter()
             SEARCHES[name](x, m)
-            times.append(time.perf_counter() - start)
-        seconds[name] = min(times)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
     return min(names, key=seconds.__getitem__)
 
 
