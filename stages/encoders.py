@@ -431,16 +431,16 @@ def load_timm(spec: str, name: str, weights: str | None = None) -> Encoder:
     """A timm model (see `timm_embed` for its layers). `weights`: a local file instead of
     timm's pretrained weights (the architecture and preprocessing still come from timm's NAME)."""
     model = create_timm(name, pretrained=weights is None)
-    config = {"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}}
-    if weights:
-        config["weights_sha256"] = load_timm_weights(model, name, Path(weights).expanduser())
-    revision = f"file:{Path(weights).name}" if weights else ""
-    return timm_encoder(spec, model, revision, config)
+    if not weights:
+        return timm_encoder(spec, name, model, "")
+    sha256 = load_timm_weights(model, name, Path(weights).expanduser())
+    return timm_encoder(spec, name, model, f"file:{Path(weights).name}", weights_sha256=sha256)
 
 
-def timm_encoder(spec: str, model, revision: str, config: dict[str, Any]) -> Encoder:
-    """The Encoder of a created timm model (weights in place)."""
-    name = config["timm"]
+def timm_encoder(spec: str, name: str, model, revision: str, **extra: str) -> Encoder:
+    """The Encoder of timm's architecture NAME, created with its weights in place; its config
+    is the name, the pretrained config and `extra`."""
+    config = {"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}, **extra}
     if not hasattr(model, "forward_intermediates"):
         raise UserError(f"timm model {name!r} does not expose forward_intermediates")
     model.eval().requires_grad_(False)
@@ -679,8 +679,7 @@ def load_saved_encoder(
         cfg = {k: tuple(v) if isinstance(v, list) else v
                for k, v in timm_recipe["pretrained_cfg"].items()}  # fmt: skip
         model = create_timm(name, pretrained=False, pretrained_cfg=cfg)
-        config = {"timm": name, **{k: str(v) for k, v in model.pretrained_cfg.items()}}
-        encoder = timm_encoder(f"timm:{name}", model, f"export:{folder.name}", config)
+        encoder = timm_encoder(f"timm:{name}", name, model, f"export:{folder.name}")
     else:
         encoder = load_hf(str(folder), str(folder), None, trust_remote_code, random_weights=True)
     if layer not in encoder.layer_names:
