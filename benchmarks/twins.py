@@ -26,7 +26,7 @@ from dataclasses import replace  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import load_params  # noqa: E402
+from pipeline.config import default_map, load_params, settings_from  # noqa: E402
 from stages.align import TRAINERS  # noqa: E402
 from stages.pairs import MemoryPairs, PairSpec, open_pairs, split_pairs  # noqa: E402
 from stages.table import TableSettings  # noqa: E402
@@ -34,11 +34,8 @@ from stages.train import AlignSettings  # noqa: E402
 
 
 def align_settings(params_path: str) -> AlignSettings:
-    """AlignSettings from params.yaml's align section (keys the dataclass knows)."""
-    section = load_params(params_path, given=False).get("align") or {}
-    names = {f for f in AlignSettings.__dataclass_fields__}
-    values = {("lam" if k == "lambda" else k): v for k, v in section.items()}
-    return AlignSettings(**{k: v for k, v in values.items() if k in names})
+    """AlignSettings from params.yaml's align section over `common`, as `sweep` takes them."""
+    return settings_from(default_map(load_params(params_path, given=False)), "align", AlignSettings)
 
 
 def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

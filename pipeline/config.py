@@ -74,7 +74,12 @@ Settings = TypeVar("Settings")
 def section_settings(ctx: typer.Context, command: str, cls: type[Settings]) -> Settings:
     """A settings dataclass from another command's defaults (its params.yaml section over
     `common`): the fields that section sets, the dataclass defaults for the rest."""
-    section = (ctx.find_root().default_map or {}).get(command, {})
+    return settings_from(ctx.find_root().default_map or {}, command, cls)
+
+
+def settings_from(defaults: dict[str, Any], command: str, cls: type[Settings]) -> Settings:
+    """`section_settings` from a `default_map` (for scripts outside the command line)."""
+    section = defaults.get(command, {})
     kinds = {f.name: type(f.default) for f in fields(cls)}
     return cls(**{k: _coerce(command, k, v, kinds[k]) for k, v in section.items() if k in kinds})
 
