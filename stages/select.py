@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cache, partial
 from pathlib import Path
@@ -304,31 +306,67 @@ def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", bloc
 BLOCK_ROWS = 8192  # rows of one block of the N x N matrix: 256 MiB of float32, the most held
 
 
-def search_blas(x: np.ndarray, m: int, block: int = BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """numpy's BLAS for the blocks on and above the diagonal (`a @ a.T` on a diagonal block is
-    a symmetric rank-k update: the Gram floor's own kernel), FAISS's heaps for the top-m: one
-    comparison per similarity against each row's current m-th best, in C++ threads. Each
-    off-diagonal block serves its columns too, through its transposed copy, so the N x N
-    matrix is never held, only one block (and briefly its transpose). Up to `block` rows the
-    one block is the whole matrix: splitting it would only add the transposed copies."""
+BLAS_BLOCK_ROWS = 512  # rows of a tile of x x^T in `search_blas`: 1 MiB of float32, in cache
+
+
+@cache
+def blas_controller():
+    """threadpoolctl's handle on the BLAS libraries loaded (numpy's OpenBLAS or MKL)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def search_blas(
+    x: np.ndarray, m: int, block: int = BLAS_BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles on and above the diagonal of x x^T, each one single-threaded BLAS call,
+    shared among as many Python threads as BLAS would use (numpy and FAISS release the GIL).
+    Each tile feeds FAISS's top-m heaps of its rows (one comparison per similarity against the
+    row's current m-th best) and, transposed while in cache, those of its columns; each thread
+    keeps its own heaps, merged at the end. Against one threaded BLAS call for the whole
+    matrix: the same multiply-adds as its symmetric rank-k update, one tile per thread held
+    instead of N x N, and no idle OpenBLAS workers spinning (2^28 cycles after each call) on
+    the cores the heap pass needs; at N 5,000 on 2 cores 0.9x the Gram floor instead of 1.3x."""
     import faiss
 
     n = len(x)
-    block = -(-n // -(-n // block))  # equal blocks of at most `block` rows: 10,000 -> 2 x 5,000
-    sims = np.empty((n, m), dtype=np.float32)
-    ids = np.empty((n, m), dtype=np.int64)
-    heaps = faiss.float_minheap_array_t()  # min-heaps: keep the m largest of each row
-    heaps.k, heaps.nh = m, n
-    heaps.val, heaps.ids = faiss.swig_ptr(sims), faiss.swig_ptr(ids)
-    heaps.heapify()
-    for a in range(0, n, block):
-        rows = x[a : a + block]
-        for b in range(a, n, block):
+    block = -(-n // -(-n // block))  # equal tiles of at most `block` rows
+    starts = range(0, n, block)
+    jobs = queue.SimpleQueue()
+    for a, b in sorted(
+        ((a, b) for a in starts for b in starts if b >= a), key=lambda t: t[0] == t[1]
+    ):
+        jobs.put((a, b))  # the diagonal tiles, half the work each, last: they even out the end
+    threads = max((lib.num_threads for lib in blas_controller().lib_controllers), default=1)
+    workers = min(threads, len(starts) * (len(starts) + 1) // 2)
+
+    def heaps() -> tuple:
+        sims, ids = np.empty((n, m), dtype=np.float32), np.empty((n, m), dtype=np.int64)
+        top = faiss.float_minheap_array_t()  # min-heaps: keep the m largest of each row
+        top.k, top.nh = m, n
+        top.val, top.ids = faiss.swig_ptr(sims), faiss.swig_ptr(ids)
+        top.heapify()
+        return top, sims, ids
+
+    def work() -> tuple:
+        faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only
+        top, sims, ids = heaps()
+        while not jobs.empty():
+            a, b = jobs.get()
+            rows = x[a : a + block]
             gram = rows @ (rows if b == a else x[b : b + block]).T
-            heaps.addn(gram.shape[1], faiss.swig_ptr(gram), b, a, gram.shape[0])
+            top.addn(gram.shape[1], faiss.swig_ptr(gram), b, a, gram.shape[0])
             if b > a:
                 gram = np.ascontiguousarray(gram.T)
-                heaps.addn(gram.shape[1], faiss.swig_ptr(gram), a, b, gram.shape[0])
+                top.addn(gram.shape[1], faiss.swig_ptr(gram), a, b, gram.shape[0])
+        return top, sims, ids
+
+    with blas_controller().limit(limits=1), ThreadPoolExecutor(workers) as pool:
+        found = [task.result() for task in [pool.submit(work) for _ in range(workers)]]
+    top, sims, ids = found[0]
+    for _, more_sims, more_ids in found[1:]:
+        top.addn_with_ids(m, faiss.swig_ptr(more_sims), faiss.swig_ptr(more_ids), m, 0, n)
     return sims, ids
 
 

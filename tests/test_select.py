@@ -23,6 +23,7 @@ from stages.select import (
     GPU_SEARCHES,
     SEARCHES,
     SelectSettings,
+    blas_controller,
     knn_graph,
     mutual_knn_scores,
     normalise_rows,
@@ -31,6 +32,7 @@ from stages.select import (
     resolve_layers,
     sample_pairs,
     search_backends,
+    search_blas,
     similarities,
     similarity_error,
     working,
@@ -228,6 +230,20 @@ def test_blocked_searches_find_the_top_candidates(name):
     # the 12 largest, up to float32 rounding: nothing left out is clearly larger
     assert (np.sort(exact, axis=1)[:, -12] <= found.min(axis=1) + 1e-6).all()
     np.testing.assert_array_equal(rank_candidates(unit, sims, ids, 5), np.array(brute_knn(x, 5)))
+
+
+def test_blas_search_the_same_on_one_and_several_threads():
+    # tiles shared among threads, each with its own heaps merged at the end: the same top-m
+    x = tied_and_near_tied_rows()
+    unit, want = normalise_rows(x), np.array(brute_knn(x, 9))
+    found = []
+    for threads in (1, 2, 3):
+        with blas_controller().limit(limits=threads):
+            sims, ids = search_blas(unit, 16, block=24)
+        np.testing.assert_array_equal(rank_candidates(unit, sims, ids, 9), want)
+        found.append(np.sort(sims, axis=1))
+    for other in found[1:]:
+        np.testing.assert_array_equal(other, found[0])
 
 
 def test_similarities_out_of_bound_are_an_error():
