@@ -9,11 +9,11 @@ Default: the mutual-kNN table. Ours builds each layer's kNN graph once (blocked 
 partial top-k, or FAISS, whichever measured faster at start-up; exact, decided on float64
 similarities) and scores all Li x Lt pairs from the graphs, by the stage's own code. The floor
 is one N x N Gram matrix per layer, the best of two runs in a row; each graph and each floor
-starts after BLAS's idle workers have gone to sleep (`settle`). The authors' method (platonic-rep `mutual_knn`, which the
-STRUCTURE code uses) rebuilds both graphs for every pair from a full N x N similarity matrix,
-an argsort of it and two N x N masks; it is timed on a few pairs in the same process and
-scaled to all pairs; its scores are checked in float64 too, where float32 rounding cannot swap
-neighbours.
+starts after BLAS's idle workers have gone to sleep (`settle`). The authors' method
+(platonic-rep `mutual_knn`, which the STRUCTURE code uses) rebuilds both graphs for every pair
+from a full N x N similarity matrix, an argsort of it and two N x N masks; it is timed on a
+few pairs in the same process and scaled to all pairs; its scores are checked in float64 too,
+where float32 rounding cannot swap neighbours.
 
 --metrics: for each kind of structure (kNN graphs, their edges' cosines, centred Grams, those
 of l_hop_cka's kernel powers, singular bases, hcs's transition matrices P^l) the time to build
