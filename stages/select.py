@@ -142,7 +142,7 @@ def normalise_rows(x: np.ndarray, name: str = "features", block: int = 256) -> n
         raise ValueError(f"{name}: expected a 2-d array (n, d), got shape {x.shape}")
     norms = np.empty(len(x), dtype=np.float64)
     unit = np.empty(x.shape, dtype=np.float32)
-    for start in range(0, len(x), block):  # 256 rows of float64 stay in cache: 1.5x 1,024's
+    for start in range(0, len(x), block):  # 256 rows of float64 stay in cache: 1.5x 1,024
         part = slice(start, start + block)
         rows = x[part].astype(np.float32).astype(np.float64)
         norms[part] = np.sqrt(tree_sum(rows * rows))
@@ -319,7 +319,7 @@ def blas_controller():
 
 def blas_threads() -> int:
     """The threads numpy's BLAS would use (OMP_NUM_THREADS and the like, threadpoolctl's
-    limits): as many as the searches and the float64 similarities use."""
+    limits): the tiled search runs as many."""
     return max((lib.num_threads for lib in blas_controller().lib_controllers), default=1)
 
 
