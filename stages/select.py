@@ -303,9 +303,6 @@ def blocked_top(x: np.ndarray, m: int, gram: Callable, device: str = "cpu", bloc
     return torch.cat(sims).numpy(), torch.cat(ids).numpy()
 
 
-BLOCK_ROWS = 8192  # rows of one block of the N x N matrix: 256 MiB of float32, the most held
-
-
 BLAS_BLOCK_ROWS = 512  # rows of a tile of x x^T in `search_blas`: 1 MiB of float32, in cache
 
 
@@ -371,6 +368,9 @@ def search_blas(
         for task in [pool.submit(work) for _ in range(workers)]:
             task.result()
     return sims, ids
+
+
+BLOCK_ROWS = 8192  # rows of a block of the N x N matrix in `search_torch` on the CPU: 256 MiB
 
 
 def search_torch(
