@@ -396,6 +396,15 @@ def create_timm(name: str, pretrained: bool, pretrained_cfg: dict[str, Any] | No
         raise UserError(f"unknown timm model {name!r}: {err}") from err
 
 
+def timm_pooling(model) -> str:
+    """How a timm model's layers are pooled: ViTs (prefix tokens, NLC outputs) by their CLS
+    token ("cls", or the token mean without one: "mean"), every other model (NCHW stage maps)
+    by the spatial mean ("gap")."""
+    if not hasattr(model, "num_prefix_tokens"):
+        return "gap"
+    return "cls" if model.num_prefix_tokens else "mean"
+
+
 def timm_embed(
     model, to_pixels: Callable[[torch.Tensor], torch.Tensor], stop: int | None = None
 ) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
@@ -404,14 +413,14 @@ def timm_embed(
     ConvNeXt, Swin, ...) the spatial mean of each stage's NCHW map; then `final`, the model's
     own pooled embedding (forward_head with pre_logits). With `stop`, only layers 0..stop-1:
     the blocks after them are never run (stop_early) and there is no `final`."""
-    tokens = hasattr(model, "num_prefix_tokens")
-    prefix = getattr(model, "num_prefix_tokens", 0)
-    options = {"output_fmt": "NLC", "return_prefix_tokens": prefix > 0} if tokens else {}
+    pooling = timm_pooling(model)
+    tokens = pooling != "gap"
+    options = {"output_fmt": "NLC", "return_prefix_tokens": pooling == "cls"} if tokens else {}
 
     def pool(out) -> torch.Tensor:
         if not tokens:
             return spatial_mean(out)
-        return out[1][:, 0] if prefix else out.mean(1)
+        return out[1][:, 0] if pooling == "cls" else out.mean(1)
 
     def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         pixels = to_pixels(batch["pixel_values"])
@@ -445,8 +454,8 @@ def timm_encoder(spec: str, name: str, model, revision: str, **extra: str) -> En
         raise UserError(f"timm model {name!r} does not expose forward_intermediates")
     model.eval().requires_grad_(False)
     prepare, to_pixels = timm_preprocessing(model)
-    tokens = hasattr(model, "num_prefix_tokens")  # ViT family: NLC outputs
-    prefix = getattr(model, "num_prefix_tokens", 0)
+    pooling = timm_pooling(model)
+    tokens = pooling != "gap"  # ViT family: NLC outputs
     # ViTs: `block.i` and `final_norm` as for Hugging Face ViTs; maps: `stage.i` and `final`
     names = [f"{'block' if tokens else 'stage'}.{i}" for i in range(len(model.feature_info))]
     names.append("final_norm" if tokens else "final")
@@ -456,7 +465,7 @@ def timm_encoder(spec: str, name: str, model, revision: str, **extra: str) -> En
         model_id=f"timm/{name}",
         revision=revision or hub_id,
         modality="image",
-        pooling=("cls" if prefix else "mean") if tokens else "gap",
+        pooling=pooling,
         layer_names=names,
         layer_dims=[int(f["num_chs"]) for f in model.feature_info] + [int(model.num_features)],
         model=model,
