@@ -267,12 +267,17 @@ def add_transitions(side: Side, index: int, unit: torch.Tensor, n_layers: int) -
 # ------------------------------------------------------------------------------------------
 # the permutation acts on the structures, not on the features
 # ------------------------------------------------------------------------------------------
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """inverse[perm[i]] = i: a scatter, O(n)."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm), device=perm.device)
+    return inverse
+
+
 def relabel_graphs(graphs: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """The kNN graphs of the features with rows permuted (row r := row perm[r]): row r's
     neighbours are those of perm[r], renamed by the inverse permutation."""
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(len(perm), device=perm.device)
-    return inverse[graphs[:, perm]]
+    return inverse_permutation(perm)[graphs[:, perm]]
 
 
 # ------------------------------------------------------------------------------------------
@@ -548,7 +553,7 @@ def hcs_table(image: Side, text: Side, perm: torch.Tensor | None, block_bytes: i
     row mean does not change)."""
     li, levels, n, _ = image.half_probs.shape
     lt = text.layers
-    inverse = None if perm is None else torch.argsort(perm)
+    inverse = None if perm is None else inverse_permutation(perm)
     mixed = torch.zeros((li, lt, levels), dtype=torch.float64, device=image.half_probs.device)
     rows = min(n, max(1, block_bytes // (lt * n * image.half_probs.element_size())))
     buffer = image.half_probs.new_empty((lt, rows, n))
