@@ -190,14 +190,20 @@ def optimizer_step(
 
 
 @torch.no_grad()
+def evaluation_chunks(n: int, batch: int) -> list[np.ndarray]:
+    """Near-equal chunks of n pairs of at least `batch` pairs each, for evaluating a loss; none
+    with fewer than 2 pairs (a CLIP loss needs a negative)."""
+    return np.array_split(np.arange(n), max(1, n // batch)) if n >= 2 else []
+
+
 def mean_clip_loss(
     image_head: nn.Module, text_head: nn.Module, source: PairSource, batch: int, tau: float
 ) -> float:
-    """Mean CLIP loss of the heads over near-equal chunks of `source` of at least `batch` pairs
-    (NaN with fewer than 2 pairs: a CLIP loss needs a negative)."""
-    if len(source) < 2:
+    """Mean CLIP loss of the heads over `evaluation_chunks` of `source` (NaN with fewer than 2
+    pairs)."""
+    chunks = evaluation_chunks(len(source), batch)
+    if not chunks:
         return float("nan")
-    chunks = np.array_split(np.arange(len(source)), max(1, len(source) // batch))
     losses = [
         clip_loss(image_head(xi), text_head(xt), tau).item() for xi, xt in source.take(chunks)
     ]
@@ -272,12 +278,12 @@ def validation_losses(
     heads: tuple[nn.Module, nn.Module], source: PairSource, batch: int, settings: AlignSettings
 ) -> tuple[float, float]:
     """(CLIP loss, objective CLIP + lambda * (R_S image + R_S text) at full lambda), each the
-    mean over near-equal chunks of `source` of at least `batch` pairs (NaN with fewer than 2
-    pairs). The objective is what early stopping watches: the loss being trained, not a part of
-    it (R_S trades CLIP loss for structure, so the CLIP part alone rises when R_S works)."""
-    if len(source) < 2:
+    mean over `evaluation_chunks` of `source` (NaN with fewer than 2 pairs). The objective is
+    what early stopping watches: the loss being trained, not a part of it (R_S trades CLIP
+    loss for structure, so the CLIP part alone rises when R_S works)."""
+    chunks = evaluation_chunks(len(source), batch)
+    if not chunks:
         return float("nan"), float("nan")
-    chunks = np.array_split(np.arange(len(source)), max(1, len(source) // batch))
     sums = np.zeros(2)
     for pair in source.take(chunks):
         clip, rs_i, rs_t = batch_losses(heads, pair, settings)
