@@ -33,8 +33,9 @@ from PIL import Image
 
 from stages.encoders import Encoder, load_encoder
 from stages.heads import build_head, save_run
-from stages.index import make_index, unit_rows
+from stages.index import make_index
 from stages.model import AlignedModel, export_model
+from stages.vectors import unit_rows_f32
 
 ARCHS = {  # DINOv2 sizes: hidden, blocks, heads
     "small": (384, 12, 6),
@@ -182,8 +183,8 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
 
 def search_benchmark(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
-    stored = unit_rows(rng.standard_normal((args.rows, args.dim), dtype=np.float32))
-    queries = unit_rows(rng.standard_normal((100, args.dim), dtype=np.float32))
+    stored = unit_rows_f32(rng.standard_normal((args.rows, args.dim), dtype=np.float32))
+    queries = unit_rows_f32(rng.standard_normal((100, args.dim), dtype=np.float32))
     start = time.perf_counter()
     index, kind, _ = make_index(stored)
     built = time.perf_counter() - start

@@ -26,9 +26,8 @@ import pandas as pd
 import torch
 
 from stages.heads import load_run
+from stages.vectors import ArrayLike, as_index, as_matrix, class_embeddings, unit_rows
 from store import FeatureStore, UserError, image_table, pair_rows, write_text_atomic
-
-ArrayLike = torch.Tensor | np.ndarray
 
 # score matrices are built this many elements at a time (64 MiB of float32)
 METRICS = "metrics.json"  # a run's metrics, written by `evaluate` (and `table`)
@@ -36,33 +35,6 @@ CHUNK_ELEMENTS = 1 << 24
 
 
 # -- pure metrics -----------------------------------------------------------------------------
-def _matrix(x: ArrayLike, what: str) -> torch.Tensor:
-    """A finite float 2-D tensor, or a UserError naming `what`."""
-    t = torch.as_tensor(np.require(x, requirements="W") if isinstance(x, np.ndarray) else x)
-    if t.ndim != 2:
-        raise UserError(f"{what} must be a 2-D (rows, dim) array, got shape {tuple(t.shape)}")
-    if not t.is_floating_point():
-        t = t.float()
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).any(dim=1).sum())
-        raise UserError(f"{what} has NaN or infinite values in {bad} of {t.shape[0]} rows")
-    return t
-
-
-def _index(x: ArrayLike, size: int, what: str, n_rows: int) -> torch.Tensor:
-    """Integer indices into range(size), one per row."""
-    t = torch.as_tensor(np.array(x)).long()  # a copy: pandas columns are read-only
-    if t.shape != (n_rows,):
-        raise UserError(f"{what} needs one entry per row ({n_rows}), got shape {tuple(t.shape)}")
-    if n_rows and (t.min() < 0 or t.max() >= size):
-        raise UserError(f"{what} must lie in 0..{size - 1}, got {int(t.min())}..{int(t.max())}")
-    return t
-
-
-def l2_normalise(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=-1)
-
-
 def tie_counts(
     queries: torch.Tensor,
     candidates: torch.Tensor,
@@ -112,18 +84,6 @@ def _recall(counts: tuple[torch.Tensor, ...], k: int) -> float:
     return 100.0 * float(hit_probability(*counts, k).mean())
 
 
-def class_embeddings(text_emb: ArrayLike, prompt_labels: ArrayLike, n_classes: int) -> torch.Tensor:
-    """One unit vector per class: prompts L2-normalised, averaged over templates, renormalised."""
-    text = l2_normalise(_matrix(text_emb, "prompt embeddings"))
-    labels = _index(prompt_labels, n_classes, "prompt labels", text.shape[0])
-    counts = torch.bincount(labels, minlength=n_classes)
-    if (counts == 0).any():
-        missing = torch.nonzero(counts == 0).flatten().tolist()[:10]
-        raise UserError(f"classes {missing} have no prompt; every class needs at least one")
-    sums = torch.zeros(n_classes, text.shape[1], dtype=text.dtype).index_add_(0, labels, text)
-    return l2_normalise(sums / counts[:, None].to(text.dtype))
-
-
 def zero_shot_accuracy(
     image_emb: ArrayLike, class_emb: ArrayLike, labels: ArrayLike, topk: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
@@ -131,13 +91,13 @@ def zero_shot_accuracy(
 
     With k >= the number of classes every image is a hit (100 %), as with any top-k.
     """
-    images = l2_normalise(_matrix(image_emb, "image embeddings"))
-    classes = l2_normalise(_matrix(class_emb, "class embeddings"))
+    images = unit_rows(as_matrix(image_emb, "image embeddings"))
+    classes = unit_rows(as_matrix(class_emb, "class embeddings"))
     if images.shape[1] != classes.shape[1]:
         raise UserError(f"image ({images.shape[1]}) and class ({classes.shape[1]}) dims differ")
     if images.shape[0] == 0:
         raise UserError("zero-shot accuracy needs at least one labelled image")
-    target = _index(labels, classes.shape[0], "image labels", images.shape[0])
+    target = as_index(labels, classes.shape[0], "image labels", images.shape[0])
     counts = tie_counts(images, classes, target, torch.arange(classes.shape[0]))
     return {f"top{k}": _recall(counts, k) for k in topk}
 
@@ -154,11 +114,11 @@ def retrieval_recall(
     Image->text: a hit when any of the image's captions is in the top K. Text->image: a hit
     when the caption's one image is in the top K.
     """
-    images = l2_normalise(_matrix(image_emb, "image embeddings"))
-    texts = l2_normalise(_matrix(text_emb, "text embeddings"))
+    images = unit_rows(as_matrix(image_emb, "image embeddings"))
+    texts = unit_rows(as_matrix(text_emb, "text embeddings"))
     if images.shape[1] != texts.shape[1]:
         raise UserError(f"image ({images.shape[1]}) and text ({texts.shape[1]}) dims differ")
-    owner = _index(text_to_image, images.shape[0], "text_to_image", texts.shape[0])
+    owner = as_index(text_to_image, images.shape[0], "text_to_image", texts.shape[0])
     uncaptioned = torch.bincount(owner, minlength=images.shape[0]) == 0
     if images.shape[0] == 0 or uncaptioned.any():
         raise UserError(
@@ -176,7 +136,7 @@ def retrieval_recall(
 # -- a run on stored features -----------------------------------------------------------------
 def project(head: torch.nn.Module, features: np.ndarray, what: str, batch: int = 8192):
     """Apply a head to stored features in batches, without gradients."""
-    if _matrix(features, what).shape[0] == 0:
+    if as_matrix(features, what).shape[0] == 0:
         raise UserError(f"{what} has no rows")
     head.eval()
     outputs = []
@@ -190,7 +150,7 @@ def project(head: torch.nn.Module, features: np.ndarray, what: str, batch: int =
                     f"the head cannot take {what} (dim {features.shape[1]}): "
                     f"{str(err).splitlines()[0]}"
                 ) from err
-    return _matrix(torch.cat(outputs), f"{what} after the head")
+    return as_matrix(torch.cat(outputs), f"{what} after the head")
 
 
 def _layer(store: FeatureStore, dataset: str, split: str, modality: str, model: str, layer: str):

@@ -22,20 +22,12 @@ import pandas as pd
 from stages.evaluate import project
 from stages.heads import load_run
 from stages.model import run_id
+from stages.vectors import unit_rows_f32
 from store import FeatureStore, UserError, image_table
 
 INDEX_FILE, ROWS_FILE, META_FILE = "index.faiss", "rows.parquet", "index.json"
 EXACT_MAX = 2_000_000  # rows searched exactly; above, IVF
 RECALL_QUERIES = 1000
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """float32, C-contiguous, L2-normalised rows (what FAISS needs for cosine)."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    faiss.normalize_L2(x)
-    return x
 
 
 def make_index(embeddings: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0):
@@ -101,7 +93,7 @@ def build_index(
     values = array.read_layer(config["image_layer"])
     rows = np.asarray(usable["image_row"])
     what = f"image features {array.path} layer {config['image_layer']}"
-    embeddings = unit_rows(project(image_head, values[rows], what).numpy())
+    embeddings = unit_rows_f32(project(image_head, values[rows], what).numpy())
     index, kind, recall = make_index(embeddings, exact_max)
     meta = {
         "run": str(Path(run_dir).resolve()),
@@ -158,7 +150,7 @@ def open_index(index_dir: str | Path):
 
 def search(index, rows: pd.DataFrame, queries: np.ndarray, k: int = 10) -> list[pd.DataFrame]:
     """Per query row, its top k indexed images: rank, score, id, path, label_name."""
-    scores, found = index.search(unit_rows(queries), min(k, index.ntotal))
+    scores, found = index.search(unit_rows_f32(queries), min(k, index.ntotal))
     results = []
     for query_scores, query_found in zip(scores, found, strict=True):
         keep = query_found >= 0

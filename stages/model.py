@@ -41,9 +41,9 @@ from stages.encoders import (
     save_encoder,
     truncate_encoder,
 )
-from stages.evaluate import class_embeddings, l2_normalise
 from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
 from stages.heads import CHECKPOINT, CONFIG, load_run
+from stages.vectors import class_embeddings, unit_rows
 from store import UserError, image_table
 from store.manifest import normalise_manifest
 
@@ -242,7 +242,7 @@ class AlignedModel:
                     with autocast:
                         features = encoder.embed(batch)[layer].float()
                     try:  # the head in float32, as on the stored features
-                        outputs.append(l2_normalise(head(features).float()).cpu())
+                        outputs.append(unit_rows(head(features).float()).cpu())
                     except RuntimeError as err:  # a shape mismatch: another model or layer
                         raise UserError(
                             f"the {side} head cannot take {encoder.spec} layer "

@@ -265,3 +265,19 @@ def test_selection_of_another_store_is_not_reused(toy, tmp_path):
     info["image_layer"] = other  # its own store's file: reused as it is
     (sel / "selection.json").write_text(json.dumps(info))
     assert resolve_layers("auto", spec, sel, settings)[0] == other
+
+
+# ==== DATA LOSS AND RUNS (align, table, sweep, selection) ====
+# (cases of this area go below this line, above the next marker)
+
+
+# ==== SELECT AND LAYER METRICS ====
+# (cases of this area go below this line, above the next marker)
+
+
+# ==== ENCODERS, EXTRACT, STORE, MODEL API, CLASSIFY, EMBED, EXPORT ====
+# (cases of this area go below this line, above the next marker)
+
+
+# ==== EVALUATE, INDEX, SEARCH, SETTINGS (params.yaml) ====
+# (cases of this area go below this line, above the next marker)

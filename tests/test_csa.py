@@ -23,9 +23,10 @@ from stages.csa import (
     ridge_covariance,
     train_csa,
 )
-from stages.evaluate import l2_normalise, retrieval_recall
+from stages.evaluate import retrieval_recall
 from stages.losses import structure_regularizer
 from stages.train import AlignSettings
+from stages.vectors import unit_rows
 from store import UserError
 from tests.helpers import (
     one_line_error,
@@ -110,7 +111,7 @@ def test_head_cosine_is_csas_weighted_score():
     assert fi.shape == (30, 5) and ft.shape == (40, 5)
     np.testing.assert_allclose(fi.norm(dim=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(ft.norm(dim=1), 1.0, atol=1e-7)
-    cosine = (l2_normalise(fi) @ l2_normalise(ft).T).numpy()
+    cosine = (unit_rows(fi) @ unit_rows(ft).T).numpy()
     # independent: centre, project, unit-normalise, weight by the correlations
     zx = (xt - solution.mean_x) @ solution.proj_x
     zy = (yt - solution.mean_y) @ solution.proj_y

@@ -184,3 +184,19 @@ def test_pickled_weights_file_is_one_line_not_loaded(tmp_path):
     torch.save({"when": datetime.datetime(2025, 1, 1)}, folder / "pytorch_model.bin")
     with pytest.raises(UserError, match="Python objects besides tensors"):
         load_encoder(str(folder))
+
+
+# ==== DATA LOSS AND RUNS (align, table, sweep, selection) ====
+# (cases of this area go below this line, above the next marker)
+
+
+# ==== SELECT AND LAYER METRICS ====
+# (cases of this area go below this line, above the next marker)
+
+
+# ==== ENCODERS, EXTRACT, STORE, MODEL API, CLASSIFY, EMBED, EXPORT ====
+# (cases of this area go below this line, above the next marker)
+
+
+# ==== EVALUATE, INDEX, SEARCH, SETTINGS (params.yaml) ====
+# (cases of this area go below this line, above the next marker)
