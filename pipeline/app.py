@@ -48,6 +48,13 @@ def run_option(ctx: typer.Context, name: str, value: Any) -> Any:
     return None if from_params(ctx, name) else value
 
 
+def progress_option() -> Any:
+    """The `--progress/--no-progress` option of every command that shows a progress bar."""
+    return typer.Option(
+        True, "--progress/--no-progress", help="Show progress bars (TQDM_DISABLE=1 hides them too)."
+    )
+
+
 def echo_error(message: str) -> None:
     """A stage's `log` for warnings: to stderr, beside the command's own output."""
     typer.echo(message, err=True)
