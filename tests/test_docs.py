@@ -189,6 +189,37 @@ def check_cli_text(blocks: list[str], spans: list[str], where: str) -> list[str]
     return errors
 
 
+def benchmark_flags(name: str, root: Path = ROOT) -> set[str] | None:
+    """The options of `python -m benchmarks.NAME`, read from its argparse calls (not imported:
+    a benchmark imports torch and friends); None when there is no such script."""
+    path = root / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        return None
+    source = path.read_text(encoding="utf-8")
+    return {"--help", "-h"} | set(re.findall(r"add_argument\(\s*\"(--?[\w-]+)\"", source))
+
+
+def check_benchmarks(codes: list[str], where: str, root: Path = ROOT) -> list[str]:
+    """`python -m benchmarks.NAME --flag`: the script exists and has the option."""
+    errors = []
+    for code in codes:
+        code = re.sub(r"\\\n", " ", code)
+        for match in re.finditer(r"python -m benchmarks\.(\w+)([^\n`]*)", code):
+            name, rest = match.groups()
+            flags = benchmark_flags(name, root)
+            if flags is None:
+                errors.append(f"{where}: no benchmark `benchmarks/{name}.py`")
+                continue
+            for raw in rest.split():
+                token = clean(raw)
+                if token in STOP_TOKENS or raw.startswith("#"):
+                    break
+                flag = token.split("=", 1)[0]
+                if re.fullmatch(r"--?[A-Za-z][\w-]*", flag) and flag not in flags:
+                    errors.append(f"{where}: `benchmarks.{name}` has no option {flag}")
+    return errors
+
+
 # ---- links ----------------------------------------------------------------------------------
 
 
@@ -261,6 +292,7 @@ def file_errors(path: Path, root: Path = ROOT) -> list[str]:
         check_links(path, root)
         + check_cli_text(blocks, spans, where)
         + check_names(spans + blocks, where, root)
+        + check_benchmarks(blocks + spans, where, root)
     )
 
 
@@ -311,6 +343,16 @@ def test_the_checkers_catch_what_they_are_for(tmp_path):
         errors = check_cli_text([code], [], "bad")
         assert len(errors) == 1 and what in errors[0], (code, errors)
     assert check_cli_text([], ["align --lambda 0 --made-up"], "bad")
+    assert (
+        check_benchmarks(["python -m benchmarks.select --n 500 --metrics all [--calibrate K]"], "x")
+        == []
+    )
+    assert check_benchmarks(["python -m benchmarks.select --made-up 1"], "x") == [
+        "x: `benchmarks.select` has no option --made-up"
+    ]
+    assert check_benchmarks(["python -m benchmarks.nope"], "x") == [
+        "x: no benchmark `benchmarks/nope.py`"
+    ]
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "README.md").write_text(
