@@ -220,6 +220,17 @@ def check_benchmarks(codes: list[str], where: str, root: Path = ROOT) -> list[st
     return errors
 
 
+def check_python(text: str, where: str) -> list[str]:
+    """Every ```python block compiles (it is not run: it needs a trained run and images)."""
+    errors = []
+    for match in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M):
+        try:
+            compile(match.group(1), where, "exec")
+        except SyntaxError as err:
+            errors.append(f"{where}: a python block does not compile: {err.msg}")
+    return errors
+
+
 # ---- links ----------------------------------------------------------------------------------
 
 
@@ -285,7 +296,8 @@ def check_names(spans: list[str], where: str, root: Path = ROOT) -> list[str]:
 
 
 def file_errors(path: Path, root: Path = ROOT) -> list[str]:
-    prose, blocks = split_markdown(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    prose, blocks = split_markdown(text)
     spans = inline_code(prose)
     where = str(path.relative_to(root))
     return (
@@ -293,6 +305,7 @@ def file_errors(path: Path, root: Path = ROOT) -> list[str]:
         + check_cli_text(blocks, spans, where)
         + check_names(spans + blocks, where, root)
         + check_benchmarks(blocks + spans, where, root)
+        + check_python(text, where)
     )
 
 
@@ -350,6 +363,8 @@ def test_the_checkers_catch_what_they_are_for(tmp_path):
     assert check_benchmarks(["python -m benchmarks.select --made-up 1"], "x") == [
         "x: `benchmarks.select` has no option --made-up"
     ]
+    assert check_python("```python\nx = f(1)\n```\n", "x") == []
+    assert check_python("```python\nx = f(1\n```\n", "x")
     assert check_benchmarks(["python -m benchmarks.nope"], "x") == [
         "x: no benchmark `benchmarks/nope.py`"
     ]
