@@ -324,6 +324,19 @@ def test_links_commands_and_names_in_the_docs_are_real():
     assert not errors, "\n".join(errors)
 
 
+def test_readme_set_up_is_two_commands_and_ci_runs_the_second():
+    """The front door's promise: one command installs and runs the demo, one runs the tests,
+    and CI (`.ci/run`) runs exactly that test command."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Set-up", 1)[1]
+    _, blocks = split_markdown(section)
+    commands = [line for line in blocks[0].splitlines() if line.strip()]
+    assert len(commands) == 2, commands
+    assert "pip install -e" in commands[0] and commands[0].endswith("dvc repro")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert commands[1] in ci, f"{commands[1]!r} is not what .ci/run runs"
+
+
 def test_every_docs_page_is_linked_from_the_readme():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     missing = [p.name for p in doc_files()[1:] if f"docs/{p.name}" not in readme]
