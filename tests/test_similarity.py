@@ -382,7 +382,7 @@ def test_align_auto_selects_by_the_metric(tmp_path):
     by = {m: SelectSettings(metric=m) for m in ("mutual_knn", "cka")}
     assert resolve_layers("auto", spec, sel, by["mutual_knn"]) == ("block.0", "embeddings")
     assert resolve_layers("auto", spec, sel, by["cka"]) == ("block.1", "layer.1")
-    # a metric it did not score: selected again, by that metric, and selection.json says so
+    # a metric it did not score: selected again, by that metric ...
     result = run_cli(
         "align", "--store", str(store), "--dataset", "toy", "--image-model", "img-model",
         "--text-model", "txt-model", "--select-dir", str(sel), "--out", str(tmp_path / "run"),
@@ -393,6 +393,8 @@ def test_align_auto_selects_by_the_metric(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["image_layer"], config["text_layer"]) == ("block.1", "layer.1")
     assert config["layer_metric"] == "svcca"
-    assert json.loads((sel / "selection.json").read_text())["metric"] == "svcca"
+    # ... into a folder of its own: the selection of another metric is never rewritten
+    assert json.loads((sel / "selection.json").read_text())["metric"] == "cka"
+    assert json.loads((tmp_path / "sel-svcca" / "selection.json").read_text())["metric"] == "svcca"
     bad = run_cli(*select_args(store, sel, "--metric", "cka,nope"))
     assert isinstance(bad.exception, UserError) and "unknown metric" in str(bad.exception)
