@@ -1,4 +1,4 @@
-"""Layer similarity metrics from per-layer structures built once, and their permutation null.
+"""Layer similarity metrics, each scored from per-layer structures built once: their registry.
 
 Two representations X (n, dx), Y (n, dy) of the same n samples; each row is L2-normalised
 first (as platonic-rep's `compute_score` does before every metric). N_X(i) is the list of the
@@ -39,7 +39,8 @@ As a decorator it registers a function (image side, text side, perm) -> (Li, Lt)
 with `scorer=`, a function (names, image side, text side, perm) -> {name: table} that scores
 several metrics at once: the metrics registered with one scorer are scored in one call (the
 graph metrics share their edge lookups, the CKA family its Gram products). A name is lowercase,
-without commas; registering it again replaces the entry.
+without commas; registering it again replaces the entry. A metric that reads a structure of
+its own registers that first (`stages.structures.register_structure`).
 
 Per-layer structures, each built once per layer (`stages.structures.build_side`): the kNN graph
 (by the caller's exact search) and its edges' cosines; the centred Gram matrix Kc (or, when
