@@ -15,14 +15,15 @@ from a full N x N similarity matrix, an argsort of it and two N x N masks; it is
 few pairs in the same process and scaled to all pairs; its scores are checked in float64 too,
 where float32 rounding cannot swap neighbours.
 
---metrics: for each kind of structure (kNN graphs, their edges' cosines, centred Grams, those
-of l_hop_cka's kernel powers, singular bases, hcs's transition matrices P^l) the time to build
-it for all Li + Lt layers; for each metric, scoring all Li x Lt pairs from the structures, and
-the ratio (structures + pairs) / structures (the goal: under 2); the per-pair method (the
-structures rebuilt from the raw features for every pair, its scores checked equal) timed on a
-few pairs and scaled. With --calibrate K, the K-permutation null of each metric (the structures
-relabelled, no search). Peak RSS after each phase (torch's allocations are not seen by
-tracemalloc).
+--metrics: the metrics of the registry (`stages.similarity.register_metric`), grouped by the
+per-layer structures they read (kNN graphs, their edges' cosines, centred Grams, those of
+l_hop_cka's kernel powers, singular bases, hcs's transition matrices P^l, or a registered
+kind): the time to build each group's structures for all Li + Lt layers; for each metric,
+scoring all Li x Lt pairs from the structures, and the ratio (structures + pairs) /
+structures (the goal: under 2); the per-pair method (the structures rebuilt from the raw
+features for every pair, its scores checked equal) timed on a few pairs and scaled. With
+--calibrate K, the K-permutation null of each metric (the structures relabelled, no search).
+Peak RSS after each phase (torch's allocations are not seen by tracemalloc).
 
 Features are synthetic (a shared latent at layer-dependent strength plus noise), generated
 one layer at a time outside the timers.
@@ -49,14 +50,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stages import similarity  # noqa: E402
-from stages.select import (  # noqa: E402
-    fastest_search,
-    knn_graph,
-    metric_sides,
-    resolve_k,
-    torch_device,
-)
+from stages import calibration, similarity, structures  # noqa: E402
+from stages.device import resolve_device  # noqa: E402
+from stages.knn import fastest_search, knn_graph, resolve_k  # noqa: E402
+from stages.select import metric_sides  # noqa: E402
 
 LATENT = 32
 
@@ -138,7 +135,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs", type=int, default=3, help="pairs timed per-pair")
     parser.add_argument(
-        "--metrics", default="", help="comma list, or all: each metric from cached structures"
+        "--metrics", default="", help="a comma list, or all: each metric from cached structures"
     )
     parser.add_argument("--calibrate", type=int, default=0, help="permutations K (--metrics)")
     args = parser.parse_args()
@@ -152,7 +149,7 @@ def mutual_knn_table_vs_authors(args: argparse.Namespace) -> None:
     """The default: the mutual-kNN table vs the Gram floor and the authors' per-pair method."""
     n, dim, li, lt = args.n, args.dim, args.image_layers, args.text_layers
     k = resolve_k(args.k, n)
-    base_device = torch_device(args.device)
+    base_device = str(resolve_device(args.device))
     print(
         f"N={n} D={dim} layers {li} x {lt} = {li * lt} pairs, k={k}, "
         f"ours on {args.device}, authors' method on {base_device}, "
@@ -268,7 +265,7 @@ def metric_suite(args: argparse.Namespace) -> None:
     n, dim, li, lt = args.n, args.dim, args.image_layers, args.text_layers
     k = resolve_k(args.k, n)
     metrics = similarity.parse_metrics(args.metrics)
-    device = torch_device(args.device)
+    device = str(resolve_device(args.device))
     print(
         f"N={n} D={dim} layers {li} x {lt} = {li * lt} pairs, k={k}, metrics {metrics}, "
         f"torch on {device}, {torch.get_num_threads()} threads; {cpu_model()}; "
@@ -280,32 +277,25 @@ def metric_suite(args: argparse.Namespace) -> None:
         return [make_layer(modality, i, count, n, dim, args.seed) for i in range(count)]
 
     image, text = layers(0), layers(1)  # outside the timers
-    ordered = any(m in similarity.RANKED_METRICS for m in metrics)  # as the stage builds them
+    ordered = "ranked_graph" in similarity.structures_for(metrics)  # as the stage builds them
     knn_graph(image[0][:500], 5, args.device)  # warm-up: search backend timing, imports
     print(f"features: {4 * n * dim * (li + lt) / 2**20:.0f} MiB; RSS {peak_rss_mib():.0f} MiB")
 
-    # -- structures, one kind at a time -----------------------------------------------------
-    kinds = {
-        "graph": [m for m in metrics if m in similarity.GRAPH_METRICS][:1],
-        "edge cosines": ["cknna"] if "cknna" in metrics else [],
-        "gram": [m for m in metrics if m in ("cka", "unbiased_cka")][:1],
-        "hop grams": ["l_hop_cka"] if "l_hop_cka" in metrics else [],  # one Gram a level
-        "basis": ["svcca"] if "svcca" in metrics else [],
-        "transitions": ["hcs"] if "hcs" in metrics else [],  # P^l / 2 of every level
-    }
-    built, seconds, graphs = {}, {}, None
-    for kind, wanted in kinds.items():
-        if not wanted:
-            continue
+    # -- structures: the metrics grouped by the structures the registry says they read ---------
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for metric in metrics:
+        groups.setdefault(tuple(similarity.structures_for([metric])), []).append(metric)
+    built, seconds, graphs, graph_s = {}, {}, None, 0.0
+    for kind in groups:
         sync(device)
         start = time.perf_counter()
         sides = []
         for modality, feats in enumerate((image, text)):
             sides.append(
-                similarity.build_side(
+                structures.build_side(
                     feats,
                     len(feats),
-                    wanted,
+                    kind,
                     lambda x, i: knn_graph(x, k, args.device, ordered=ordered),
                     graphs=None if graphs is None else graphs[modality],
                     device=device,
@@ -315,30 +305,24 @@ def metric_suite(args: argparse.Namespace) -> None:
             sides[1].edge_index = similarity.edge_indexes(sides[1].graphs)
         sync(device)
         seconds[kind] = time.perf_counter() - start
-        if kind == "graph":
+        if "graph" in kind and graphs is None:  # the first group with graphs builds them
             graphs = [side.graphs.cpu().numpy() for side in sides]
+            graph_s = seconds[kind]
+        elif "graph" in kind:  # the others reuse them: their time includes the graphs'
+            seconds[kind] += graph_s
         built[kind] = sides
         print(
-            f"structures {kind}: {li + lt} layers in {seconds[kind]:.2f} s; "
-            f"peak RSS {peak_rss_mib():.0f} MiB"
+            f"structures {' + '.join(kind)} ({', '.join(groups[kind])}): {li + lt} layers in "
+            f"{seconds[kind]:.2f} s; peak RSS {peak_rss_mib():.0f} MiB"
         )
-    if "edge cosines" in built:  # cknna's structures: the graphs and their edges' cosines
-        seconds["edge cosines"] += seconds["graph"]
-
-    def kind_of(metric: str) -> str:
-        named = {"cknna": "edge cosines", "l_hop_cka": "hop grams", "hcs": "transitions"}
-        if metric in named:
-            return named[metric]
-        if metric in similarity.GRAPH_METRICS:
-            return "graph"
-        return "gram" if metric in similarity.GRAM_METRICS else "basis"
+    kind_of = {metric: kind for kind, names in groups.items() for metric in names}
 
     # -- every pair from the structures --------------------------------------------------------
     tables = {}
     print(f"{'metric':>13} {'structures':>11} {'pairs':>8} {'ratio':>6} {'per-pair':>10} speed-up")
     for metric in metrics:
-        kind = kind_of(metric)
-        per_pair_knn = partial(pair_knn, k=k, ordered=metric in similarity.RANKED_METRICS)
+        kind = kind_of[metric]
+        per_pair_knn = partial(pair_knn, k=k, ordered="ranked_graph" in kind)
         sync(device)
         start = time.perf_counter()
         tables[metric] = similarity.tables([metric], *built[kind])[metric]
@@ -349,8 +333,8 @@ def metric_suite(args: argparse.Namespace) -> None:
         for i, j in [(0, 0), (li - 1, lt - 1), (li // 2, lt // 2)][: args.pairs]:
             sync(device)
             start = time.perf_counter()
-            one = similarity.build_side([image[i]], 1, [metric], per_pair_knn)
-            two = similarity.build_side([text[j]], 1, [metric], per_pair_knn)
+            one = structures.build_side([image[i]], 1, kind, per_pair_knn)
+            two = structures.build_side([text[j]], 1, kind, per_pair_knn)
             value = similarity.tables([metric], one, two)[metric][0, 0]
             sync(device)
             per_pair.append(time.perf_counter() - start)
@@ -370,13 +354,13 @@ def metric_suite(args: argparse.Namespace) -> None:
     if args.calibrate:
         print(f"calibration: K = {args.calibrate} permutations, each applied to all pairs")
         for metric in metrics:
-            kind = kind_of(metric)
+            kind = kind_of[metric]
             sync(device)
             start = time.perf_counter()
-            null = similarity.permutation_null([metric], *built[kind], args.calibrate, args.seed)
+            null = calibration.permutation_null([metric], *built[kind], args.calibrate, args.seed)
             sync(device)
             null_s = time.perf_counter() - start
-            result = similarity.calibrate_table(tables[metric], null[metric])
+            result = calibration.calibrate_table(tables[metric], null[metric])
             print(
                 f"  {metric:>13}: {null_s:.2f} s ({null_s / args.calibrate * 1e3:.0f} ms a "
                 f"permutation, {null_s / seconds[kind]:.2f}x the structures); max pair "

@@ -275,6 +275,104 @@ def test_selection_of_another_store_is_not_reused(toy, tmp_path):
 # (cases of this area go below this line, above the next marker)
 
 
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory) -> Path:
+    """A planted store (f.zarr) and a good selection of it (sel/)."""
+    from tests.test_select import planted_store, select_args
+
+    root = tmp_path_factory.mktemp("select")
+    planted_store(root / "f.zarr", n_images=60, captions=1)
+    invoke(*select_args(root / "f.zarr", root / "sel", "--no-progress"))
+    return root
+
+
+def select_refused(selected: Path, out: Path, capsys, *extra: str) -> str:
+    """Run select into `out`: exit 2, one `error:` line, nothing on disk changed."""
+    from tests.helpers import one_line_error
+    from tests.test_select import select_args
+
+    before = files(selected)
+    code, _, stderr = run_cli(["--params", "/dev/null", *select_args(selected / "f.zarr", out,
+                                                                     "--no-progress", *extra)],
+                              capsys)  # fmt: skip
+    assert code == 2, stderr
+    assert files(selected) == before
+    return one_line_error(stderr)
+
+
+def test_select_calibrate_below_19_is_refused_naming_the_smallest_k(selected, capsys):
+    line = select_refused(selected, selected / "sel", capsys, "--calibrate", "3")
+    assert "--calibrate 3" in line and "at least 19" in line and "95th percentile" in line
+    select_refused(selected, selected / "sel", capsys, "--calibrate", "18")
+
+
+def test_select_out_that_is_a_file_or_under_a_file_is_refused_before_any_work(selected, capsys):
+    (selected / "a-file").write_text("keep me")
+    line = select_refused(selected, selected / "a-file", capsys)
+    assert "--out" in line and "is a file" in line
+    line = select_refused(selected, selected / "a-file" / "sel", capsys)
+    assert "a-file is a file, not a folder" in line
+
+
+def test_select_out_holding_other_files_is_not_replaced(selected, capsys):
+    """Not listed: the selection replaces its whole directory, never a folder of other things."""
+    (selected / "mine").mkdir(exist_ok=True)
+    (selected / "mine" / "notes.txt").write_text("my notes")
+    line = select_refused(selected, selected / "mine", capsys)
+    assert "'notes.txt'" in line and "not part of a selection" in line
+
+
+def test_select_unknown_metric_lists_the_registry(selected, capsys):
+    line = select_refused(selected, selected / "new", capsys, "--metric", "cka,nope")
+    assert "unknown metric ['nope']" in line and "mutual_knn" in line
+    assert not (selected / "new").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
+def test_select_device_cuda_without_a_gpu_is_one_line(selected, capsys):
+    line = select_refused(selected, selected / "new", capsys, "--device", "cuda")
+    assert "cuda" in line and "no CUDA GPU" in line
+
+
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda sel: (sel / "selection.json").write_text("{not json"), "selection.json: not valid"),
+        (lambda sel: (sel / "selection.json").unlink(), "selection.json: missing"),
+        (lambda sel: (sel / "heatmap.png").unlink(), "heatmap.png: missing"),
+        (lambda sel: (sel / "selection.json").write_text("[]"), "must hold a JSON object"),
+        # not listed: scores.parquet edited after the selection was written
+        (lambda sel: __import__("pandas").read_parquet(sel / "scores.parquet").assign(score=1.0)
+         .to_parquet(sel / "scores.parquet"), "scores.parquet: changed since it was written"),
+    ],
+)  # fmt: skip
+def test_a_damaged_selection_is_refused_by_its_one_reader(selected, tmp_path, damage, named):
+    from stages.select import read_selection
+    from store import UserError
+
+    sel = tmp_path / "sel"
+    shutil.copytree(selected / "sel", sel)
+    damage(sel)
+    with pytest.raises(UserError) as err:
+        read_selection(sel, required=True)
+    message = str(err.value)
+    assert "\n" not in message and named in message
+    assert f"python -m pipeline select --out {sel}" in message
+
+
+def test_a_selection_json_of_the_wrong_shape_names_the_key(selected, tmp_path):
+    from stages.select import read_selection
+    from store import UserError
+
+    sel = tmp_path / "sel"
+    shutil.copytree(selected / "sel", sel)
+    info = json.loads((sel / "selection.json").read_text())
+    (sel / "selection.json").write_text(json.dumps({**info, "image_index": "one"}))
+    with pytest.raises(UserError, match="`image_index` must be int"):
+        read_selection(sel)
+    assert read_selection(tmp_path / "nothing-here") is None  # nothing to reuse: None
+
+
 # ==== ENCODERS, EXTRACT, STORE, MODEL API, CLASSIFY, EMBED, EXPORT ====
 # (cases of this area go below this line, above the next marker)
 

@@ -194,6 +194,95 @@ def test_pickled_weights_file_is_one_line_not_loaded(tmp_path):
 # (cases of this area go below this line, above the next marker)
 
 
+@pytest.fixture(scope="module")
+def selection_root(tmp_path_factory):
+    """A planted store (f.zarr) and a good selection of it (sel/)."""
+    from tests.test_select import planted_store, select_args
+    from tests.test_select import run_cli as invoke
+
+    root = tmp_path_factory.mktemp("select-faults")
+    planted_store(root / "f.zarr", n_images=60, captions=1)
+    result = invoke(*select_args(root / "f.zarr", root / "sel", "--no-progress"))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def select_into(root, out, capsys, *extra):
+    from tests.test_select import select_args
+
+    return run_cli(["--params", "/dev/null", *select_args(root / "f.zarr", out, *extra)], capsys)
+
+
+def test_select_interrupted_while_writing_keeps_the_previous_selection(
+    selection_root, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C (the handler's SystemExit 130) between two heatmaps of the new selection: the
+    previous selection is byte-identical and no temporary is left beside it."""
+    import shutil
+
+    import stages.select
+
+    sel = tmp_path / "sel"
+    shutil.copytree(selection_root / "sel", sel)
+    before = files(sel)
+    real, calls = stages.select.plot_heatmap, []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise SystemExit(130)
+        real(*args)
+
+    monkeypatch.setattr(stages.select, "plot_heatmap", interrupted)
+    code, _, _ = select_into(selection_root, sel, capsys, "--metric", "cka,mutual_knn")
+    assert code == 130 and len(calls) == 2
+    assert files(sel) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sel.lock", "sel"]  # no temporary
+
+
+def test_select_second_writer_stops_with_one_line(selection_root, tmp_path, capsys):
+    """Not listed: another process holds the selection directory's lock while writing."""
+    import shutil
+
+    from store.io import writer_lock
+    from tests.helpers import one_line_error
+
+    sel = tmp_path / "sel"
+    shutil.copytree(selection_root / "sel", sel)
+    before = files(sel)
+    with writer_lock(sel):
+        code, _, stderr = select_into(selection_root, sel, capsys, "--no-progress", "--seed", "4")
+    assert code == 2 and "another process is writing" in one_line_error(stderr)
+    assert files(sel) == before
+
+
+def test_select_under_a_file_size_limit_is_one_line_and_keeps_the_selection(
+    selection_root, tmp_path
+):
+    """A heatmap too large for `ulimit -f`: one line, exit 2, the previous selection intact."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import one_line_error
+    from tests.test_select import select_args
+
+    sel = tmp_path / "sel"
+    shutil.copytree(selection_root / "sel", sel)
+    before = files(sel)
+    args = select_args(selection_root / "f.zarr", sel, "--no-progress", "--seed", "5")
+    command = " ".join([sys.executable, "-m", "pipeline", "--params", "/dev/null", *map(str, args)])
+    proc = subprocess.run(
+        ["bash", "-c", f"trap '' XFSZ; ulimit -f 8; {command}"], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "file too large" in one_line_error(proc.stderr)
+    assert files(sel) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sel.lock", "sel"]  # no temporary
+
+
 # ==== ENCODERS, EXTRACT, STORE, MODEL API, CLASSIFY, EMBED, EXPORT ====
 # (cases of this area go below this line, above the next marker)
 

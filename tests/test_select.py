@@ -17,26 +17,23 @@ from typer.testing import CliRunner
 
 import pipeline.commands  # noqa: F401  (registers the commands)
 from pipeline.app import app
-from stages.pairs import PairSpec
-from stages.select import (
+from stages.knn import (
     CPU_SEARCHES,
     GPU_SEARCHES,
     SEARCHES,
-    SelectSettings,
     blas_controller,
     knn_graph,
-    mutual_knn_scores,
     normalise_rows,
     rank_candidates,
     resolve_k,
-    resolve_layers,
-    sample_pairs,
     search_backends,
     search_blas,
     similarities,
     similarity_error,
     working,
 )
+from stages.pairs import PairSpec
+from stages.select import SelectSettings, mutual_knn_scores, sample_pairs
 from stages.similarity import graph_overlap
 from store import FeatureStore, UserError
 from tests.helpers import write_features, write_pairs_manifest
@@ -283,7 +280,7 @@ def tied_and_near_tied_rows(seed: int = 9) -> np.ndarray:
 
 GRAPHS_SCRIPT = """
 import sys, numpy as np
-from stages.select import CPU_SEARCHES, knn_graph
+from stages.knn import CPU_SEARCHES, knn_graph
 x = np.load(sys.argv[1])
 graphs = [knn_graph(x, 9, "cpu", search=s, ordered=o) for s in CPU_SEARCHES for o in (1, 0)]
 np.save(sys.argv[2], np.stack(graphs))
@@ -575,6 +572,8 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path):
 
 # -- --layers for align -------------------------------------------------------------------------
 def test_resolve_layers(tmp_path):
+    from stages.align import resolve_layers  # align's since the select stage split
+
     store_path, sel = tmp_path / "f.zarr", tmp_path / "sel"
     planted_store(store_path)
     args = (PairSpec(store_path, "toy", "train", "img-model", "txt-model"), sel)
