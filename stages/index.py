@@ -15,6 +15,7 @@ checks the schema and the checksums before FAISS reads a byte.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,11 @@ def open_index(index_dir: str | Path):
     import faiss
 
     index_dir = Path(index_dir)
+    if index_dir.is_dir() and not {META_FILE, INDEX_FILE, ROWS_FILE} & set(os.listdir(index_dir)):
+        raise UserError(
+            f"{index_dir} is not an index (no {META_FILE}, {INDEX_FILE} or {ROWS_FILE}); build "
+            f"one with `python -m pipeline index --run RUN --out {index_dir}`"
+        )
     kind = _index_kind(index_dir)
     meta = read_description(kind, index_dir)
     try:

@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 
 from pipeline.app import app
+from stages.heads import CHECKPOINT
 from stages.index import check_model_matches, index_model_path, open_index, search
-from stages.model import AlignedModel
+from stages.model import AlignedModel, run_id
 from store import UserError
 
 
@@ -33,6 +34,8 @@ def search_command(
         raise UserError('the text query is empty; give some words, e.g. search --index DIR "a dog"')
     faiss_index, rows, meta = open_index(index)
     model_path = index_model_path(meta, index, run)
+    if (model_path / CHECKPOINT).is_file():  # refused before any encoder is loaded
+        check_model_matches(meta, run_id(model_path), index, model_path)
     model = AlignedModel.load(model_path, device)
     check_model_matches(meta, model.run_id, index, model_path)
     vector = model.encode_image(image) if image is not None else model.encode_text([query])
