@@ -394,7 +394,13 @@ def comparison_table(runs: Sequence[str | Path], names: Sequence[str] | None = N
             "n_pairs": summary["n_pairs"],
         }
         for column in EVAL_COLUMNS:
-            row[column.header] = column.read(metrics)
+            value = column.read(metrics)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(
+                    f"{path / METRICS}: `{column.section}.{column.key}` must be a number, not "
+                    f"{value!r:.40}; run `python -m pipeline evaluate --run {path}` again"
+                )
+            row[column.header] = value
         rows.append(row)
     return pd.DataFrame(rows, columns=list(COMPARE_COLUMNS))
 

@@ -542,3 +542,30 @@ def test_index_of_a_run_config_without_its_image_model_or_layer(toy, tmp_path, c
     line = one_error(*run_cli([*args, "--out", tmp_path / "ix"], capsys)[::2])
     assert f"config.json lacks {drop}" in line and "python -m pipeline align" in line
     assert not (tmp_path / "ix").exists()
+
+
+def test_compare_refuses_a_metric_that_is_not_a_number(toy, tmp_path, capsys):
+    """Not listed: metrics.json edited by hand (a percentage written as text)."""
+    run = tmp_path / "run"
+    shutil.copytree(toy / "run", run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["retrieval"]["i2t_r5"] = "95 %"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    before = files(tmp_path)
+    out = tmp_path / "t.md"
+    line = one_error(*run_cli(["compare", run, "--out-md", out], capsys)[::2])
+    assert "retrieval.i2t_r5" in line and "python -m pipeline evaluate --run" in line
+    assert files(tmp_path) == before
+
+
+def test_eval_columns_are_the_one_list_compare_reads(toy):
+    from stages.evaluate import COMPARE_COLUMNS, EVAL_COLUMNS, comparison_table, eval_column
+
+    metrics = json.loads((toy / "run/metrics.json").read_text())
+    table = comparison_table([toy / "run"])
+    assert list(table.columns)[-len(EVAL_COLUMNS) :] == [c.header for c in EVAL_COLUMNS]
+    assert list(table.columns) == list(COMPARE_COLUMNS)
+    for column in EVAL_COLUMNS:
+        assert table[column.header].iloc[0] == metrics[column.section][column.key]
+    assert eval_column("zs_top1") is eval_column("zs top1")
+    assert np.isnan(eval_column("t2i_r10").read({"retrieval": {"skipped": "no captions"}}))
