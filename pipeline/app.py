@@ -29,8 +29,13 @@ def _one_line_paragraphs(text: str | None) -> str | None:
     return "\n\n".join(re.sub(r"\s*\n\s*", " ", p) for p in paragraphs)
 
 
+STATES_DEFAULT = re.compile(r"\(default[ :]|\bby default\b", re.IGNORECASE)
+
+
 class Group(typer.core.TyperGroup):
-    """The app's command group: every command's and sub-command's help reads whole."""
+    """The app's command group: every command's and sub-command's help reads whole, and an
+    option whose help says its default (the run's own dataset, ...) shows no second one from
+    params.yaml."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -41,6 +46,9 @@ class Group(typer.core.TyperGroup):
 def _tidy_help(group: Any) -> None:
     for command in getattr(group, "commands", {}).values():
         command.help = _one_line_paragraphs(command.help)
+        for param in command.params:
+            if STATES_DEFAULT.search(getattr(param, "help", None) or ""):
+                param.show_default = False
         _tidy_help(command)
 
 

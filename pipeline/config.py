@@ -58,9 +58,8 @@ def load_params(path: str | Path, given: bool = True) -> dict[str, Any]:
         raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(params, dict):
         raise UserError(f"{path} must hold a mapping of sections")
-    for name, section in params.items():
-        if name in DVC_KEYS:
-            continue
+    for name in (COMMON, *COMMANDS):
+        section = params.get(name)
         if section is not None and not isinstance(section, dict):
             raise UserError(
                 f"{path}: section `{name}` must be a mapping of options, not {section!r}"
@@ -158,6 +157,10 @@ def check_params(
             raise UserError(
                 f"{path}: no command `{section}`{_suggest(str(section), sections)}; sections "
                 f"are {', '.join(sections)} (and {', '.join(DVC_KEYS)} for dvc.yaml)"
+            )
+        if values is not None and not isinstance(values, dict):
+            raise UserError(
+                f"{path}: section `{section}` must be a mapping of options, not {values!r:.40}"
             )
         for key, value in (values or {}).items():
             name = _param_name(key)

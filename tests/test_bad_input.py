@@ -382,6 +382,14 @@ def test_version_and_help_that_reads_whole(capsys):
 
     for name, text in helps(group):
         assert "\n" not in text.replace("\n\n", ""), f"{name}: a paragraph broken over lines"
+    # no option states its default in its help and shows another one (params.yaml's) beside it
+    for command in ("extract", "select", "align", "table", "sweep", "index", "evaluate"):
+        result = CliRunner().invoke(
+            app, ["--params", ROOT / "params.yaml", command, "--help"], env={"COLUMNS": "300"}
+        )
+        for line in result.output.splitlines():
+            said = "(default" in line or "by default" in line
+            assert not (said and "[default:" in line), line
     # evaluate's and index's --dataset state one default (the run's), not params.yaml's too
     for command in ("index", "evaluate"):
         result = CliRunner().invoke(
