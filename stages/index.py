@@ -56,9 +56,10 @@ INDEX = ArtifactKind(
 )
 
 
-def index_command(run: str | Path, dataset: str, split: str, out: str | Path) -> str:
-    """The command that builds this index again."""
-    return f"python -m pipeline index --run {run} --dataset {dataset} --split {split} --out {out}"
+def index_command(run: str | Path, dataset: str | None, split: str, out: str | Path) -> str:
+    """The command that builds this index again (the run's own dataset when `dataset` is None)."""
+    given = f" --dataset {dataset}" if dataset else ""
+    return f"python -m pipeline index --run {run}{given} --split {split} --out {out}"
 
 
 def make_index(embeddings: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0):
@@ -171,15 +172,19 @@ def build_index(
 
 
 def _index_kind(index_dir: Path) -> ArtifactKind:
-    """INDEX, whose remake hint names the run, dataset and split when index.json still does."""
+    """INDEX, whose remake hint names the run, dataset and split that index.json still names."""
     try:
         meta = json.loads((index_dir / META_FILE).read_text(encoding="utf-8"))
-        fields = [meta["run"], meta["dataset"], meta["split"]]
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError):
         return INDEX
-    if not all(isinstance(f, str) for f in fields):
+    if not isinstance(meta, dict):
         return INDEX
-    return replace(INDEX, remake=index_command(*fields, "{path}"))
+    run, dataset, split = (meta.get(key) for key in ("run", "dataset", "split"))
+    if not isinstance(split, str):
+        return INDEX
+    run = run if isinstance(run, str) else "RUN"
+    dataset = dataset if isinstance(dataset, str) else None
+    return replace(INDEX, remake=index_command(run, dataset, split, "{path}"))
 
 
 def open_index(index_dir: str | Path):
