@@ -162,23 +162,14 @@ def check_params(
             raise UserError(
                 f"{path}: section `{section}` must be a mapping of options, not {values!r:.40}"
             )
+        # the commands this section applies to: every command for `common`, else its own
+        applies = list(options.values()) if section == COMMON else [options[section]]
+        what = "any command" if section == COMMON else f"`{section}`"
         for key, value in (values or {}).items():
             name = _param_name(key)
-            holders = (
-                [own[name] for own in options.values() if name in own]
-                if section == COMMON
-                else [options[section][name]]
-                if name in options[section]
-                else []
-            )
+            holders = [own[name] for own in applies if name in own]
             if not holders:
-                known = (
-                    sorted({n for own in options.values() for n in own})
-                    if section == COMMON
-                    else list(options[section])
-                )
-                known = [OPTION_KEYS.get(n, n) for n in known]
-                what = "any command" if section == COMMON else f"`{section}`"
+                known = sorted({OPTION_KEYS.get(n, n) for own in applies for n in own})
                 raise UserError(
                     f"{path} {section}.{key}: no such option of {what}{_suggest(str(key), known)}"
                 )
