@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import signal
 import sys
 import warnings
@@ -11,10 +13,47 @@ from typing import Any
 
 import typer
 
-from pipeline.config import default_map, load_params
+from pipeline.config import CommandTree, check_params, default_map, load_params
 from store.errors import UserError
 
+PACKAGE = "structure-align"  # the distribution name in pyproject.toml
+PARAMS_META = "pipeline.params"  # ctx.meta key: the parameters file as loaded
+
+
+def _one_line_paragraphs(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line: typer's rich help keeps single line breaks,
+    which break a sentence mid-way in the command list; the terminal wraps them whole."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(re.sub(r"\s*\n\s*", " ", p) for p in paragraphs)
+
+
+STATES_DEFAULT = re.compile(r"\(default[ :]|\bby default\b", re.IGNORECASE)
+
+
+class Group(typer.core.TyperGroup):
+    """The app's command group: every command's and sub-command's help reads whole, and an
+    option whose help says its default (the run's own dataset, ...) shows no second one from
+    params.yaml."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _one_line_paragraphs(self.help)
+        _tidy_help(self)
+
+
+def _tidy_help(group: Any) -> None:
+    for command in getattr(group, "commands", {}).values():
+        command.help = _one_line_paragraphs(command.help)
+        for param in command.params:
+            if STATES_DEFAULT.search(getattr(param, "help", None) or ""):
+                param.show_default = False
+        _tidy_help(command)
+
+
 app = typer.Typer(
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -22,17 +61,81 @@ app = typer.Typer(
 )
 
 
+def package_version() -> str:
+    """The installed package's version; from pyproject.toml when running from a checkout that
+    was not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"{PACKAGE} {package_version()}")
+        raise typer.Exit()
+
+
+def command_tree(group: Any) -> CommandTree:
+    """{command: None} per command, {group: {sub-command: None}} per group of `group`."""
+    return {
+        name: dict.fromkeys(command.commands) if hasattr(command, "commands") else None
+        for name, command in group.commands.items()
+    }
+
+
+def command_options(group: Any) -> dict[str, dict[str, Any]]:
+    """Per params.yaml section (a command, or a group: the options of all its sub-commands),
+    its options by parameter name."""
+    sections: dict[str, dict[str, Any]] = {}
+    for name, command in group.commands.items():
+        leaves = command.commands.values() if hasattr(command, "commands") else [command]
+        options = sections.setdefault(name, {})
+        for leaf in leaves:
+            for param in leaf.params:
+                if param.param_type_name == "option" and param.name and param.expose_value:
+                    options.setdefault(param.name, param)
+    return sections
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
     params: Path = typer.Option(
-        Path("params.yaml"), "--params", help="YAML file with every default; flags override it."
+        Path("params.yaml"),
+        "--params",
+        help="YAML file with the defaults of every command; flags on the command line win.",
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        expose_value=False,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """Commands read their defaults from --params (params.yaml in the working directory)."""
     source = ctx.get_parameter_source("params")
     given = source is not None and source.name != "DEFAULT"
-    ctx.default_map = default_map(load_params(params, given))
+    if not given and not params.exists():
+        typer.echo(
+            f"note: no {params} in {Path.cwd()}: every command uses its built-in defaults "
+            "(see its --help); give a parameters file with --params FILE",
+            err=True,
+        )
+    loaded = load_params(params, given)
+    check_params(loaded, command_options(ctx.command), params)
+    ctx.meta[PARAMS_META] = loaded
+    ctx.default_map = default_map(loaded, command_tree(ctx.command))
 
 
 def from_params(ctx: typer.Context, name: str) -> bool:
@@ -44,8 +147,13 @@ def from_params(ctx: typer.Context, name: str) -> bool:
 
 def run_option(ctx: typer.Context, name: str, value: Any) -> Any:
     """An option whose default is the run's own (dataset of evaluate, index): the value given on
-    the command line, else None; params.yaml's `common` value is another dataset's default."""
-    return None if from_params(ctx, name) else value
+    the command line or in the command's own params.yaml section, else None (`common`'s value
+    is the default of the commands that make features and runs, not a run's own)."""
+    if not from_params(ctx, name):
+        return value
+    section = (ctx.meta.get(PARAMS_META) or {}).get(ctx.info_name) or {}
+    own = {n.replace("-", "_") for n in section}
+    return value if name in own else None
 
 
 def progress_option() -> Any:

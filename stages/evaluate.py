@@ -17,7 +17,8 @@ so P(hit at K) = P(g + X < K) = 1 - C(e, K - g) / C(e + r, K - g) (0 when g >= K
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,11 +177,40 @@ RUN_FIELDS = (
     "image_model", "text_model", "dataset", "image_layer", "text_layer", "head",
     "lambda", "levels", "temperature", "n_pairs", "n_train", "seed",
 )  # fmt: skip
+# what a run's config.json must name for its heads to be applied to stored features
+FEATURE_KEYS = ("image_model", "text_model", "image_layer", "text_layer")
 
 
 def run_summary(config: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """The fields of an align run's config.json that a comparison needs (None when absent)."""
-    return {"run_dir": str(run_dir), **{key: config.get(key) for key in RUN_FIELDS}}
+    """The fields of an align run's config.json that a comparison needs (None when absent), and
+    whether the run was allowed to train on evaluation pairs (`allow_overlap`, false when the
+    config does not say)."""
+    return {
+        "run_dir": str(run_dir),
+        **{key: config.get(key) for key in RUN_FIELDS},
+        "allow_overlap": config.get("allow_overlap", False) is True,
+    }
+
+
+def require_run_keys(config: Any, run_dir: str | Path, keys: Sequence[str]) -> dict[str, Any]:
+    """The run's config, refused (one line naming the file and the command that makes it again)
+    when it is not a JSON object or any of `keys` is missing or not a non-empty string."""
+    path = Path(run_dir) / "config.json"
+    again = f"train it again with `python -m pipeline align --out {run_dir}`"
+    if not isinstance(config, dict):
+        raise UserError(f"{path} must hold a JSON object, not {type(config).__name__}; {again}")
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; {again}")
+    bad = [k for k in keys if not isinstance(config[k], str) or not config[k]]
+    if bad:
+        raise UserError(
+            f"{path}: `{bad[0]}` must be a non-empty string, not {config[bad[0]]!r}; {again}"
+        )
+    dataset = config.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        raise UserError(f"{path}: `dataset` must be a string, not {dataset!r}; {again}")
+    return config
 
 
 def evaluate_run(
@@ -196,13 +226,7 @@ def evaluate_run(
     no labels, retrieval when it has no captions; the metrics then say why.
     """
     config, image_head, text_head = load_run(run_dir)
-    missing = [
-        k for k in ("image_model", "text_model", "image_layer", "text_layer") if k not in config
-    ]
-    if missing:
-        raise UserError(
-            f"{run_dir}/config.json lacks {', '.join(missing)}; train it again with align"
-        )
+    require_run_keys(config, run_dir, FEATURE_KEYS)
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     dataset = dataset or config.get("dataset")
     if not dataset:
@@ -282,16 +306,50 @@ def evaluate_run(
 
 
 # -- comparing runs ---------------------------------------------------------------------------
-COMPARE_COLUMNS = (
-    "run", "head", "layers (img/txt)", "lambda", "n_pairs", "zs top1", "zs top5",
-    "I2T R@1", "I2T R@5", "I2T R@10", "T2I R@1", "T2I R@5", "T2I R@10",
+@dataclass(frozen=True)
+class EvalColumn:
+    """One evaluation metric as a column of every table of runs (compare, table, sweep).
+
+    name: the machine name (sweep.csv's column); header: the column of compare's and table's
+    Markdown and CSV; section, key: where metrics.json holds the value; title: a plot's title.
+    """
+
+    name: str
+    header: str
+    section: str
+    key: str
+    title: str
+
+    def read(self, metrics: Mapping[str, Any]) -> float:
+        """The value in a metrics.json object; NaN when the run skipped it (no labels, ...)."""
+        section = metrics.get(self.section)
+        value = section.get(self.key) if isinstance(section, Mapping) else None
+        return np.nan if value is None else value
+
+
+_SIDES = {"i2t": ("I2T", "image→text"), "t2i": ("T2I", "text→image")}
+# THE list of evaluation metrics, in table order: evaluate writes them, every table reads them
+EVAL_COLUMNS: tuple[EvalColumn, ...] = (
+    EvalColumn("zs_top1", "zs top1", "zero_shot", "top1", "zero-shot top-1 (%)"),
+    EvalColumn("zs_top5", "zs top5", "zero_shot", "top5", "zero-shot top-5 (%)"),
+    *(
+        EvalColumn(f"{side}_r{k}", f"{short} R@{k}", "retrieval", f"{side}_r{k}",
+                   f"{long} R@{k} (%)")
+        for side, (short, long) in _SIDES.items()
+        for k in (1, 5, 10)
+    ),
 )  # fmt: skip
-_METRIC_COLUMNS = {
-    "zs top1": ("zero_shot", "top1"),
-    "zs top5": ("zero_shot", "top5"),
-    **{f"I2T R@{k}": ("retrieval", f"i2t_r{k}") for k in (1, 5, 10)},
-    **{f"T2I R@{k}": ("retrieval", f"t2i_r{k}") for k in (1, 5, 10)},
-}
+COMPARE_COLUMNS = (
+    "run", "head", "layers (img/txt)", "lambda", "n_pairs", *(c.header for c in EVAL_COLUMNS),
+)  # fmt: skip
+
+
+def eval_column(name: str) -> EvalColumn:
+    """The column called `name` (its machine name or its header)."""
+    for column in EVAL_COLUMNS:
+        if name in (column.name, column.header):
+            return column
+    raise KeyError(f"no evaluation column {name!r}; known: {[c.name for c in EVAL_COLUMNS]}")
 
 
 def _read_json(path: Path, hint: str) -> dict[str, Any]:
@@ -335,8 +393,14 @@ def comparison_table(runs: Sequence[str | Path], names: Sequence[str] | None = N
             "lambda": summary["lambda"],
             "n_pairs": summary["n_pairs"],
         }
-        for column, (section, key) in _METRIC_COLUMNS.items():
-            row[column] = (metrics.get(section) or {}).get(key, np.nan)
+        for column in EVAL_COLUMNS:
+            value = column.read(metrics)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(
+                    f"{path / METRICS}: `{column.section}.{column.key}` must be a number, not "
+                    f"{value!r:.40}; run `python -m pipeline evaluate --run {path}` again"
+                )
+            row[column.header] = value
         rows.append(row)
     return pd.DataFrame(rows, columns=list(COMPARE_COLUMNS))
 

@@ -379,3 +379,299 @@ def test_a_selection_json_of_the_wrong_shape_names_the_key(selected, tmp_path):
 
 # ==== EVALUATE, INDEX, SEARCH, SETTINGS (params.yaml) ====
 # (cases of this area go below this line, above the next marker)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_error(code: int, stderr: str) -> str:
+    """The one `error: ` line of a refused command (exit 2, nothing else on stderr)."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
+    return stderr.strip()
+
+
+# -- settings: params.yaml / --params, wherever they come from -----------------------------------
+PARAMS_CASES = {
+    # listed: a typo is refused with the key's path, not ignored
+    "align.lamda typo": ("align:\n  lamda: 0\n", "align.lamda", "lambda"),
+    # not listed: a typo in common, a misspelt section, wrong types in sections nobody listed
+    "common.stor typo": ("common:\n  stor: x.zarr\n", "common.stor", "store"),
+    "section typo": ("algin:\n  lambda: 0\n", "algin", "align"),
+    "index.exact_max text": ("index:\n  exact_max: many\n", "index.exact_max", "many"),
+    "select.calibrate fraction": ("select:\n  calibrate: 2.5\n", "select.calibrate", "2.5"),
+    "common.seed text": ("common:\n  seed: abc\n", "common.seed", "abc"),
+    "sweep.workers a mapping": ("sweep:\n  workers: {a: 1}\n", "sweep.workers", "mapping"),
+    "extract.overwrite not a bool": ("extract:\n  overwrite: maybe\n", "extract.overwrite", ""),
+    "evaluate.split a bool": ("evaluate:\n  split: no\n", "evaluate.split", "quote"),
+    "store section typo": ("store:\n  repare: true\n", "store.repare", "repair"),
+}
+
+
+@pytest.mark.parametrize("text, path, hint", PARAMS_CASES.values(), ids=PARAMS_CASES.keys())
+def test_params_keys_and_types_are_checked(toy, tmp_path, capsys, text, path, hint):
+    params = tmp_path / "p.yaml"
+    params.write_text(text)
+    before = files(toy)
+    args = ["--params", params, "store", "ls", "--store", toy / "features.zarr"]
+    line = one_error(*run_cli(args, capsys)[::2])
+    assert f"{params} {path}" in line or f"`{path}`" in line, line
+    assert hint in line
+    assert files(toy) == before
+
+
+def test_the_repos_params_yaml_passes_the_check_dvc_keys_included(toy, capsys):
+    params = yaml_load(ROOT / "params.yaml")
+    assert {"image_splits", "text_splits", "variants"} <= set(params)
+    args = ["--params", ROOT / "params.yaml", "store", "ls", "--store", toy / "features.zarr"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and err == "", err
+    assert "toy" in out
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_common_store_is_honoured_by_the_store_commands(toy, tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text(f"common:\n  store: {toy / 'features.zarr'}\n")
+    code, out, err = run_cli(["--params", params, "store", "ls"], capsys)
+    assert code == 0, err
+    assert "toy" in out and "img" in out  # the toy store, not ./features.zarr
+    code, out, err = run_cli(["--params", params, "store", "verify"], capsys)
+    assert code == 0 and "toy/train/image/img: ok" in out, err
+    # a `store` section applies to every store sub-command, a flag still wins
+    params.write_text(f"store:\n  store: {tmp_path / 'none.zarr'}\n")
+    args = ["--params", params, "store", "ls", "--store", toy / "features.zarr"]
+    assert run_cli(args, capsys)[0] == 0
+    line = one_error(*run_cli(["--params", params, "store", "ls"], capsys)[::2])
+    assert "none.zarr" in line
+
+
+def test_without_params_yaml_one_line_says_the_built_in_defaults_apply(
+    toy, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["store", "ls", "--store", toy / "features.zarr"], capsys)
+    assert code == 0 and "toy" in out
+    assert len(err.strip().splitlines()) == 1
+    assert "no params.yaml" in err and "built-in defaults" in err
+    # with --params, or with a params.yaml there, nothing is said
+    (tmp_path / "params.yaml").write_text("common:\n  seed: 0\n")
+    assert run_cli(["store", "ls", "--store", toy / "features.zarr"], capsys)[2] == ""
+
+
+def test_version_and_help_that_reads_whole(capsys):
+    import typer
+
+    from pipeline.app import package_version
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"structure-align {package_version()}"
+    assert package_version()[0].isdigit()
+    group = typer.main.get_command(app)
+
+    def helps(command, name=""):
+        yield name, command.help or ""
+        for sub, child in getattr(command, "commands", {}).items():
+            yield from helps(child, f"{name} {sub}".strip())
+
+    for name, text in helps(group):
+        assert "\n" not in text.replace("\n\n", ""), f"{name}: a paragraph broken over lines"
+    # no option states its default in its help and shows another one (params.yaml's) beside it
+    for command in ("extract", "select", "align", "table", "sweep", "index", "evaluate"):
+        result = CliRunner().invoke(
+            app, ["--params", ROOT / "params.yaml", command, "--help"], env={"COLUMNS": "300"}
+        )
+        for line in result.output.splitlines():
+            said = "(default" in line or "by default" in line
+            assert not (said and "[default:" in line), line
+    # evaluate's and index's --dataset state one default (the run's), not params.yaml's too
+    for command in ("index", "evaluate"):
+        result = CliRunner().invoke(
+            app, ["--params", ROOT / "params.yaml", command, "--help"], env={"COLUMNS": "200"}
+        )
+        line = next(x for x in result.output.splitlines() if "--dataset" in x)
+        assert "the run was trained on" in line and "[default:" not in line, line
+
+
+def test_evaluate_and_index_take_their_own_sections_dataset(toy, tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text("common:\n  dataset: digits\nindex:\n  dataset: elsewhere\n")
+    args = ["--params", params, "index", "--run", toy / "run", "--store", toy / "features.zarr"]
+    line = one_error(*run_cli([*args, "--out", tmp_path / "ix"], capsys)[::2])
+    assert "elsewhere" in line  # the index section's own dataset is used, common's is not
+
+
+# -- evaluate --------------------------------------------------------------------------------
+def test_metrics_record_allow_overlap_false_when_the_run_does_not_say(toy, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(toy / "run", run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run"]["allow_overlap"] is False
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "allow_overlap": True}))
+    args = ["--params", "/dev/null", "evaluate", "--run", run, "--store", toy / "features.zarr"]
+    assert run_cli(args, capsys)[0] == 0
+    assert json.loads((run / "metrics.json").read_text())["run"]["allow_overlap"] is True
+
+
+# -- index and search ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_index(toy, tmp_path_factory) -> Path:
+    """An index of toy/test under the toy run."""
+    out = tmp_path_factory.mktemp("ix") / "index"
+    invoke("index", "--store", toy / "features.zarr", "--run", toy / "run", "--out", out)
+    return out
+
+
+def _drop(name: str):
+    return lambda ix: (ix / name).unlink()
+
+
+def _truncate(ix: Path) -> None:
+    data = (ix / "index.faiss").read_bytes()
+    (ix / "index.faiss").write_bytes(data[: len(data) // 2])
+
+
+def _edit_meta(**changes):
+    def edit(ix: Path) -> None:
+        meta = json.loads((ix / "index.json").read_text())
+        meta.update(changes)
+        (ix / "index.json").write_text(json.dumps({k: v for k, v in meta.items() if v != "DEL"}))
+
+    return edit
+
+
+def _edit_rows(ix: Path) -> None:
+    import pandas as pd
+
+    rows = pd.read_parquet(ix / "rows.parquet")
+    rows.loc[0, "label_name"] = "two" if rows.loc[0, "label_name"] != "two" else "one"
+    rows.to_parquet(ix / "rows.parquet", index=False)
+
+
+def _old_and_truncated(ix: Path) -> None:
+    """An index written before checksums were recorded, whose FAISS file is truncated."""
+    _edit_meta(files="DEL")(ix)
+    _truncate(ix)
+
+
+SEARCH_CASES = {
+    # listed
+    "no index.faiss": (_drop("index.faiss"), "index.faiss: missing"),
+    "index.faiss truncated": (_truncate, "index.faiss: changed since it was written"),
+    "no rows.parquet": (_drop("rows.parquet"), "rows.parquet: missing"),
+    "index.json without run": (_edit_meta(run="DEL"), "index.json: has no `run`"),
+    # not listed: edited rows, an edited row count, a damaged index without checksums
+    "rows.parquet edited": (_edit_rows, "rows.parquet: changed since it was written"),
+    "index.json rows edited": (_edit_meta(rows=3), "does not match its files"),
+    "old index truncated": (_old_and_truncated, "truncated, or not a FAISS index"),
+}
+
+
+@pytest.mark.parametrize("damage, message", SEARCH_CASES.values(), ids=SEARCH_CASES.keys())
+def test_a_damaged_index_is_one_line_naming_the_file_and_the_index_command(
+    toy_index, tmp_path, capsys, damage, message
+):
+    ix = tmp_path / "index"
+    shutil.copytree(toy_index, ix)
+    damage(ix)
+    before = files(ix)
+    line = one_error(*run_cli(["--params", "/dev/null", "search", "--index", ix, "a"], capsys)[::2])
+    assert message in line
+    assert "python -m pipeline index --run" in line and f"--out {ix}" in line
+    assert files(ix) == before
+
+
+def test_an_empty_query_is_refused(toy_index, capsys):
+    for query in ("", "   "):
+        args = ["--params", "/dev/null", "search", "--index", toy_index, query]
+        assert "query is empty" in one_error(*run_cli(args, capsys)[::2])
+
+
+def test_a_retrained_run_is_not_called_another_run(toy, tmp_path, capsys):
+    run, ix = tmp_path / "run", tmp_path / "ix"
+    shutil.copytree(toy / "run", run)
+    store = toy / "features.zarr"
+    invoke("index", "--store", store, "--run", run, "--out", ix)
+    invoke("align", "--store", store, "--out", run, *TRAIN, "--seed", "1")
+    before = files(ix)
+    for given in ([], ["--run", run]):
+        args = ["--params", "/dev/null", "search", "--index", ix, *given, "a"]
+        line = one_error(*run_cli(args, capsys)[::2])
+        assert "trained again" in line and "another run" not in line
+        assert f"python -m pipeline index --run {run.resolve()}" in line
+    assert files(ix) == before
+
+
+def test_a_moved_run_gets_a_run_hint(toy, tmp_path, capsys):
+    run, ix = tmp_path / "run", tmp_path / "ix"
+    shutil.copytree(toy / "run", run)
+    invoke("index", "--store", toy / "features.zarr", "--run", run, "--out", ix)
+    run.rename(tmp_path / "moved")
+    line = one_error(*run_cli(["--params", "/dev/null", "search", "--index", ix, "a"], capsys)[::2])
+    assert "--run" in line and str(run.resolve()) in line
+
+
+INDEX_CASES = {
+    # listed: a text-only split is not a missing image model
+    "split prompts": (["--split", "prompts"], "text-only split"),
+    # not listed: --out a file, --out a folder that is no index
+    "out a file": (["--out", "{run}/config.json"], "is a file"),
+    "out not an index": (["--out", "{run}"], "is not an index"),
+}
+
+
+@pytest.mark.parametrize("extra, message", INDEX_CASES.values(), ids=INDEX_CASES.keys())
+def test_index_bad_input(toy, tmp_path, capsys, extra, message):
+    extra = [a.format(run=toy / "run") for a in extra]
+    out = [] if "--out" in extra else ["--out", tmp_path / "ix"]
+    before = files(toy)
+    args = ["--params", "/dev/null", "index", "--run", toy / "run"]
+    line = one_error(*run_cli([*args, "--store", toy / "features.zarr", *out, *extra], capsys)[::2])
+    assert message in line
+    assert "extract" not in line
+    assert files(toy) == before and not (tmp_path / "ix").exists()
+
+
+@pytest.mark.parametrize("drop", ["image_model", "image_layer"])
+def test_index_of_a_run_config_without_its_image_model_or_layer(toy, tmp_path, capsys, drop):
+    run = tmp_path / "run"
+    shutil.copytree(toy / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    del config[drop]
+    (run / "config.json").write_text(json.dumps(config))
+    args = ["--params", "/dev/null", "index", "--run", run, "--store", toy / "features.zarr"]
+    line = one_error(*run_cli([*args, "--out", tmp_path / "ix"], capsys)[::2])
+    assert f"config.json lacks {drop}" in line and "python -m pipeline align" in line
+    assert not (tmp_path / "ix").exists()
+
+
+def test_compare_refuses_a_metric_that_is_not_a_number(toy, tmp_path, capsys):
+    """Not listed: metrics.json edited by hand (a percentage written as text)."""
+    run = tmp_path / "run"
+    shutil.copytree(toy / "run", run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["retrieval"]["i2t_r5"] = "95 %"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    before = files(tmp_path)
+    out = tmp_path / "t.md"
+    line = one_error(*run_cli(["compare", run, "--out-md", out], capsys)[::2])
+    assert "retrieval.i2t_r5" in line and "python -m pipeline evaluate --run" in line
+    assert files(tmp_path) == before
+
+
+def test_eval_columns_are_the_one_list_compare_reads(toy):
+    from stages.evaluate import COMPARE_COLUMNS, EVAL_COLUMNS, comparison_table, eval_column
+
+    metrics = json.loads((toy / "run/metrics.json").read_text())
+    table = comparison_table([toy / "run"])
+    assert list(table.columns)[-len(EVAL_COLUMNS) :] == [c.header for c in EVAL_COLUMNS]
+    assert list(table.columns) == list(COMPARE_COLUMNS)
+    for column in EVAL_COLUMNS:
+        assert table[column.header].iloc[0] == metrics[column.section][column.key]
+    assert eval_column("zs_top1") is eval_column("zs top1")
+    assert np.isnan(eval_column("t2i_r10").read({"retrieval": {"skipped": "no captions"}}))

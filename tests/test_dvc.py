@@ -59,6 +59,7 @@ def test_repro_writes_metrics_and_the_comparison_table(repo):
         row = table.set_index("run").loc[name]
         assert row.filter(like="top1").iloc[0] == pytest.approx(zero_shot["top1"], abs=0.05)
         assert config["lambda"] == (0.0 if name != "similar-rs" else 10.0)
+        assert metrics["run"]["allow_overlap"] is False  # no evaluation pairs in training
     selection = json.loads((repo / "runs/select/selection.json").read_text())
     similar = json.loads((repo / "runs/align/similar/config.json").read_text())
     last = json.loads((repo / "runs/align/last/config.json").read_text())

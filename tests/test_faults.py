@@ -289,3 +289,69 @@ def test_select_under_a_file_size_limit_is_one_line_and_keeps_the_selection(
 
 # ==== EVALUATE, INDEX, SEARCH, SETTINGS (params.yaml) ====
 # (cases of this area go below this line, above the next marker)
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """The bad-input tests' toy store, a run trained on it, and an index of its test split."""
+    from tests.test_bad_input import TRAIN, build_store, invoke
+
+    root = tmp_path_factory.mktemp("faults-index")
+    build_store(root / "features.zarr", np.random.default_rng(0))
+    invoke("align", "--store", root / "features.zarr", "--out", root / "run", *TRAIN)
+    invoke("index", "--store", root / "features.zarr", "--run", root / "run", "--out", root / "ix")
+    return root
+
+
+def _index_args(root, out):
+    return ["--params", "/dev/null", "index", "--run", root / "run",
+            "--store", root / "features.zarr", "--out", out]  # fmt: skip
+
+
+def _siblings(folder):
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+def test_a_second_index_build_into_one_out_stops_with_one_line(toy_run, tmp_path, capsys):
+    """Listed: two `index` builds into one --out could leave one run's index.json beside the
+    other's vectors; the second writer now stops at the lock, the first's index intact."""
+    import shutil
+
+    from store.io import writer_lock
+
+    out = tmp_path / "ix"
+    shutil.copytree(toy_run / "ix", out)
+    before = files(out)
+    with writer_lock(out):  # the first build, still writing
+        code, _, err = run_cli(_index_args(toy_run, out), capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "another process is writing" in err and "Traceback" not in err
+    assert files(out) == before
+    code, _, err = run_cli(_index_args(toy_run, out), capsys)  # once it is done: a new index
+    assert code == 0, err
+    assert files(out)["index.faiss"] == before["index.faiss"]  # the same run, the same vectors
+
+
+def test_a_failed_index_write_leaves_the_previous_index(toy_run, tmp_path, capsys, monkeypatch):
+    """Not listed: the disk fills while the FAISS file is written; the previous index stays,
+    whole and readable, and no temporary is left beside it."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    import faiss
+
+    from stages.index import open_index
+
+    out = tmp_path / "ix"
+    shutil.copytree(toy_run / "ix", out)
+    before = files(out)
+
+    def full(index, path):
+        Path(path).write_bytes(b"\0" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index", full)
+    code, _, err = run_cli(_index_args(toy_run, out), capsys)
+    assert code == 2 and "no space left" in err and len(err.strip().splitlines()) == 1, err
+    assert files(out) == before
+    assert [name for name in _siblings(out) if not name.endswith(".lock")] == []
+    assert open_index(out)[0].ntotal == 48

@@ -11,6 +11,7 @@ import typer
 from pipeline.app import app, run_option
 from stages.evaluate import METRICS, comparison_table, evaluate_run, to_markdown, write_table
 from store import UserError, write_json_atomic
+from store.io import check_output
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -37,6 +38,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def write_comparison(
     runs: list[Path], names: str | None, out_md: Path | None, out_csv: Path | None
 ) -> None:
+    for path, flag in ((out_md, "--out-md"), (out_csv, "--out-csv")):
+        if path:
+            check_output(path, "file", flag)
     table = comparison_table(runs, [n.strip() for n in names.split(",")] if names else None)
     markdown = to_markdown(table)
     typer.echo(markdown, nl=False)
@@ -46,18 +50,26 @@ def write_comparison(
             typer.echo(f"wrote {path}")
 
 
-NAMES_HELP = "Comma-separated row names, one per run (default: the run folder names)."
+NAMES_HELP = "Comma-separated row names, one per run; by default, the run folder names."
 
 
 @app.command()
 def evaluate(
     ctx: typer.Context,
     run: Path = typer.Option(None, "--run", help="Run directory written by `align`."),
-    dataset: str = typer.Option(None, help="Dataset to evaluate on (default: the run's)."),
+    dataset: str = typer.Option(
+        None,
+        help="Dataset to evaluate on; by default, the one the run was trained on.",
+        show_default=False,
+    ),
     split: str = typer.Option("test", help="Split with the test images and captions."),
     prompts_split: str = typer.Option("prompts", help="Text-only split with the class prompts."),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
-    out: Path = typer.Option(None, help="Metrics file (default: RUN/metrics.json)."),
+    out: Path = typer.Option(
+        None,
+        help="Metrics file; by default, metrics.json in the run directory.",
+        show_default=False,
+    ),
     compare: bool = typer.Option(False, "--compare", help="Compare RUNS instead (see `compare`)."),
     runs: list[Path] = typer.Argument(None, help="Run directories, with --compare."),
     out_md: Path = typer.Option(None, help="With --compare: Markdown table file."),
@@ -72,8 +84,8 @@ def evaluate(
         raise UserError(f"unexpected arguments {[str(r) for r in runs]}; did you mean --compare?")
     if run is None:
         raise UserError("give the run directory with --run DIR (or compare runs with --compare)")
+    path = check_output(out or run / METRICS, "file", "--out")
     metrics = evaluate_run(run, store, run_option(ctx, "dataset", dataset), split, prompts_split)
-    path = out or run / METRICS
     write_json_atomic(path, metrics)
     typer.echo(f"evaluated on {metrics['run']['eval_dataset']}/{split}")
     typer.echo(format_metrics(metrics))

@@ -14,12 +14,18 @@ from stages.index import EXACT_MAX, build_index
 def index_command(
     ctx: typer.Context,
     run: Path = typer.Option(..., "--run", help="Run directory written by `align`."),
-    dataset: str = typer.Option(None, help="Dataset in the store (default: the run's)."),
+    dataset: str = typer.Option(
+        None,
+        help="Dataset in the store; by default, the one the run was trained on.",
+        show_default=False,
+    ),
     split: str = typer.Option("test", help="Split whose images to index."),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
     exact_max: int = typer.Option(
-        EXACT_MAX, min=1, help="Exact search up to this many rows; IVF above (recall reported)."
+        EXACT_MAX,
+        min=1,
+        help="Exact search up to this many rows; above, an IVF index (its recall is reported).",
     ),
 ) -> None:
     """The run's image head on the split's stored features (nothing re-encoded), indexed."""
