@@ -405,6 +405,11 @@ class AlignedModel:
                 )
         missing_image_files(items)
         names = [str(x) if isinstance(x, str | Path) else f"image {i}" for i, x in enumerate(items)]
+        # images in memory are checked (and arrays converted) here, files where they are read
+        items = [
+            x if isinstance(x, str | Path) else as_image(x, f"images[{i}]", open_image)
+            for i, x in enumerate(items)
+        ]
 
         def fetch(i: int) -> Image.Image:
             return to_rgb(as_image(items[i], f"images[{i}]", open_image))

@@ -9,8 +9,11 @@ so a new family can take specs from the catch-all Hugging Face one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +215,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     except OSError:
         raise
     except Exception as err:  # safetensors reports a failed write as its own error type
-        raise OSError(f"cannot write {path}: {err}") from err
+        code = re.search(r"os error (\d+)", str(err))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from err
 
 
 def load_weights(model: torch.nn.Module, path: Path, allow_missing: tuple[str, ...] = ()) -> None:

@@ -41,6 +41,7 @@ Batch = tuple[np.ndarray, dict[str, torch.Tensor] | None, list[str]]
 # (`ulimit -f`) below this, a batch's file cannot grow and the worker's hand-over fails while
 # the main process waits for it forever
 WORKER_FILE_LIMIT = 1 << 30
+SAID: set[str] = set()  # the fall-backs already reported
 
 
 class RowDataset(Dataset):
@@ -125,7 +126,9 @@ def row_batches(
     batches = list(batches)
     reason = workers_unusable() if num_workers else ""
     if reason:
-        log(f"{reason}: loading the inputs in this process, not in {num_workers} workers")
+        if reason not in SAID:  # once per process, not once per modality
+            log(f"{reason}: loading the inputs in this process, not in {num_workers} workers")
+            SAID.add(reason)
         num_workers = 0
     done = 0
     while done < len(batches):
