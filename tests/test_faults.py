@@ -238,13 +238,13 @@ def test_export_with_encoders_past_the_file_size_limit_is_one_line(enc_run, tmp_
 
 
 def test_embed_under_a_file_size_limit_neither_hangs_nor_half_writes(enc_run, tmp_path):
-    """DataLoader workers cannot hand batches over under the limit (they hung): the inputs load
+    """DataLoader workers cannot hand batches over under the limit (they hung): the rest loads
     in this process, said once; the Parquet file too large to write is one line."""
     out = tmp_path / "e.parquet"
     done = enc_limited(f"embed --run {enc_run} --source digits --limit 64 --out {out}", 4)
     assert done.returncode == 2, done.stderr
     assert "file too large" in enc_error_line(done.stderr)
-    assert done.stderr.count("loading the inputs in this process") == 1
+    assert done.stderr.count("warning: the DataLoader workers failed") == 1
     assert not list(tmp_path.iterdir())
 
 
@@ -272,12 +272,14 @@ def enc_dies_in_a_worker(row: int) -> int:
     return row
 
 
-def test_dying_input_workers_fall_back_to_this_process():
+def test_dying_input_workers_fall_back_to_this_process(monkeypatch):
     """Not listed: workers killed mid-run; the rest of the rows load in this process, said."""
     import torch
 
-    from stages.encoders import Encoder
+    from stages.encoders import Encoder, inputs
     from stages.encoders.inputs import even_batches, row_batches
+
+    monkeypatch.setattr(inputs, "FAILED_WORKERS", [])  # this process's record of failures
 
     encoder = Encoder("toy", "toy", "", "text", "none", ["x"], [1], torch.nn.Identity(),
                       prepare=float, collate=lambda xs: {"x": torch.tensor(xs)},
@@ -288,7 +290,10 @@ def test_dying_input_workers_fall_back_to_this_process():
                           log=said.append)  # fmt: skip
     rows = [int(r) for batch_rows, _, _ in batches for r in batch_rows]
     assert rows == list(range(6))
-    assert len(said) == 1 and "workers died" in said[0]
+    assert len(said) == 1 and "workers failed" in said[0]
+    again = row_batches(encoder, float, names, even_batches(6, 2), 2, log=said.append)
+    rows = [int(r) for batch_rows, _, _ in again for r in batch_rows]
+    assert rows == list(range(6)) and len(said) == 1  # not tried again, not said again
 
 
 # ==== EVALUATE, INDEX, SEARCH, SETTINGS (params.yaml) ====

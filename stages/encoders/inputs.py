@@ -8,7 +8,6 @@ with its message, not raised, so that the caller decides (stop with its name, or
 
 from __future__ import annotations
 
-import resource
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from stages.encoders.base import Encoder
 from store.errors import UserError
@@ -37,11 +36,10 @@ class ArgumentTypeError(UserError, TypeError):
 
 
 Batch = tuple[np.ndarray, dict[str, torch.Tensor] | None, list[str]]
-# DataLoader workers hand batches over through shared-memory files: under a file-size limit
-# (`ulimit -f`) below this, a batch's file cannot grow and the worker's hand-over fails while
-# the main process waits for it forever
-WORKER_FILE_LIMIT = 1 << 30
-SAID: set[str] = set()  # the fall-backs already reported
+# seconds without a batch from the DataLoader workers before they count as stuck (a batch that
+# cannot reach the main process, e.g. through full shared memory, would otherwise wait forever)
+LOADER_TIMEOUT = 300.0
+FAILED_WORKERS: list[str] = []  # why the workers failed in this process (then not tried again)
 
 
 class RowDataset(Dataset):
@@ -97,12 +95,54 @@ def rows_to_embed(source: Source, manifest: pd.DataFrame, modality: str):
     return captions.__getitem__, [f"text row {i}" for i in range(len(captions))]
 
 
-def workers_unusable() -> str:
-    """Why DataLoader worker processes cannot hand batches over here ('' when they can)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft != resource.RLIM_INFINITY and soft < WORKER_FILE_LIMIT:
-        return f"the file-size limit (ulimit -f) is {soft} bytes"
-    return ""
+class LoaderFailed(Exception):
+    """The DataLoader's worker processes died, timed out or could not hand over a batch."""
+
+
+def shared_collate(collate: Callable[[list], Batch]) -> Callable[[list], Batch]:
+    """`collate`, then, in a worker process, the batch's tensors moved into shared memory by
+    the worker itself: were they moved while being sent (torch's queue feeder thread), a full
+    /dev/shm or `ulimit -f` would be printed and the batch dropped, and the main process would
+    wait for it forever; raised here, the failure reaches the main process as an error."""
+
+    def collate_shared(items: list) -> Batch:
+        rows, batch, errors = collate(items)
+        if batch is not None and get_worker_info() is not None:
+            for value in batch.values():
+                if isinstance(value, torch.Tensor):
+                    value.share_memory_()
+        return rows, batch, errors
+
+    return collate_shared
+
+
+def loader_batches(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches; with worker processes, their failures (a killed worker, a
+    timeout, shared memory refused) are a LoaderFailed carrying torch's last line."""
+    if loader.num_workers == 0:
+        yield from loader
+        return
+    try:
+        iterator = iter(loader)
+    except (RuntimeError, OSError) as err:  # workers could not be started
+        raise LoaderFailed(last_line(err)) from err
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as err:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:  # now, not when the traceback is collected
+                shutdown()
+            raise LoaderFailed(last_line(err)) from err
+        yield item
+
+
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error (torch puts the worker's own error there)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 def say(message: str) -> None:
@@ -119,36 +159,37 @@ def row_batches(
     log: Callable[[str], None] = say,
 ) -> Iterator[Batch]:
     """The batches of rows `batches` (lists of row numbers), each fetched, prepared and
-    collated, in DataLoader workers when it can work: under a small file-size limit they are
-    loaded in this process from the start, and when the workers die (shared memory full, as in
-    Docker) the rest is loaded in this process; both are said through `log`."""
+    collated, in `num_workers` DataLoader workers. When the workers fail (LoaderFailed: killed,
+    stuck, or shared memory refused under a full /dev/shm or `ulimit -f`), the remaining
+    batches load in this process, said once through `log`; later calls in this process then
+    load in it from the start, saying nothing more."""
     dataset = RowDataset(fetch, encoder.prepare, list(names))
     batches = list(batches)
-    reason = workers_unusable() if num_workers else ""
-    if reason:
-        if reason not in SAID:  # once per process, not once per modality
-            log(f"{reason}: loading the inputs in this process, not in {num_workers} workers")
-            SAID.add(reason)
-        num_workers = 0
-    done = 0
-    while done < len(batches):
-        loader = DataLoader(
+
+    def loader(todo: list[list[int]], workers: int) -> DataLoader:
+        return DataLoader(
             dataset,
-            batch_sampler=batches[done:],
-            num_workers=num_workers,
-            collate_fn=make_collate(encoder),
+            batch_sampler=todo,
+            num_workers=workers,
+            collate_fn=shared_collate(make_collate(encoder)),
             pin_memory=pin_memory,
+            timeout=LOADER_TIMEOUT if workers else 0,
         )
+
+    done = 0
+    if num_workers > 0 and not FAILED_WORKERS:
         try:
-            for batch in loader:
+            for batch in loader_batches(loader(batches, num_workers)):
                 yield batch
                 done += 1
-        except RuntimeError as err:
-            if not num_workers or "DataLoader worker" not in str(err):
-                raise
-            first = str(err).strip().splitlines()[0][:200]
-            log(f"the input loading workers died ({first}); loading the rest in this process")
-            num_workers = 0
+            return
+        except LoaderFailed as err:
+            FAILED_WORKERS.append(str(err))
+            log(
+                f"warning: the DataLoader workers failed ({err}); loading the remaining "
+                f"{len(batches) - done} batches in this process instead (as with --num-workers 0)"
+            )
+    yield from loader(batches[done:], 0)
 
 
 def even_batches(n_rows: int, batch_size: int) -> list[list[int]]:
