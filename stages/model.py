@@ -70,8 +70,8 @@ EXPORT = ArtifactKind(
     files=(CHECKPOINT,),
     keys={"export": dict, "files": dict},
 )
-# strings that a table reader turns into a missing value: not class names
-MISSING_VALUES = ("nan", "none", "null", "na", "n/a")
+# what a missing value in a table becomes as text (NaN): not a class name ("none" may be one)
+MISSING_VALUES = ("nan",)
 
 
 class Classification(NamedTuple):

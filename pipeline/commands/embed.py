@@ -23,7 +23,7 @@ def embed_command(
     out: Path = typer.Option(..., "--out", help="Parquet file to write."),
     modality: str = typer.Option("both", help="image, text or both."),
     limit: int = typer.Option(0, min=0, help="Only the first N images (or texts); 0 = all."),
-    batch_size: int = typer.Option(64, min=1),
+    batch_size: int = typer.Option(64, min=1, help="Images or texts per forward pass."),
     num_workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (bf16 autocast on cuda)."),
     progress: bool = progress_option(),
