@@ -66,7 +66,7 @@ EXPORT_FORMAT = 2  # 2: every file's checksum in `files`, each encoder's family 
 EXPORT = ArtifactKind(
     name="export",
     description=CONFIG,
-    remake="python -m pipeline export --run RUN --out {path} (--with-encoders if it had them)",
+    remake="python -m pipeline export --run RUN --out {path} [--with-encoders]",
     files=(CHECKPOINT,),
     keys={"export": dict, "files": dict},
 )
