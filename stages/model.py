@@ -317,8 +317,10 @@ class AlignedModel:
         encoders, layers = {}, {}
         for side in SIDES:
             info = export.get(side)
-            if not isinstance(info, dict) or not isinstance(info.get("layer"), str):
-                raise EXPORT.error(export_dir, export_dir / CONFIG, f"no {side} encoder recorded")
+            wanted = ("layer", "spec", "family")
+            if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in wanted):
+                problem = f"`export.{side}` must name the encoder's {', '.join(wanted)}"
+                raise EXPORT.error(export_dir, export_dir / CONFIG, problem)
             where = f"the {side} encoder of {export_dir}"
             if info.get("dir"):
                 folder = export_dir / info["dir"]

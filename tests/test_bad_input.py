@@ -508,6 +508,12 @@ def test_export_of_an_older_format_or_changed_head_does_not_load(enc_export, tmp
     with pytest.raises(UserError, match="head.safetensors: changed since it was written"):
         AlignedModel.load(copy, device="cpu")
     config = json.loads((enc_export / "config.json").read_text())
+    (copy / "head.safetensors").write_bytes((enc_export / "head.safetensors").read_bytes())
+    del config["export"]["text"]["spec"]  # config.json edited: one line, not a KeyError
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"`export.text` must name the encoder's layer, spec"):
+        AlignedModel.from_pretrained(copy, device="cpu")
+    config = json.loads((enc_export / "config.json").read_text())
     del config["files"]
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"has no `files`; make it again with `python -m pipe"):
