@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,16 +42,18 @@ from stages.encoders import (
     save_encoder,
     truncate_encoder,
 )
-from stages.encoders.inputs import (
-    ArgumentError,
+from stages.encoders.arguments import (
     ArgumentTypeError,
     ImageInput,
     as_image,
-    even_batches,
-    limit_manifest,
-    row_batches,
-    rows_to_embed,
+    checked_class_names,
+    checked_templates,
+    image_list,
+    missing_image_files,
+    positive_int,
+    string_list,
 )
+from stages.encoders.inputs import even_batches, limit_manifest, row_batches, rows_to_embed
 from stages.heads import CHECKPOINT, CONFIG, load_run
 from stages.progress import progress_bar
 from stages.vectors import class_embeddings, unit_rows
@@ -70,8 +71,6 @@ EXPORT = ArtifactKind(
     files=(CHECKPOINT,),
     keys={"export": dict, "files": dict},
 )
-# what a missing value in a table becomes as text (NaN): not a class name ("none" may be one)
-MISSING_VALUES = ("nan",)
 
 
 class Classification(NamedTuple):
@@ -94,105 +93,6 @@ def _commit(revision: str | None) -> str | None:
     if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
         return revision
     return None
-
-
-# -- checked arguments of the public methods -------------------------------------------------
-def string_list(value: Any, name: str, single: bool = False) -> list[str]:
-    """A list of strings; `single`: one string is a list of one. Anything else is refused with
-    the argument's name (a string where a list belongs would be taken letter by letter)."""
-    if isinstance(value, str):
-        if single:
-            return [value]
-        raise ArgumentTypeError(
-            f"{name} must be a list of strings, not the string {value!r:.60} "
-            f"(write [{value!r:.40}] for one)"
-        )
-    if value is None or not isinstance(value, Iterable) or isinstance(value, bytes | dict):
-        raise ArgumentTypeError(f"{name} must be a list of strings, not {type(value).__name__}")
-    items = list(value)
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise ArgumentTypeError(f"{name}[{i}] must be a string, not {type(item).__name__}")
-    return items
-
-
-def checked_class_names(value: Any, name: str = "class_names") -> list[str]:
-    """Class names: at least one, none empty, none a missing-value marker (NaN), no two alike."""
-    names = [c.strip() for c in string_list(value, name)]
-    if not names:
-        raise ArgumentError(f"{name}: give at least one class name, and no empty ones")
-    for i, class_name in enumerate(names):
-        if not class_name:
-            raise ArgumentError(f"{name}[{i}] is empty: give at least one class name, and no "
-                                "empty ones")  # fmt: skip
-        if class_name.lower() in MISSING_VALUES:
-            raise ArgumentError(f"{name}[{i}] is {class_name!r}, a missing value, not a class name")
-    seen: dict[str, int] = {}
-    for i, class_name in enumerate(names):
-        if class_name in seen:
-            raise ArgumentError(
-                f"{name} holds {class_name!r} twice (positions {seen[class_name]} and {i}); "
-                "each class once, or its probability is split between the copies"
-            )
-        seen[class_name] = i
-    return names
-
-
-def checked_templates(value: Any, name: str = "templates") -> list[str]:
-    """Prompt templates: at least one, each with exactly one `{}` for the class name."""
-    templates = string_list(value, name)
-    if not templates:
-        raise ArgumentError(f"{name}: give at least one template, each with a {{}} for the class")
-    for i, template in enumerate(templates):
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-        except ValueError as err:  # an unmatched brace
-            raise ArgumentError(f"{name}[{i}] {template!r} is not a template: {err}") from err
-        if fields != [""]:
-            raise ArgumentError(
-                f"{name}[{i}] {template!r} must hold exactly one {{}} for the class name (and no "
-                f"other braces; write {{{{ }}}} for a literal brace), it has {len(fields)} "
-                f"field(s) {fields}"
-            )
-    return templates
-
-
-def positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ArgumentTypeError(f"{name} must be an integer, not {type(value).__name__}")
-    if value < 1:
-        raise ArgumentError(f"{name} must be at least 1, not {value}")
-    return int(value)
-
-
-def image_list(images: Any) -> list[Any]:
-    """One image or several: a PIL image, a path, an HWC numpy array or a CHW torch tensor, a
-    list of those, or a batch (N, H, W, C) array / (N, C, H, W) tensor."""
-    if images is None:
-        raise ArgumentTypeError("images must be an image or a list of images, not None")
-    if isinstance(images, np.ndarray | torch.Tensor):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, Image.Image | str | Path):
-        return [images]
-    if not isinstance(images, Iterable) or isinstance(images, bytes | dict):
-        raise ArgumentTypeError(
-            f"images must be an image or a list of images, not {type(images).__name__}"
-        )
-    return list(images)
-
-
-def missing_image_files(items: list[Any]) -> None:
-    """Image paths that are not files, all named at once."""
-    paths = [Path(x) for x in items if isinstance(x, str | Path)]
-    folders = [str(p) for p in paths if p.is_dir()]
-    if folders:
-        raise ArgumentError(f"{folders[0]} is a directory, not an image file")
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise ArgumentError(f"{len(missing)} image file(s) do not exist: {shown}")
 
 
 def load_checked_encoder(

@@ -9,7 +9,8 @@ import typer
 
 from pipeline.app import app
 from pipeline.commands.export import RUN_HELP
-from stages.model import AlignedModel, checked_class_names
+from stages.encoders.arguments import checked_class_names
+from stages.model import AlignedModel
 from store import UserError
 from store.io import atomic_file, check_output
 

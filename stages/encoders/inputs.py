@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from stages.encoders.base import Encoder
@@ -25,14 +23,6 @@ from store.manifest import image_table
 
 if TYPE_CHECKING:
     from stages.datasets import Source
-
-
-class ArgumentError(UserError, ValueError):
-    """A bad argument value given to the Python API (a ValueError) or a command (one line)."""
-
-
-class ArgumentTypeError(UserError, TypeError):
-    """An argument of the wrong type given to the Python API (a TypeError)."""
 
 
 Batch = tuple[np.ndarray, dict[str, torch.Tensor] | None, list[str]]
@@ -195,66 +185,3 @@ def row_batches(
 def even_batches(n_rows: int, batch_size: int) -> list[list[int]]:
     """Rows 0..n_rows-1 in batches of batch_size (the last one shorter)."""
     return [list(range(s, min(s + batch_size, n_rows))) for s in range(0, n_rows, batch_size)]
-
-
-# -- images as users hold them -----------------------------------------------------------------
-ImageInput = Image.Image | str | Path | np.ndarray | torch.Tensor
-
-
-def checked_size(image: Image.Image, what: str) -> Image.Image:
-    if image.width < 1 or image.height < 1:
-        raise ArgumentError(f"{what} has no pixels ({image.width}x{image.height})")
-    return image
-
-
-def array_to_image(pixels: np.ndarray, what: str, channels_first: bool) -> Image.Image:
-    """An HWC (numpy) or CHW (torch) array, uint8 0..255 or float 0..1, 1, 3 or 4 channels, or
-    HW grayscale -> an RGB PIL image."""
-    if pixels.ndim == 3 and channels_first:
-        pixels = np.moveaxis(pixels, 0, -1)
-    layout = "CHW" if channels_first else "HWC"
-    if pixels.ndim == 3 and pixels.shape[2] == 1:
-        pixels = pixels[:, :, 0]
-    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
-        shape = tuple(pixels.shape if not channels_first else np.moveaxis(pixels, -1, 0).shape)
-        raise ArgumentError(
-            f"{what} must be an image array of shape {layout} with 1, 3 or 4 channels "
-            f"(or HW grayscale), not shape {shape}"
-        )
-    if pixels.shape[0] < 1 or pixels.shape[1] < 1:
-        raise ArgumentError(f"{what} has no pixels ({pixels.shape[1]}x{pixels.shape[0]})")
-    if pixels.dtype == np.uint8:
-        values = pixels
-    elif np.issubdtype(pixels.dtype, np.floating):
-        if not np.isfinite(pixels).all():
-            raise ArgumentError(f"{what} has NaN or infinite pixel values")
-        if pixels.min() < 0 or pixels.max() > 1:
-            raise ArgumentError(
-                f"{what}: float pixel values must lie in 0..1 (uint8 arrays hold 0..255), "
-                f"got {float(pixels.min()):g}..{float(pixels.max()):g}"
-            )
-        values = np.round(pixels.astype(np.float64) * 255).astype(np.uint8)
-    elif pixels.dtype == np.bool_:
-        values = pixels.astype(np.uint8) * 255
-    else:
-        raise ArgumentTypeError(
-            f"{what}: pixels must be uint8 (0..255) or float (0..1), not {pixels.dtype}"
-        )
-    return Image.fromarray(np.ascontiguousarray(values)).convert("RGB")
-
-
-def as_image(item: Any, what: str, open_file: Callable[[Path], Image.Image]) -> Image.Image:
-    """One image as a user may hold it: a PIL image, a file path, a numpy array (HWC) or a torch
-    tensor (CHW) -> a PIL image; anything else a UserError naming `what`."""
-    if isinstance(item, Image.Image):
-        return checked_size(item, what)
-    if isinstance(item, str | Path):
-        return checked_size(open_file(Path(item)), f"{what} ({item})")
-    if isinstance(item, torch.Tensor):
-        return array_to_image(item.detach().cpu().numpy(), what, channels_first=True)
-    if isinstance(item, np.ndarray):
-        return array_to_image(item, what, channels_first=False)
-    raise ArgumentTypeError(
-        f"{what} must be a PIL image, an image path, a numpy array (HWC) or a torch tensor "
-        f"(CHW), not {type(item).__name__}"
-    )
