@@ -10,8 +10,9 @@ A spec is claimed by one registered family (`FAMILIES`, `register_family`):
     `save_pretrained` layout.
 Each family knows how to load, pool, cut (run only up to a layer), save and load again its
 models; nothing outside it looks at a spec's string. Raw inputs reach an encoder through
-`stages.encoders.inputs` (per-sample preparation in DataLoader workers, collation, batches),
-the one path of both extraction and the aligned model.
+`stages.encoders.inputs` (per-sample preparation in DataLoader workers, collation, batches,
+the fall-back when workers fail), the one path of both extraction and the aligned model;
+`stages.encoders.arguments` checks them as users give them (images, texts, class names).
 """
 
 from __future__ import annotations
