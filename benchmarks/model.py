@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.encoders import Encoder, load_encoder
+from stages.encoders import Encoder, family_of, load_encoder
 from stages.heads import build_head, save_run
 from stages.index import make_index
 from stages.model import AlignedModel, export_model
@@ -109,7 +109,7 @@ def made_up_run(
 def bare_pixels(encoder: Encoder, images: list[Image.Image]) -> torch.Tensor:
     """What a user of the whole model feeds it: the processor's (HF) or timm's eval transform's
     pixels, ready-made."""
-    if encoder.processor is not None:
+    if family_of(encoder).name != "timm":  # Hugging Face models (the tiny ones too)
         return encoder.processor(images=images, return_tensors="pt")["pixel_values"]
     from timm.data import create_transform, resolve_model_data_config
 
@@ -145,7 +145,7 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
     # the baseline gets its pixels ready-made, as a user of the model would
     pixels = [bare_pixels(full, c).to(device) for c in chunks]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    timm_model = full.processor is None
+    timm_model = family_of(full).name == "timm"
 
     def bare_forward() -> None:
         with torch.inference_mode(), autocast:

@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from stages.datasets import Source, load_source
+from stages.datasets import load_source
+from stages.device import resolve_device as pick_device
 from stages.encoders import Encoder, load_encoder
-from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
+from stages.encoders.inputs import RowDataset, limit_manifest, make_collate, rows_to_embed
+from store import FeatureArray, FeatureStore, UserError, fingerprint, write_manifest
 from store.features import local_model_dir, model_key, width_summary
 from store.manifest import normalise_manifest, with_file_stats
 
@@ -57,25 +59,6 @@ class ExtractOptions:
     # folder its name, made unique: store.features.local_names)
 
 
-class RowDataset(Dataset):
-    """Row r -> (r, prepared input or None, error message); a bad image is reported, not raised,
-    so the main process decides (stop with its name, or skip it with --skip-bad)."""
-
-    def __init__(
-        self, fetch: Callable[[int], Any], prepare: Callable[[Any], Any], names: list[str]
-    ):
-        self.fetch, self.prepare, self.names = fetch, prepare, names
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, row: int) -> tuple[int, Any, str]:
-        try:
-            return row, self.prepare(self.fetch(row)), ""
-        except Exception as err:  # PIL raises many types for a corrupt file
-            return row, None, f"{type(err).__name__}: {err}"
-
-
 class BlockBatches(Sampler[list[int]]):
     """Batches of at most batch_size rows that never cross a block boundary."""
 
@@ -91,27 +74,6 @@ class BlockBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         spans = [self.array.block_slice(b) for b in self.blocks]
         return sum(-(-(s.stop - s.start) // self.batch_size) for s in spans)
-
-
-def make_collate(encoder: Encoder):
-    def collate(items: list[tuple[int, Any, str]]) -> tuple[np.ndarray, dict | None, list[str]]:
-        rows = np.array([row for row, _, _ in items])
-        errors = [err for _, _, err in items]
-        good = [value for _, value, err in items if not err]
-        return rows, (encoder.collate(good) if good else None), errors
-
-    return collate
-
-
-def limit_manifest(manifest: pd.DataFrame, limit: int) -> pd.DataFrame:
-    """The first `limit` images with all their captions (or the first `limit` texts)."""
-    if limit <= 0:
-        return manifest
-    if (manifest["image_row"] >= 0).any():
-        kept = manifest[manifest["image_row"] < limit]
-    else:
-        kept = manifest.head(limit)
-    return kept.assign(text_row=np.arange(len(kept))).reset_index(drop=True)
 
 
 def sync_manifest(
@@ -146,29 +108,6 @@ def changed_files(stored: pd.DataFrame, current: pd.DataFrame) -> list[str]:
     before, now = stored["image_stat"], current["image_stat"]
     differs = (before != "") & (before != now)
     return current.loc[differs.to_numpy(), "image_path"].unique().tolist()
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return torch.device(device)
-
-
-def rows_to_embed(source: Source, manifest: pd.DataFrame, modality: str):
-    """(fetch(row), row names) for the rows of the feature array of this modality."""
-    if modality == "image":
-        images = image_table(manifest)
-        if source.load_image is None or images.empty:
-            raise UserError("this split has no images (it is text-only); extract a text model")
-        return source.load_image, images["image_path"].tolist()
-    captions = manifest["caption"].tolist()
-    if not any(captions):
-        raise UserError("this split has no captions (an image folder); extract an image model")
-    return captions.__getitem__, [f"text row {i}" for i in range(len(captions))]
 
 
 def open_array(

@@ -5,23 +5,24 @@
     text = model.encode_text(["a photo of a cat.", "a dog."])    # (2, d)
     probs, top_probs, top_classes = model.classify(["cat.jpg"], ["cat", "dog"])
 
-Each frozen encoder is loaded with extraction's code (`load_encoder`), checked against the
-fingerprint the store recorded when its features were extracted, and cut after the block (or
-CNN / Swin stage) that computes the run's chosen layer (`truncate_encoder`: a run that picked
-block 7 of 12 never runs blocks 8-12). Inputs go through extraction's path (prepare per
-sample, collate, `embed` with the same pooling), so `encode_image` of a raw image equals the
+Each frozen encoder is loaded by its family (`stages.encoders`), checked against the fingerprint
+the store recorded when its features were extracted, and cut after the block (or CNN / Swin
+stage) that computes the run's chosen layer (`truncate_encoder`: a run that picked block 7 of 12
+never runs blocks 8-12). Inputs go through extraction's path (`stages.encoders.inputs`: prepare
+per sample, collate, `embed` with the same pooling), so `encode_image` of a raw image equals the
 head applied to its stored features up to the store's float16 rounding.
 
-`export_model` writes a self-contained directory (see README, "Use the aligned model").
+The arguments of the public methods are checked: a bad one is a `ValueError` or `TypeError`
+(also a `UserError`, one line on the command line) naming the argument.
+
+`export_model` writes a self-contained directory, the `EXPORT` artifact (see README, "Use the
+aligned model"); `from_pretrained` reads it through the one reader of that kind.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,40 +31,52 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from stages.datasets import PROMPT_TEMPLATES, load_source, open_image, to_rgb
+from stages.device import resolve_device
 from stages.encoders import (
     Encoder,
+    family_of,
     load_encoder,
     load_saved_encoder,
     save_encoder,
     truncate_encoder,
 )
-from stages.extract import RowDataset, limit_manifest, make_collate, pick_device, rows_to_embed
+from stages.encoders.arguments import (
+    ArgumentTypeError,
+    ImageInput,
+    as_image,
+    checked_class_names,
+    checked_templates,
+    image_list,
+    missing_image_files,
+    positive_int,
+    string_list,
+)
+from stages.encoders.inputs import even_batches, limit_manifest, row_batches, rows_to_embed
 from stages.heads import CHECKPOINT, CONFIG, load_run
+from stages.progress import progress_bar
 from stages.vectors import class_embeddings, unit_rows
 from store import UserError, image_table
+from store.artifacts import ArtifactKind, read_description, write_artifact
+from store.io import check_output, file_sha256
 from store.manifest import normalise_manifest
 
 SIDES = ("image", "text")
-EXPORT_FORMAT = 1
-ImageInput = Image.Image | str | Path
+EXPORT_FORMAT = 2  # 2: every file's checksum in `files`, each encoder's family recorded
+EXPORT = ArtifactKind(
+    name="export",
+    description=CONFIG,
+    remake="python -m pipeline export --run RUN --out {path} [--with-encoders]",
+    files=(CHECKPOINT,),
+    keys={"export": dict, "files": dict},
+)
 
 
 class Classification(NamedTuple):
     probs: torch.Tensor  # (B, C) softmax over the classes at the run's temperature
     top_probs: torch.Tensor  # (B, k) the k largest, descending
     top_classes: torch.Tensor  # (B, k) their class indices
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_id(run_dir: str | Path) -> str:
@@ -85,8 +98,8 @@ def _commit(revision: str | None) -> str | None:
 def load_checked_encoder(
     spec: str, recorded: dict[str, Any], trust_remote_code: bool, where: str
 ) -> Encoder:
-    """Extraction's encoder for `spec`, refused when its weights differ from those whose
-    features the run was trained on (the fingerprint the store recorded)."""
+    """The encoder of `spec`, refused when its weights differ from those whose features the
+    run was trained on (the fingerprint the store recorded)."""
     weights = recorded.get("weights") or None  # timm:NAME --weights FILE, as extracted
     encoder = load_encoder(spec, _commit(recorded.get("revision")), trust_remote_code, weights)
     expected = recorded.get("model_fingerprint")
@@ -100,11 +113,30 @@ def load_checked_encoder(
 
 
 def export_section(path: str | Path) -> dict[str, Any] | None:
-    """The `export` section of DIR/config.json; None when DIR is not an export."""
+    """The `export` section of DIR/config.json; None when DIR is not an export (or unreadable:
+    the readers say why)."""
     try:
-        return json.loads((Path(path) / CONFIG).read_text()).get("export")
+        section = json.loads((Path(path) / CONFIG).read_text()).get("export")
     except (OSError, ValueError, AttributeError):  # no, a broken or an odd config.json
         return None
+    return section if isinstance(section, dict) else None
+
+
+def read_export(folder: Path) -> dict[str, Any]:
+    """The export's config.json through the one reader of the EXPORT kind: every file present
+    and unchanged (weights, tokenizer and processor files), the format this version writes."""
+    try:
+        description = read_description(EXPORT, folder)
+    except UserError:
+        if (folder / CHECKPOINT).is_file() and export_section(folder) is None:
+            raise UserError(
+                f"{folder} is not a directory written by `python -m pipeline export` "
+                "(for a run directory use AlignedModel.from_run)"
+            ) from None
+        raise
+    if description["export"].get("format") != EXPORT_FORMAT:
+        raise EXPORT.error(folder, folder / CONFIG, "written by another version of `export`")
+    return description
 
 
 def layer_position(encoder: Encoder, layer: str, where: str) -> int:
@@ -138,7 +170,7 @@ class AlignedModel:
             )
             for side in SIDES
         }  # (blocks run, blocks of the whole encoder)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         for side in SIDES:
             encoders[side].model.to(self.device)
             heads[side].to(self.device).eval()
@@ -150,7 +182,11 @@ class AlignedModel:
         cls, run_dir: str | Path, device: str = "auto", trust_remote_code: bool = False
     ) -> AlignedModel:
         """The model of an align run directory (config.json + head.safetensors)."""
-        config, image_head, text_head = load_run(run_dir)
+        return cls._of_run(run_dir, load_run(run_dir), device, trust_remote_code)
+
+    @classmethod
+    def _of_run(cls, run_dir, loaded, device: str, trust_remote_code: bool) -> AlignedModel:
+        config, image_head, text_head = loaded
         missing = [
             f"{s}_{k}" for s in SIDES for k in ("model", "layer") if f"{s}_{k}" not in config
         ]
@@ -172,27 +208,24 @@ class AlignedModel:
         cls, export_dir: str | Path, device: str = "auto", trust_remote_code: bool = False
     ) -> AlignedModel:
         """The model of a directory written by `export`: its own truncated encoders when it
-        holds them (offline, nothing downloaded), else the encoders named in its config."""
+        holds them (offline, nothing downloaded), else the encoders named in its config. Every
+        file is checked against the checksums the export recorded, and each saved encoder's
+        preprocessing against the one recorded."""
         export_dir = Path(export_dir)
+        export = read_export(export_dir)["export"]
         config, image_head, text_head = load_run(export_dir)
-        export = config.get("export") or {}
-        if export.get("format") != EXPORT_FORMAT:
-            raise UserError(
-                f"{export_dir} is not a directory written by `python -m pipeline export` "
-                "(for a run directory use AlignedModel.from_run)"
-            )
         encoders, layers = {}, {}
         for side in SIDES:
-            info = export[side]
+            info = export.get(side)
+            wanted = ("layer", "spec", "family")
+            if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in wanted):
+                problem = f"`export.{side}` must name the encoder's {', '.join(wanted)}"
+                raise EXPORT.error(export_dir, export_dir / CONFIG, problem)
             where = f"the {side} encoder of {export_dir}"
             if info.get("dir"):
                 folder = export_dir / info["dir"]
-                for name, sha in info["sha256"].items():
-                    if not (folder / name).is_file() or file_sha256(folder / name) != sha:
-                        raise UserError(f"{folder / name} is missing or changed since the export")
-                encoders[side] = load_saved_encoder(
-                    folder, info["layer"], info.get("timm"), trust_remote_code
-                )
+                encoders[side] = load_saved_encoder(folder, info["layer"], info, trust_remote_code)
+                check_preprocessing(encoders[side], info, export_dir, folder)
             else:
                 encoders[side] = load_checked_encoder(info["spec"], info, trust_remote_code, where)
             # a truncated encoder keeps the names of the layers it still computes
@@ -203,10 +236,19 @@ class AlignedModel:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", trust_remote_code: bool = False):
         """An export directory (`from_pretrained`) or an align run directory (`from_run`)."""
-        build = cls.from_run if export_section(path) is None else cls.from_pretrained
-        return build(path, device, trust_remote_code)
+        loaded = load_run(path)  # the run reader: one line for a missing or unreadable run
+        if "export" in loaded[0]:
+            return cls.from_pretrained(path, device, trust_remote_code)
+        return cls._of_run(path, loaded, device, trust_remote_code)
 
     # -- encoding -------------------------------------------------------------------------------
+    def output_dim(self, side: str) -> int:
+        """The width of the head's output (out_dim; CSA's heads add a slack dimension)."""
+        width = self.encoders[side].layer_dims[self.layers[side]]
+        with torch.inference_mode():
+            probe = self.heads[side](torch.zeros(1, width, device=self.device))
+        return int(probe.shape[1])
+
     def embed_rows(
         self,
         side: str,
@@ -215,25 +257,24 @@ class AlignedModel:
         batch_size: int = 64,
         num_workers: int = 0,
         progress: bool = False,
+        log: Callable[[str], None] | None = None,
     ) -> torch.Tensor:
         """Rows 0..len(names)-1 fetched by `fetch` -> (N, d) float32 unit vectors on the CPU,
         through extraction's prepare / collate / embed path, then the head."""
         encoder, layer, head = self.encoders[side], self.layers[side], self.heads[side]
-        loader = DataLoader(
-            RowDataset(fetch, encoder.prepare, list(names)),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=make_collate(encoder),
-        )
+        if not len(names):
+            return torch.zeros(0, self.output_dim(side))
         cuda = self.device.type == "cuda"
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
         unit = " img" if side == "image" else " txt"
-        bar = tqdm(
-            total=len(names), unit=unit, desc=f"embed {side}", disable=not progress, file=sys.stderr
-        )
+        bar = progress_bar(total=len(names), unit=unit, desc=f"embed {side}", enabled=progress)
+        batches = row_batches(
+            encoder, fetch, names, even_batches(len(names), batch_size), num_workers,
+            **({"log": log} if log else {}),
+        )  # fmt: skip
         outputs = []
         with bar:
-            for rows, batch, errors in loader:
+            for rows, batch, errors in batches:
                 bad = [i for i, err in enumerate(errors) if err]
                 if bad:
                     raise UserError(f"cannot read image {names[rows[bad[0]]]}: {errors[bad[0]]}")
@@ -250,44 +291,45 @@ class AlignedModel:
                             f"{str(err).splitlines()[0]}"
                         ) from err
                 bar.update(len(rows))
-        if not outputs:
-            return torch.zeros(0, int(self.config.get("out_dim") or 0))
         return torch.cat(outputs)
 
-    def encode_image(
-        self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64
-    ) -> torch.Tensor:
-        """PIL images or image paths (one or a list) -> (B, d) float32 unit vectors."""
-        items = [images] if isinstance(images, Image.Image | str | Path) else list(images)
-        paths = [str(x) for x in items if not isinstance(x, Image.Image)]
-        missing = [p for p in paths if not Path(p).is_file()]
-        if missing:
-            shown = ", ".join(missing[:5]) + (
-                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            )
-            raise UserError(f"{len(missing)} image file(s) do not exist: {shown}")
-        names = [x if isinstance(x, str | Path) else f"image {i}" for i, x in enumerate(items)]
+    def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64):
+        """Images (one or a list) -> (B, d) float32 unit vectors. An image is a PIL image, a
+        file path, a numpy array (H, W, C: uint8 0..255 or float 0..1) or a torch tensor
+        (C, H, W, likewise); a (N, H, W, C) array or (N, C, H, W) tensor is N images."""
+        items = image_list(images)
+        batch_size = positive_int(batch_size, "batch_size")
+        for i, item in enumerate(items):
+            if not isinstance(item, Image.Image | str | Path | np.ndarray | torch.Tensor):
+                raise ArgumentTypeError(
+                    f"images[{i}] must be a PIL image, an image path, a numpy array (HWC) or "
+                    f"a torch tensor (CHW), not {type(item).__name__}"
+                )
+        missing_image_files(items)
+        names = [str(x) if isinstance(x, str | Path) else f"image {i}" for i, x in enumerate(items)]
+        # images in memory are checked (and arrays converted) here, files where they are read
+        items = [
+            x if isinstance(x, str | Path) else as_image(x, f"images[{i}]", open_image)
+            for i, x in enumerate(items)
+        ]
 
         def fetch(i: int) -> Image.Image:
-            item = items[i]
-            return to_rgb(item) if isinstance(item, Image.Image) else open_image(item)
+            return to_rgb(as_image(items[i], f"images[{i}]", open_image))
 
-        return self.embed_rows("image", fetch, [str(n) for n in names], batch_size)
+        return self.embed_rows("image", fetch, names, batch_size)
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Texts (one or a list) -> (B, d) float32 unit vectors."""
-        texts = [texts] if isinstance(texts, str) else [str(t) for t in texts]
+        texts = string_list(texts, "texts", single=True)
+        batch_size = positive_int(batch_size, "batch_size")
         return self.embed_rows("text", texts.__getitem__, texts, batch_size)
 
     def class_embeddings(
         self, class_names: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES
     ) -> torch.Tensor:
         """(C, d): every class name in every template, averaged as `evaluate` does."""
-        class_names = [str(c).strip() for c in class_names]
-        if not class_names or not all(class_names):
-            raise UserError("give at least one class name, and no empty ones")
-        if not templates or any("{}" not in t for t in templates):
-            raise UserError("give at least one template, each with a {} for the class name")
+        class_names = checked_class_names(class_names)
+        templates = checked_templates(templates)
         prompts = [t.format(c) for c in class_names for t in templates]
         labels = np.repeat(np.arange(len(class_names)), len(templates))
         return class_embeddings(self.encode_text(prompts), labels, len(class_names))
@@ -300,11 +342,32 @@ class AlignedModel:
         k: int = 5,
     ) -> Classification:
         """Zero-shot: softmax over cosine / temperature against the class embeddings."""
+        k = positive_int(k, "k")
+        items = image_list(images)  # checked before the class names are embedded
         classes = self.class_embeddings(class_names, templates)
-        logits = self.encode_image(images) @ classes.T / self.temperature
+        logits = self.encode_image(items) @ classes.T / self.temperature
         probs = logits.softmax(dim=1)
         top = probs.topk(min(k, probs.shape[1]), dim=1)
         return Classification(probs, top.values, top.indices)
+
+
+def check_preprocessing(
+    encoder: Encoder, info: dict[str, Any], export_dir: Path, folder: Path
+) -> None:
+    """The preprocessing the loaded files give must be the one the export recorded (a tokenizer
+    or processor read from other files would run, with other inputs)."""
+    recorded = info.get("preprocessing")
+    now = family_of(encoder).preprocessing(encoder)
+    if recorded != now:
+        keys = sorted(
+            k for k in set(recorded or {}) | set(now) if (recorded or {}).get(k) != now.get(k)
+        )
+        raise EXPORT.error(
+            export_dir,
+            folder,
+            "its processor or tokenizer files give other preprocessing than the export "
+            f"recorded ({', '.join(keys[:5])})",
+        )
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -312,17 +375,10 @@ def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
     """What the export's config.json says about one encoder."""
     encoder = model.encoders[side]
     recorded = (model.config.get("store_fingerprint") or {}).get(side, {})
-    processor = encoder.processor
-    if processor is None:  # timm: the data config is part of its pretrained config
-        keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-        preprocessing = {k: encoder.config[k] for k in keys if k in encoder.config}
-    elif encoder.modality == "image":
-        preprocessing = processor.to_dict()
-    else:
-        preprocessing = {"tokenizer": type(processor).__name__}
     kept, total = model.blocks[side]
     return {
         "spec": encoder.spec,
+        "family": encoder.family,
         "model_id": recorded.get("model_id", encoder.model_id),
         "revision": recorded.get("revision", encoder.revision),
         "model_fingerprint": recorded.get("model_fingerprint"),
@@ -331,25 +387,25 @@ def side_info(model: AlignedModel, side: str) -> dict[str, Any]:
         "pooling": encoder.pooling,
         "blocks_run": kept,
         "blocks_total": total,
-        "preprocessing": json.loads(json.dumps(preprocessing, default=str)),
+        "preprocessing": family_of(encoder).preprocessing(encoder),
     }
 
 
 def export_model(
     run_dir: str | Path, out: str | Path, with_encoders: bool = False
 ) -> dict[str, Any]:
-    """Write `out` (via a temporary directory renamed at the end): config.json (the run's config
-    plus an `export` section), head.safetensors and, with_encoders, each encoder truncated at
-    its chosen layer (safetensors + processor / tokenizer files). Returns the export section."""
-    out = Path(out)
-    if out.exists() and export_section(out) is None:
+    """Write the EXPORT artifact `out`: config.json (the run's config, an `export` section and
+    every file's checksum), head.safetensors and, with_encoders, each encoder truncated at its
+    chosen layer (safetensors + processor / tokenizer files). Atomic (a complete successor
+    replaces `out`), locked (a second writer stops with one line), files 0644. Returns the
+    export section."""
+    out = check_output(out, "dir")
+    if out.is_dir() and any(out.iterdir()) and export_section(out) is None:
         raise UserError(f"{out} exists and is not an export; choose another --out")
     model = AlignedModel.from_run(run_dir, device="cpu")
     export: dict[str, Any] = {"format": EXPORT_FORMAT, "run": str(Path(run_dir).resolve())}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def fill(tmp: Path) -> dict[str, Any]:
         shutil.copyfile(Path(run_dir) / CHECKPOINT, tmp / CHECKPOINT)
         for side in SIDES:
             info = side_info(model, side)
@@ -359,22 +415,42 @@ def export_model(
                 weights = sorted(p.name for p in folder.glob("*.safetensors"))
                 info.update(
                     dir=folder.name,
-                    sha256={name: file_sha256(folder / name) for name in weights},
                     exported_bytes=sum((folder / name).stat().st_size for name in weights),
                     full_encoder_bytes=model.full_bytes[side],
                 )
             export[side] = info
-        config = {**model.config, "export": export}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return export
+        config = {k: v for k, v in model.config.items() if k != "files"}
+        return {**config, "export": export}
+
+    return write_artifact(EXPORT, out, fill)["export"]
 
 
 # -- embedding a whole data source ------------------------------------------------------------
+def source_root(source_spec: str) -> Path | None:
+    """The folder a file source's image paths are relative to (None: not a file source)."""
+    kind, _, arg = source_spec.partition(":")
+    if not arg or kind not in ("pairs", "imagefolder", "coco"):
+        return None
+    path = Path(arg).expanduser().resolve()
+    return path.parent if kind == "pairs" else path
+
+
+def row_ids(rows: pd.DataFrame, root: Path | None) -> np.ndarray:
+    """Unique ids: a file's path relative to the source (`img/d0.png` and `sub/d0.png` are two
+    images, not both `d0`), else the sample id; rows that share one (the captions of one image,
+    the templates of one class) get `#1`, `#2`, ... after the first."""
+    ids = rows["sample_id"].astype(str)
+    if root is not None:
+        paths = rows["image_path"].astype(str)
+        relative = [
+            Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else p
+            for p in paths
+        ]
+        ids = pd.Series(np.where(paths != "", relative, ids), index=rows.index)
+    repeat = ids.groupby(ids).cumcount()
+    return np.where(repeat > 0, ids + "#" + repeat.astype(str), ids).astype(str)
+
+
 def embed_source(
     model: AlignedModel,
     source_spec: str,
@@ -386,7 +462,8 @@ def embed_source(
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per image and per caption of a data source (any `--source` of extract):
-    modality, id, path, caption, label_name, embedding (float32 unit vector)."""
+    modality, id (unique per modality), path, caption, label_name, embedding (float32 unit
+    vector)."""
     if modality not in ("image", "text", "both"):
         raise UserError(f"--modality must be image, text or both, not {modality!r}")
     source = load_source(source_spec, split)
@@ -396,6 +473,7 @@ def embed_source(
     sides = [s for s in SIDES if modality in (s, "both") and (has[s] or modality == s)]
     if not sides:
         raise UserError(f"{source_spec} ({split}) has neither images nor captions to embed")
+    root = source_root(source_spec)
     tables = []
     for side in sides:
         fetch, names = rows_to_embed(source, manifest, side)
@@ -405,7 +483,7 @@ def embed_source(
             pd.DataFrame(
                 {
                     "modality": side,
-                    "id": rows["sample_id"].astype(str).to_numpy(),
+                    "id": row_ids(rows, root),
                     "path": rows["image_path"].astype(str).to_numpy(),
                     "caption": "" if side == "image" else rows["caption"].astype(str).to_numpy(),
                     "label_name": rows["label_name"].astype(str).to_numpy(),
@@ -414,12 +492,3 @@ def embed_source(
             )
         )
     return pd.concat(tables, ignore_index=True)
-
-
-def write_parquet(table: pd.DataFrame, path: str | Path) -> None:
-    """Via a temporary file renamed at the end: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)

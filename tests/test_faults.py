@@ -287,6 +287,104 @@ def test_select_under_a_file_size_limit_is_one_line_and_keeps_the_selection(
 # (cases of this area go below this line, above the next marker)
 
 
+# the model's outputs when the machine fails: a file-size limit, a held lock, dying workers
+def enc_limited(command: str, limit_blocks: int, timeout: int = 240):
+    """Run `python -m pipeline COMMAND` under `ulimit -f` (512-byte blocks; SIGXFSZ ignored,
+    so a write past it fails with EFBIG as when a disk is full)."""
+    import subprocess
+    import sys
+
+    script = f"trap '' XFSZ; ulimit -f {limit_blocks}; {sys.executable} -m pipeline {command}"
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TQDM_DISABLE": "1"}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          timeout=timeout, env=env)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def enc_run(tmp_path_factory):
+    from tests.model_helpers import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("enc") / "run")
+
+
+def enc_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_export_with_encoders_past_the_file_size_limit_is_one_line(enc_run, tmp_path):
+    from stages.model import export_model
+
+    out = tmp_path / "export"
+    export_model(enc_run, out)  # a previous export, without encoders: it must stay whole
+    before = files(tmp_path)
+    done = enc_limited(f"export --with-encoders --run {enc_run} --out {out}", 300)
+    assert done.returncode == 2, done.stderr
+    assert "file too large" in enc_error_line(done.stderr)
+    assert files(tmp_path) == before  # no temporary left, the old export untouched
+
+
+def test_embed_under_a_file_size_limit_neither_hangs_nor_half_writes(enc_run, tmp_path):
+    """DataLoader workers cannot hand batches over under the limit (they hung): the rest loads
+    in this process, said once; the Parquet file too large to write is one line."""
+    out = tmp_path / "e.parquet"
+    done = enc_limited(f"embed --run {enc_run} --source digits --limit 64 --out {out}", 4)
+    assert done.returncode == 2, done.stderr
+    assert "file too large" in enc_error_line(done.stderr)
+    assert done.stderr.count("warning: the DataLoader workers failed") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_two_exports_into_one_out_the_second_stops(enc_run, tmp_path, capsys):
+    from store.io import writer_lock
+
+    out = tmp_path / "export"
+    with writer_lock(out):  # another `export` is writing it
+        code, _, err = run_cli(["export", "--run", enc_run, "--out", out], capsys)
+    assert code == 2 and "another process is writing" in enc_error_line(err)
+    assert not out.exists()
+    code, _, err = run_cli(["export", "--run", enc_run, "--out", out], capsys)
+    assert code == 0, err  # the lock was released
+
+
+def enc_dies_in_a_worker(row: int) -> int:
+    """Rows 2.. kill the DataLoader worker that fetches them (as a bus error on a full /dev/shm
+    does); in the main process they load."""
+    import signal
+
+    from torch.utils.data import get_worker_info
+
+    if row >= 2 and get_worker_info() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return row
+
+
+def test_dying_input_workers_fall_back_to_this_process(monkeypatch):
+    """Not listed: workers killed mid-run; the rest of the rows load in this process, said."""
+    import torch
+
+    from stages.encoders import Encoder, inputs
+    from stages.encoders.inputs import even_batches, row_batches
+
+    monkeypatch.setattr(inputs, "FAILED_WORKERS", [])  # this process's record of failures
+
+    encoder = Encoder("toy", "toy", "", "text", "none", ["x"], [1], torch.nn.Identity(),
+                      prepare=float, collate=lambda xs: {"x": torch.tensor(xs)},
+                      embed=lambda b: [b["x"]])  # fmt: skip
+    said: list[str] = []
+    names = [str(i) for i in range(6)]
+    batches = row_batches(encoder, enc_dies_in_a_worker, names, even_batches(6, 2), 2,
+                          log=said.append)  # fmt: skip
+    rows = [int(r) for batch_rows, _, _ in batches for r in batch_rows]
+    assert rows == list(range(6))
+    assert len(said) == 1 and "workers failed" in said[0]
+    again = row_batches(encoder, float, names, even_batches(6, 2), 2, log=said.append)
+    rows = [int(r) for batch_rows, _, _ in again for r in batch_rows]
+    assert rows == list(range(6)) and len(said) == 1  # not tried again, not said again
+
+
 # ==== EVALUATE, INDEX, SEARCH, SETTINGS (params.yaml) ====
 # (cases of this area go below this line, above the next marker)
 @pytest.fixture(scope="module")

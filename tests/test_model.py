@@ -187,7 +187,7 @@ def test_export_with_encoders_loads_offline(demo, tmp_path):
     # a changed weight file is refused
     weights = out / "image_encoder" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    with pytest.raises(UserError, match="changed since the export"):
+    with pytest.raises(UserError, match="changed since it was written"):
         AlignedModel.from_pretrained(out)
     with pytest.raises(UserError, match="not a directory written by"):
         AlignedModel.from_pretrained(demo["run"])

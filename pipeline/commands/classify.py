@@ -9,34 +9,50 @@ import typer
 
 from pipeline.app import app
 from pipeline.commands.export import RUN_HELP
+from stages.encoders.arguments import checked_class_names
 from stages.model import AlignedModel
 from store import UserError
+from store.io import atomic_file, check_output
 
 
 def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
-    """Class names from a comma-separated list and/or a file (one per line)."""
+    """Class names from a comma-separated list and/or a file (one per line, UTF-8); blank
+    entries are skipped; a name given twice, or a missing-value marker (NaN), is refused."""
     names = [n.strip() for n in (labels or "").split(",")]
     if labels_file is not None:
+        if labels_file.is_dir():
+            raise UserError(f"--labels-file {labels_file} is a directory, not a file")
         if not labels_file.is_file():
             raise UserError(f"labels file {labels_file} does not exist")
-        names += [line.strip() for line in labels_file.read_text().splitlines()]
+        try:
+            text = labels_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"--labels-file {labels_file} is not UTF-8 text (byte {err.start}); give one "
+                "class name per line"
+            ) from err
+        except OSError as err:
+            raise UserError(f"cannot read --labels-file {labels_file}: {err.strerror}") from err
+        names += [line.strip() for line in text.splitlines()]
     names = [n for n in names if n]
     if not names:
         raise UserError("give the class names with --labels a,b,c or --labels-file FILE")
-    return names
+    return checked_class_names(names, "--labels")
 
 
 @app.command("classify")
 def classify_command(
     images: list[Path] = typer.Argument(..., help="Image files."),
     run: Path = typer.Option(..., "--run", help=RUN_HELP),
-    labels: str = typer.Option(None, help="Comma-separated class names."),
-    labels_file: Path = typer.Option(None, help="A file with one class name per line."),
+    labels: str = typer.Option(None, help="Comma-separated class names, each once."),
+    labels_file: Path = typer.Option(None, help="A UTF-8 file with one class name per line."),
     top_k: int = typer.Option(3, min=1, help="Classes shown per image."),
     csv: Path = typer.Option(None, "--csv", help="Write the table as CSV instead of printing it."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Each image's top-k classes and probabilities (templates averaged as in `evaluate`)."""
+    if csv:
+        check_output(csv, "file", "--csv")
     names = read_labels(labels, labels_file)
     model = AlignedModel.load(run, device)
     result = model.classify([str(p) for p in images], names, k=top_k)
@@ -50,10 +66,8 @@ def classify_command(
         ]
     )
     if csv:
-        csv.parent.mkdir(parents=True, exist_ok=True)
-        tmp = csv.with_name(csv.name + ".tmp")
-        table.to_csv(tmp, index=False, float_format="%.6f")
-        tmp.replace(csv)
+        with atomic_file(csv) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6f")
         typer.echo(f"wrote {csv}")
     else:
         typer.echo(table.to_string(index=False, float_format=lambda p: f"{p:.4f}"))

@@ -19,7 +19,9 @@ def megabytes(n_bytes: int) -> str:
 @app.command("export")
 def export_command(
     run: Path = typer.Option(..., "--run", help="Run directory written by `align`."),
-    out: Path = typer.Option(..., "--out", help="Directory to write (replaced if an export)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory to write (an existing export there is replaced)."
+    ),
     with_encoders: bool = typer.Option(
         False, help="Also save both encoders, cut after the chosen layer (safetensors)."
     ),
