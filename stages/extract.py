@@ -3,6 +3,12 @@
 Rows are processed block by block (a block is one chunk of each layer); batches never cross a
 block, so a block's bytes depend only on the block, and a run that was killed and started again
 skips the blocks already marked complete and ends byte-identical to an uninterrupted run.
+
+One writer per array: the run holds the array's lock (store.features) from before it touches
+the array until its last block is written; a second run of the same array stops with one line.
+DataLoader workers that die, time out or cannot use shared memory (a full /dev/shm, `ulimit
+-f`) are said in one line and the remaining blocks are loaded in this process; a write the
+machine refuses is one line, and no block is marked complete that was not written.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,16 +25,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from stages.datasets import Source, load_source
+from stages.device import resolve_device
 from stages.encoders import Encoder, load_encoder
+from stages.progress import progress_bar
 from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
-from store.features import local_model_dir, model_key, width_summary
+from store.features import LAYOUT_WAIT, local_model_dir, model_key, width_summary
+from store.io import check_output
 from store.manifest import normalise_manifest, with_file_stats
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
+# seconds without a batch from the DataLoader workers before they count as stuck (a batch that
+# cannot reach the main process, e.g. through full shared memory, would otherwise wait forever)
+LOADER_TIMEOUT = 300.0
 
 
 @dataclass
@@ -117,7 +129,20 @@ def limit_manifest(manifest: pd.DataFrame, limit: int) -> pd.DataFrame:
 def sync_manifest(
     store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, overwrite: bool
 ) -> pd.DataFrame:
-    """Write the manifest, or keep the stored one when it describes the same samples."""
+    """Write the manifest, or keep the stored one when it describes the same samples (under
+    the split's manifest lock: image and text runs of one split may run at once)."""
+    with manifest_lock(store, dataset, split):
+        return _sync_manifest(store, dataset, split, manifest, overwrite)
+
+
+def manifest_lock(store: FeatureStore, dataset: str, split: str):
+    """The short lock of one split's manifest (a later writer waits for it)."""
+    return store.lock(f"{dataset}/{split}/manifest.parquet", wait=LAYOUT_WAIT)
+
+
+def _sync_manifest(
+    store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, overwrite: bool
+) -> pd.DataFrame:
     path = store.manifest_path(dataset, split)
     if path.is_file():
         stored = store.manifest(dataset, split)
@@ -239,13 +264,22 @@ def load_inputs(
 
 
 def plan_extraction(
-    store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
+    store_path: str,
+    dataset: str,
+    split: str,
+    source_spec: str,
+    model: str,
+    opts: ExtractOptions,
+    held: ExitStack,
 ) -> ExtractJob:
-    """Load the source and the model, sync the manifest, create (or reopen) the array, and list
-    the incomplete blocks. Only this coordinator creates arrays and writes attributes."""
+    """Load the source and the model, take the array's lock (held by `held` until the caller
+    is done writing), sync the manifest, create (or reopen) the array, and list the incomplete
+    blocks. Only this coordinator creates arrays and writes attributes."""
     manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
 
     store = FeatureStore(store_path, create=True)
+    locked = store.locate(dataset, split, encoder.modality, opts.name or encoder.spec)
+    held.enter_context(store.array_lock(locked))
     manifest = sync_manifest(store, dataset, split, manifest, opts.overwrite)
     folder = local_model_dir(model)
     attrs = {
@@ -260,6 +294,8 @@ def plan_extraction(
         "model_fingerprint": encoder.fingerprint(),
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
+    if array.path != locked:  # a local folder's free name was taken meanwhile
+        raise UserError(f"another process is writing {store.root}/{locked}; run the command again")
     if local_model_dir(model) and array.attrs["name"] != model_key(model):
         print(f"{model} is stored as {array.attrs['name']} (another folder has its name)")
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
@@ -285,8 +321,23 @@ def extract(
     store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
 ) -> ExtractResult:
     """Extract every layer of `model` over one split into the store; resumes where it stopped.
-    With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster)."""
-    job = plan_extraction(store_path, dataset, split, source_spec, model, opts)
+    With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster). The array's
+    lock is held throughout: a second writer of it stops with one line."""
+    check_output(store_path, "dir", "--store")
+    with ExitStack() as held:
+        return _extract(store_path, dataset, split, source_spec, model, opts, held)
+
+
+def _extract(
+    store_path: str,
+    dataset: str,
+    split: str,
+    source_spec: str,
+    model: str,
+    opts: ExtractOptions,
+    held: ExitStack,
+) -> ExtractResult:
+    job = plan_extraction(store_path, dataset, split, source_spec, model, opts, held)
     array, encoder = job.array, job.encoder
     if not job.todo:
         print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
@@ -297,7 +348,7 @@ def extract(
     if opts.scheduler:
         seconds = extract_on_cluster(job, store_path, dataset, split, source_spec, model, opts)
     else:
-        device = pick_device(opts.device)
+        device = resolve_device(opts.device)
         encoder.model.to(device)
         started = time.perf_counter()
         embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
@@ -322,15 +373,85 @@ def embed_blocks(
     opts: ExtractOptions,
 ) -> None:
     """Embed and write the given blocks: the one code path of both the single process and
-    every cluster task (there with one block, num_workers=0 and no progress bar)."""
-    loader = DataLoader(
-        RowDataset(fetch, encoder.prepare, names),
-        batch_sampler=BlockBatches(array, blocks, opts.batch_size),
-        num_workers=opts.num_workers,
-        collate_fn=make_collate(encoder),
-        pin_memory=device.type == "cuda",
-    )
-    run_blocks(array, encoder, loader, names, device, opts, block_rows_total(array, blocks))
+    every cluster task (there with one block, num_workers=0 and no progress bar). When the
+    DataLoader workers fail (LoaderFailed), the blocks not yet written are loaded in this
+    process, and that is said in one line."""
+    written: list[int] = []
+
+    def run(todo: list[int], workers: int) -> None:
+        loader = DataLoader(
+            RowDataset(fetch, encoder.prepare, names),
+            batch_sampler=BlockBatches(array, todo, opts.batch_size),
+            num_workers=workers,
+            collate_fn=shared_collate(make_collate(encoder)),
+            pin_memory=device.type == "cuda",
+            timeout=LOADER_TIMEOUT if workers else 0,
+        )
+        total = block_rows_total(array, todo)
+        run_blocks(array, encoder, loader, names, device, opts, total, written)
+
+    if opts.num_workers > 0:
+        try:
+            run(blocks, opts.num_workers)
+            return
+        except LoaderFailed as err:
+            blocks = [b for b in blocks if b not in written]
+            print(
+                f"warning: the DataLoader workers failed ({err}); loading the remaining "
+                f"{len(blocks)} blocks in this process instead (as with --num-workers 0)",
+                file=sys.stderr,
+            )
+    run(blocks, 0)
+
+
+class LoaderFailed(Exception):
+    """The DataLoader's worker processes died, timed out or could not hand over a batch."""
+
+
+def shared_collate(collate: Callable[[list], tuple]) -> Callable[[list], tuple]:
+    """`collate`, then, in a worker process, the batch's tensors moved into shared memory by
+    the worker itself: were they moved while being sent (torch's queue feeder thread), a full
+    /dev/shm or `ulimit -f` would be printed and the batch dropped, and the main process would
+    wait for it forever; raised here, the failure reaches the main process as an error."""
+
+    def collate_shared(items: list) -> tuple:
+        rows, batch, errors = collate(items)
+        if batch is not None and get_worker_info() is not None:
+            for value in batch.values():
+                if isinstance(value, torch.Tensor):
+                    value.share_memory_()
+        return rows, batch, errors
+
+    return collate_shared
+
+
+def loader_batches(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches; with worker processes, their failures (a killed worker, a
+    timeout, shared memory refused) are a LoaderFailed carrying torch's last line."""
+    if loader.num_workers == 0:
+        yield from loader
+        return
+    try:
+        iterator = iter(loader)
+    except (RuntimeError, OSError) as err:  # workers could not be started
+        raise LoaderFailed(last_line(err)) from err
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError) as err:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:  # now, not when the traceback is collected
+                shutdown()
+            raise LoaderFailed(last_line(err)) from err
+        yield item
+
+
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error (torch puts the worker's own error there)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
 
 
 # -- the same blocks as tasks on a dask cluster -------------------------------------------------
@@ -365,7 +486,7 @@ def load_worker_job(
             f"a dask worker sees other {' and '.join(differs) or 'row counts'} than the "
             f"coordinator for {array.path}; give every worker the same data, model and store"
         )
-    device = pick_device(opts.device)
+    device = resolve_device(opts.device)
     encoder.model.to(device)
     # daemonic worker processes cannot start DataLoader workers; one bar is on the client
     worker_opts = replace(opts, num_workers=0, progress=False)
@@ -434,8 +555,10 @@ def run_blocks(
     device: torch.device,
     opts: ExtractOptions,
     n_todo: int,
+    written: list[int] | None = None,
 ) -> None:
-    """The hot loop: embed batches into a block buffer on the device, write full blocks.
+    """The hot loop: embed batches into a block buffer on the device, write full blocks (each
+    block written is appended to `written`).
 
     Nothing waits for the device inside a block, so the GPU queue stays full while the
     DataLoader prepares the next batches; a full block is copied to the host once and written
@@ -445,18 +568,23 @@ def run_blocks(
     offsets = np.cumsum([0, *encoder.layer_dims])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     unit = " img" if encoder.modality == "image" else " txt"
-    bar = tqdm(
+    bar = progress_bar(
         total=n_todo,
         unit=unit,
         desc=f"extract {encoder.spec}",
-        disable=not opts.progress,
-        file=sys.stderr,
+        enabled=opts.progress,
         smoothing=0.1,
     )
+    written = [] if written is None else written
+
+    def write(block: int, values: list[np.ndarray]) -> None:
+        array.write_block(block, values)
+        written.append(block)
+
     block, buffer, filled, writing = -1, None, 0, None
     # the bar closes before any error is printed, so the error stays on a line of its own
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
-        for rows, batch, errors in loader:
+        for rows, batch, errors in loader_batches(loader):
             bad = [i for i, err in enumerate(errors) if err]
             if bad and not opts.skip_bad:
                 i = bad[0]
@@ -491,7 +619,7 @@ def run_blocks(
                 values = np.split(values, offsets[1:-1], axis=1)
                 if writing is not None:
                     writing.result()
-                writing = writer.submit(array.write_block, block, values)
+                writing = writer.submit(write, block, values)
             bar.update(len(rows))
         if writing is not None:
             writing.result()
@@ -519,4 +647,5 @@ def record_skipped(
         return
     if skipped.any():
         print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")
-    write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))
+    with manifest_lock(store, dataset, split):
+        write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))

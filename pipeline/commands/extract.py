@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, progress_option
 from stages.extract import ExtractOptions, extract
 
 
@@ -53,6 +53,7 @@ def extract_command(
         help="The features' name in the store, for later commands' --image-model/--text-model "
         "(default: the model spec; a local folder's name, made unique if another folder has it).",
     ),
+    progress: bool = progress_option(),
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
     opts = ExtractOptions(
@@ -70,5 +71,6 @@ def extract_command(
         scheduler=scheduler,
         retries=retries,
         name=name,
+        progress=progress,
     )
     extract(str(store), dataset, split, source or dataset, model, opts)
