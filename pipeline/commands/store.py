@@ -4,6 +4,7 @@ exist, and takes `--store` from params.yaml's `common.store` unless given."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -133,7 +134,11 @@ def verify(
     found = partial = 0
     for path in new:
         array = FeatureArray(fs.group[path], path, fs.root)
-        damaged = array.damaged_blocks(read=True)
+        # --repair checks and marks under the array's lock: never while an extract writes it
+        with fs.array_lock(path) if repair else nullcontext():
+            damaged = array.damaged_blocks(read=True)
+            if damaged and repair:
+                array.mark_incomplete(list(damaged))
         done, blocks = int(array.completed_blocks().sum()), array.n_blocks
         if not damaged:
             if done == blocks:
@@ -148,8 +153,6 @@ def verify(
         for block, problems in damaged.items():
             typer.echo(f"{path} block {block}: {'; '.join(problems)}")
         if repair:
-            with fs.array_lock(path):  # not while an extract writes it
-                array.mark_incomplete(list(damaged))
             typer.echo(f"  marked {len(damaged)} blocks incomplete; repair them with:")
         else:
             typer.echo("  mark them incomplete with --repair, then run:")
