@@ -473,7 +473,7 @@ def load_worker_job(
     """Runs on each worker (LoadOnce plugin): the model, the source and the array the
     coordinator created, refusing a worker that sees other samples or other weights."""
     manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
-    array = FeatureStore(store_path, create=True).open(
+    array = FeatureStore(store_path, write=True).open(
         dataset, split, encoder.modality, opts.name or encoder.spec, check_source=False
     )
     seen = {
