@@ -389,8 +389,10 @@ class FeatureStore:
                     zarr.open_group(self.root, mode="a", zarr_format=3)
 
     def _foreign(self) -> bool:
-        """An existing folder with no zarr.json and more than the store's lock files in it."""
-        return not self._is_store() and any(p.name != LOCK_DIR for p in self.root.iterdir())
+        """An existing folder with no zarr.json and more in it than the store's lock files (and
+        the temporary zarr.json of another process creating the store at this moment)."""
+        ours = [p.name == LOCK_DIR or p.name.endswith(".partial") for p in self.root.iterdir()]
+        return not self._is_store() and not all(ours)
 
     @contextmanager
     def lock(self, path: str, wait: float = 0) -> Iterator[None]:
