@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -25,21 +25,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from stages.datasets import Source, load_source
 from stages.device import resolve_device
 from stages.encoders import Encoder, load_encoder
 from stages.progress import progress_bar
 from store import FeatureArray, FeatureStore, UserError, fingerprint, image_table, write_manifest
-from store.features import LAYOUT_WAIT, local_model_dir, model_key, width_summary
+from store.features import local_model_dir, model_key, width_summary
 from store.io import check_output
 from store.manifest import normalise_manifest, with_file_stats
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
-# seconds without a batch from the DataLoader workers before they count as stuck (a batch that
-# cannot reach the main process, e.g. through full shared memory, would otherwise wait forever)
-LOADER_TIMEOUT = 300.0
 
 
 @dataclass
@@ -131,13 +129,8 @@ def sync_manifest(
 ) -> pd.DataFrame:
     """Write the manifest, or keep the stored one when it describes the same samples (under
     the split's manifest lock: image and text runs of one split may run at once)."""
-    with manifest_lock(store, dataset, split):
+    with store.manifest_lock(dataset, split):
         return _sync_manifest(store, dataset, split, manifest, overwrite)
-
-
-def manifest_lock(store: FeatureStore, dataset: str, split: str):
-    """The short lock of one split's manifest (a later writer waits for it)."""
-    return store.lock(f"{dataset}/{split}/manifest.parquet", wait=LAYOUT_WAIT)
 
 
 def _sync_manifest(
@@ -373,35 +366,65 @@ def embed_blocks(
     opts: ExtractOptions,
 ) -> None:
     """Embed and write the given blocks: the one code path of both the single process and
-    every cluster task (there with one block, num_workers=0 and no progress bar). When the
-    DataLoader workers fail (LoaderFailed), the blocks not yet written are loaded in this
-    process, and that is said in one line."""
-    written: list[int] = []
+    every cluster task (there with one block, num_workers=0 and no progress bar)."""
+    batches = row_batches(
+        encoder,
+        fetch,
+        names,
+        list(BlockBatches(array, blocks, opts.batch_size)),
+        num_workers=opts.num_workers,
+        pin_memory=device.type == "cuda",
+        log=lambda message: tqdm.write(message, file=sys.stderr),  # above the progress bar
+    )
+    run_blocks(array, encoder, batches, names, device, opts, block_rows_total(array, blocks))
 
-    def run(todo: list[int], workers: int) -> None:
-        loader = DataLoader(
-            RowDataset(fetch, encoder.prepare, names),
-            batch_sampler=BlockBatches(array, todo, opts.batch_size),
+
+# -- DataLoader workers that fail: the remaining batches load in this process --------------------
+Batch = tuple[np.ndarray, dict | None, list[str]]
+# seconds without a batch from the DataLoader workers before they count as stuck (a batch that
+# cannot reach the main process, e.g. through full shared memory, would otherwise wait forever)
+LOADER_TIMEOUT = 300.0
+
+
+def row_batches(
+    encoder: Encoder,
+    fetch: Callable[[int], Any],
+    names: list[str],
+    batches: list[list[int]],
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    log: Callable[[str], None] = print,
+) -> Iterator[Batch]:
+    """The batches of rows `batches` (lists of row numbers), each fetched, prepared and
+    collated, in `num_workers` DataLoader workers. When the workers fail (LoaderFailed: killed,
+    stuck, or shared memory refused under a full /dev/shm or `ulimit -f`), the remaining
+    batches load in this process (the same batches in the same order: the same bytes), said
+    once through `log`."""
+    dataset = RowDataset(fetch, encoder.prepare, list(names))
+
+    def loader(todo: list[list[int]], workers: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=todo,
             num_workers=workers,
             collate_fn=shared_collate(make_collate(encoder)),
-            pin_memory=device.type == "cuda",
+            pin_memory=pin_memory,
             timeout=LOADER_TIMEOUT if workers else 0,
         )
-        total = block_rows_total(array, todo)
-        run_blocks(array, encoder, loader, names, device, opts, total, written)
 
-    if opts.num_workers > 0:
+    done = 0
+    if num_workers > 0:
         try:
-            run(blocks, opts.num_workers)
+            for batch in loader_batches(loader(batches, num_workers)):
+                yield batch
+                done += 1
             return
         except LoaderFailed as err:
-            blocks = [b for b in blocks if b not in written]
-            print(
+            log(
                 f"warning: the DataLoader workers failed ({err}); loading the remaining "
-                f"{len(blocks)} blocks in this process instead (as with --num-workers 0)",
-                file=sys.stderr,
+                f"{len(batches) - done} batches in this process instead (as with --num-workers 0)"
             )
-    run(blocks, 0)
+    yield from loader(batches[done:], 0)
 
 
 class LoaderFailed(Exception):
@@ -416,7 +439,7 @@ def shared_collate(collate: Callable[[list], tuple]) -> Callable[[list], tuple]:
 
     def collate_shared(items: list) -> tuple:
         rows, batch, errors = collate(items)
-        if batch is not None and get_worker_info() is not None:
+        if batch is not None and torch.utils.data.get_worker_info() is not None:
             for value in batch.values():
                 if isinstance(value, torch.Tensor):
                     value.share_memory_()
@@ -550,15 +573,13 @@ def extract_on_cluster(
 def run_blocks(
     array: FeatureArray,
     encoder: Encoder,
-    loader: DataLoader,
+    loader: Iterable[Batch],
     names: list[str],
     device: torch.device,
     opts: ExtractOptions,
     n_todo: int,
-    written: list[int] | None = None,
 ) -> None:
-    """The hot loop: embed batches into a block buffer on the device, write full blocks (each
-    block written is appended to `written`).
+    """The hot loop: embed batches into a block buffer on the device, write full blocks.
 
     Nothing waits for the device inside a block, so the GPU queue stays full while the
     DataLoader prepares the next batches; a full block is copied to the host once and written
@@ -575,16 +596,10 @@ def run_blocks(
         enabled=opts.progress,
         smoothing=0.1,
     )
-    written = [] if written is None else written
-
-    def write(block: int, values: list[np.ndarray]) -> None:
-        array.write_block(block, values)
-        written.append(block)
-
     block, buffer, filled, writing = -1, None, 0, None
     # the bar closes before any error is printed, so the error stays on a line of its own
     with bar, ThreadPoolExecutor(max_workers=1) as writer:
-        for rows, batch, errors in loader_batches(loader):
+        for rows, batch, errors in loader:
             bad = [i for i, err in enumerate(errors) if err]
             if bad and not opts.skip_bad:
                 i = bad[0]
@@ -619,7 +634,7 @@ def run_blocks(
                 values = np.split(values, offsets[1:-1], axis=1)
                 if writing is not None:
                     writing.result()
-                writing = writer.submit(write, block, values)
+                writing = writer.submit(array.write_block, block, values)
             bar.update(len(rows))
         if writing is not None:
             writing.result()
@@ -647,5 +662,5 @@ def record_skipped(
         return
     if skipped.any():
         print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")
-    with manifest_lock(store, dataset, split):
+    with store.manifest_lock(dataset, split):
         write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))

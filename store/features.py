@@ -407,6 +407,11 @@ class FeatureStore:
         with writer_lock(self.root / path, wait, lock_path=folder / f"{name}.lock"):
             yield
 
+    def manifest_lock(self, dataset: str, split: str) -> Any:
+        """The short lock of one split's manifest, which the image and the text extraction of
+        the split both write: a later writer waits for it."""
+        return self.lock(f"{dataset}/{split}/manifest.parquet", wait=LAYOUT_WAIT)
+
     def array_lock(self, path: str) -> Any:
         """The lock of one model's features (`array_path`): one writer at a time."""
         return self.lock(path, wait=0)

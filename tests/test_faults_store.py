@@ -329,7 +329,10 @@ def test_failing_dataloader_workers_fall_back_to_this_process(
     clean = tmp_path / "clean.zarr"
     extract(str(clean), "digits", "train", "digits", MODEL, replace(FAST, limit=48))
     worker_sabotage(monkeypatch, action)
-    monkeypatch.setattr(extract_module, "LOADER_TIMEOUT", 3.0)  # `stuck`: unlisted
+    # where the loader guard lives (stages.extract, or the encoders' inputs it may move to)
+    guard = sys.modules[extract_module.row_batches.__module__]
+    monkeypatch.setattr(guard, "LOADER_TIMEOUT", 3.0)  # `stuck`: unlisted
+    monkeypatch.setattr(guard, "FAILED_WORKERS", [], raising=False)  # said once per process
     store = tmp_path / "s.zarr"
     extract(str(store), "digits", "train", "digits", MODEL, replace(FAST, limit=48, num_workers=2))
     err = capsys.readouterr().err
