@@ -284,6 +284,7 @@ class FeatureArray:
             self.done[block] = 1
 
     def mark_incomplete(self, blocks: Sequence[int]) -> None:
+        """Mark blocks to be extracted again (`store verify --repair`)."""
         with writing(self.root / self.path):
             for block in blocks:
                 self.done[block] = 0
@@ -518,10 +519,11 @@ class FeatureStore:
             "block_rows": block_rows,
         }
         n_blocks = -(-n_rows // block_rows)
-        # under the layout lock: writers of other arrays create their parent groups at once
-        with self.lock("", wait=LAYOUT_WAIT), writing(self.root / path):
+        with writing(self.root / path):  # the caller holds this array's lock
             if path in self.group:
                 del self.group[path]
+        # under the layout lock: writers of other arrays may create the same parent groups
+        with self.lock("", wait=LAYOUT_WAIT), writing(self.root / path):
             group = self.group.create_group(path, attributes=attrs)
             create_layer_arrays(group, n_rows, dims, dtype, block_rows)
             group.create_array(
