@@ -316,7 +316,10 @@ def extract(
     """Extract every layer of `model` over one split into the store; resumes where it stopped.
     With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster). The array's
     lock is held throughout: a second writer of it stops with one line."""
-    check_output(store_path, "dir", "--store")
+    store = Path(store_path)
+    manifest = store / dataset / split / "manifest.parquet"
+    if not store.exists() or opts.overwrite or not manifest.is_file():  # it surely writes
+        check_output(store, "dir", "--store")  # before any work
     with ExitStack() as held:
         return _extract(store_path, dataset, split, source_spec, model, opts, held)
 

@@ -34,6 +34,7 @@ block it was writing stays incomplete.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -399,12 +400,17 @@ class FeatureStore:
     def lock(self, path: str, wait: float = 0) -> Iterator[None]:
         """Hold the lock of `path` inside the store ("" = the store's own layout: creating
         groups and arrays) while writing it; another writer waits `wait` seconds, then stops
-        with one line. The lock files are `{store}/.locks/*.lock`."""
+        with one line. The lock files are `{store}/.locks/*.lock`. A store this process cannot
+        write (read-only, immutable, another user's) takes no lock: it reads what it needs
+        (an extract with nothing left to do succeeds), and its first write is refused in one
+        line."""
         name = re.sub(r"[^A-Za-z0-9._-]+", "+", path.strip("/")) or "_layout"
         folder = self.root / LOCK_DIR
-        if not folder.is_dir():
-            with writing(self.root):  # a read-only store: said here, before any work
-                folder.mkdir(exist_ok=True)
+        if not os.access(folder if folder.is_dir() else self.root, os.W_OK | os.X_OK):
+            yield
+            return
+        with writing(self.root):
+            folder.mkdir(exist_ok=True)
         with writer_lock(self.root / path, wait, lock_path=folder / f"{name}.lock"):
             yield
 

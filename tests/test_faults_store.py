@@ -256,6 +256,9 @@ def test_a_read_only_store_is_one_line_and_unchanged(tmp_path, capsys, read_only
         assert code == 2 and "cannot write" in one_line_error(err), (extra, err)
     code, _, err = run_cli(["store", "verify", "--store", store], capsys)  # reading still works
     assert code == 0, err
+    # unlisted: the same extract again has nothing to write, and says so
+    code, out, err = run_cli(extract_args(store, "--num-workers", "0", limit=32), capsys)
+    assert code == 0 and "already complete" in out, err
     assert files(store) == before
 
 
