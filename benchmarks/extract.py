@@ -28,8 +28,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from stages.device import resolve_device
 from stages.encoders import load_encoder
-from stages.extract import ExtractOptions, extract, pick_device
+from stages.extract import ExtractOptions, extract
 from store.features import width_summary
 
 ARCHS = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

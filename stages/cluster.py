@@ -14,13 +14,11 @@ A task whose worker dies is re-run elsewhere by the scheduler; a task that raise
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from tqdm import tqdm
-
+from stages.progress import progress_bar
 from store.errors import UserError
 
 try:  # the base class makes register_plugin treat it as a worker plugin
@@ -142,7 +140,7 @@ def run_tasks(
                          retries=retries)  # fmt: skip
     position = {f.key: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(items)
-    bar = tqdm(total=sum(weights), desc=desc, unit=unit, disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=sum(weights), desc=desc, unit=unit, enabled=progress)
     with bar:
         try:
             for future in as_completed(futures):

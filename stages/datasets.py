@@ -14,7 +14,10 @@ Sources (`--source`, default: the dataset name):
                          to ~/.cache/structure-align on the user's machine
 
 Every labelled source also has the text-only split `prompts`: each class name in every template
-of `PROMPT_TEMPLATES`, for zero-shot classification.
+of `PROMPT_TEMPLATES`, for zero-shot classification (a pairs file's classes are those of the
+whole file, so it needs no `train` rows). Empty and NaN labels are no class; class names that
+are the same but for case or surrounding spaces are refused, as their prompts would split one
+class's probability between them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ DIGIT_CAPTIONS = (
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SEED = 0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+NO_LABEL = ("", "nan")  # label cells (stripped, lower-cased) that are no class, as NaN is
 
 
 @dataclass
@@ -122,6 +126,8 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def read_table(path: Path) -> pd.DataFrame:
+    if path.is_dir():
+        raise UserError(f"pairs file {path} is a directory; give a .csv or .parquet file")
     if not path.is_file():
         raise UserError(f"pairs file {path} does not exist")
     try:
@@ -144,18 +150,47 @@ def pick_column(table: pd.DataFrame, candidates: tuple[str, ...], what: str, pat
     )
 
 
-def pairs_source(file: str, split: str) -> Source:
+def check_class_names(names: list[str], where: str) -> None:
+    """Refuse class names that are one name but for case or surrounding spaces (`cat`, `Cat `):
+    two classes with one prompt would share its probability."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = str(name).strip().casefold()
+        if key in seen:
+            raise UserError(
+                f"{where} has the class names {seen[key]!r} and {name!r}, one name twice; "
+                "give each class one name"
+            )
+        seen[key] = str(name)
+
+
+def class_numbers(table: pd.DataFrame, path: Path) -> tuple[np.ndarray, list[str]]:
+    """(class number per row, class names) of a pairs table's `label` column, numbered over
+    the whole file (every split agrees on them, even one lacking some); empty and NaN cells
+    are no class (-1), and a label's surrounding spaces are not part of its name."""
+    if "label" not in table.columns:
+        return np.full(len(table), -1), []
+    text = table["label"].astype(str).str.strip()
+    none = table["label"].isna() | text.str.lower().isin(NO_LABEL)
+    numbers, names = pd.factorize(text.where(~none), sort=True)
+    names = [str(n) for n in names]
+    check_class_names(names, str(path))
+    return np.asarray(numbers), names
+
+
+def read_pairs(file: str) -> tuple[Path, pd.DataFrame, str, str, list[str]]:
+    """A pairs file: (its path, the table with `label_number`, the image and caption columns,
+    the class names)."""
     path = Path(file).expanduser()
     table = read_table(path)
     image_col = pick_column(table, ("image_path", "image", "path", "file"), "image path", path)
     caption_col = pick_column(table, ("caption", "text", "captions"), "caption", path)
-    # classes numbered over the whole file: every split agrees on them, even one lacking some
-    labels, names = (
-        pd.factorize(table["label"].astype(str), sort=True)
-        if "label" in table.columns
-        else (np.full(len(table), -1), [])
-    )
-    table = table.assign(label_number=labels)
+    labels, names = class_numbers(table, path)
+    return path, table.assign(label_number=labels), image_col, caption_col, names
+
+
+def pairs_source(file: str, split: str) -> Source:
+    path, table, image_col, caption_col, names = read_pairs(file)
     if "split" in table.columns:
         table = table[table["split"].astype(str) == split]
         if table.empty:
@@ -165,6 +200,9 @@ def pairs_source(file: str, split: str) -> Source:
     empty = table[caption_col].isna() | (table[caption_col].astype(str).str.strip() == "")
     if empty.any():
         raise UserError(f"{path} has empty captions in rows {list(table.index[empty][:5])}")
+    no_image = table[image_col].isna() | (table[image_col].astype(str).str.strip() == "")
+    if no_image.any():
+        raise UserError(f"{path} has empty image paths in rows {list(table.index[no_image][:5])}")
     images = [str((path.parent / p).resolve()) for p in table[image_col].astype(str)]
     image_row, unique = pd.factorize(pd.Series(images))
     labels = table["label_number"].to_numpy()
@@ -185,7 +223,8 @@ def coco_source(root: str, split: str) -> Source:
     base = Path(root).expanduser()
     annotations = base / "annotations" / f"captions_{split}2017.json"
     if not annotations.is_file():
-        raise UserError(f"COCO captions file {annotations} does not exist")
+        what = "is a directory" if annotations.is_dir() else "does not exist"
+        raise UserError(f"COCO captions file {annotations} {what}")
     try:
         data = json.loads(annotations.read_text(encoding="utf-8"))
         files = {img["id"]: str(base / f"{split}2017" / img["file_name"]) for img in data["images"]}
@@ -218,7 +257,8 @@ def coco_source(root: str, split: str) -> Source:
 def imagefolder_source(root: str, split: str) -> Source:
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise UserError(f"image folder {base} does not exist")
+        what = "is a file, not a folder" if base.exists() else "does not exist"
+        raise UserError(f"image folder {base} {what}")
     if (base / split).is_dir():
         base = base / split
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
@@ -246,7 +286,12 @@ def imagefolder_source(root: str, split: str) -> Source:
 
 
 def file_source(manifest: pd.DataFrame, image_files: list[str], label_names: list[str]) -> Source:
-    """A source whose images are files; missing files are reported together, up front."""
+    """A source whose images are files; missing files (and folders where an image should be)
+    are reported together, up front."""
+    folders = [f for f in image_files if Path(f).is_dir()]
+    if folders:
+        more = f" and {len(folders) - 3} more" if len(folders) > 3 else ""
+        raise UserError(f"image paths that are directories: {', '.join(folders[:3])}{more}")
     missing = [f for f in image_files if not Path(f).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -302,6 +347,7 @@ def prompts_source(label_names: list[str], templates: tuple[str, ...] = PROMPT_T
     """Text-only split: every class name in every template (zero-shot classifier prompts)."""
     if not label_names:
         raise UserError("this source has no class labels, so it has no `prompts` split")
+    check_class_names(list(label_names), "this source")
     rows = [(y, name, t.format(name)) for y, name in enumerate(label_names) for t in templates]
     manifest = pd.DataFrame(
         {
@@ -320,8 +366,9 @@ def load_source(spec: str, split: str) -> Source:
     """Resolve `--source` (see the module docstring) for one split."""
     kind, _, arg = spec.partition(":")
     if split == "prompts":
-        label_split = "train" if kind == "pairs" else "test"
-        return prompts_source(load_source(spec, label_split).label_names)
+        if kind == "pairs" and arg:  # the whole file's classes: no split, no image needed
+            return prompts_source(read_pairs(arg)[4])
+        return prompts_source(load_source(spec, "test").label_names)
     if kind == "digits":
         return digits_source(split)
     if not arg:

@@ -3,14 +3,21 @@
 Rows are processed block by block (a block is one chunk of each layer); batches never cross a
 block, so a block's bytes depend only on the block, and a run that was killed and started again
 skips the blocks already marked complete and ends byte-identical to an uninterrupted run.
+
+One writer per array: the run holds the array's lock (store.features) from before it touches
+the array until its last block is written; a second run of the same array stops with one line.
+DataLoader workers that die, time out or cannot use shared memory (a full /dev/shm, `ulimit
+-f`) are said in one line and the remaining blocks are loaded in this process; a write the
+machine refuses is one line, and no block is marked complete that was not written.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,15 +25,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from stages.datasets import load_source
-from stages.device import resolve_device as pick_device
+from stages.device import resolve_device
 from stages.encoders import Encoder, load_encoder
-from stages.encoders.inputs import RowDataset, limit_manifest, make_collate, rows_to_embed
+from stages.encoders.inputs import Batch, limit_manifest, row_batches, rows_to_embed
+from stages.progress import progress_bar
 from store import FeatureArray, FeatureStore, UserError, fingerprint, write_manifest
 from store.features import local_model_dir, model_key, width_summary
+from store.io import check_output
 from store.manifest import normalise_manifest, with_file_stats
 
 SOURCE_COLUMNS = ["image_row", "sample_id", "image_path", "caption", "label", "label_name"]
@@ -79,7 +88,15 @@ class BlockBatches(Sampler[list[int]]):
 def sync_manifest(
     store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, overwrite: bool
 ) -> pd.DataFrame:
-    """Write the manifest, or keep the stored one when it describes the same samples."""
+    """Write the manifest, or keep the stored one when it describes the same samples (under
+    the split's manifest lock: image and text runs of one split may run at once)."""
+    with store.manifest_lock(dataset, split):
+        return _sync_manifest(store, dataset, split, manifest, overwrite)
+
+
+def _sync_manifest(
+    store: FeatureStore, dataset: str, split: str, manifest: pd.DataFrame, overwrite: bool
+) -> pd.DataFrame:
     path = store.manifest_path(dataset, split)
     if path.is_file():
         stored = store.manifest(dataset, split)
@@ -178,13 +195,22 @@ def load_inputs(
 
 
 def plan_extraction(
-    store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
+    store_path: str,
+    dataset: str,
+    split: str,
+    source_spec: str,
+    model: str,
+    opts: ExtractOptions,
+    held: ExitStack,
 ) -> ExtractJob:
-    """Load the source and the model, sync the manifest, create (or reopen) the array, and list
-    the incomplete blocks. Only this coordinator creates arrays and writes attributes."""
+    """Load the source and the model, take the array's lock (held by `held` until the caller
+    is done writing), sync the manifest, create (or reopen) the array, and list the incomplete
+    blocks. Only this coordinator creates arrays and writes attributes."""
     manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
 
     store = FeatureStore(store_path, create=True)
+    locked = store.locate(dataset, split, encoder.modality, opts.name or encoder.spec)
+    held.enter_context(store.array_lock(locked))
     manifest = sync_manifest(store, dataset, split, manifest, opts.overwrite)
     folder = local_model_dir(model)
     attrs = {
@@ -199,6 +225,8 @@ def plan_extraction(
         "model_fingerprint": encoder.fingerprint(),
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
+    if array.path != locked:  # a local folder's free name was taken meanwhile
+        raise UserError(f"another process is writing {store.root}/{locked}; run the command again")
     if local_model_dir(model) and array.attrs["name"] != model_key(model):
         print(f"{model} is stored as {array.attrs['name']} (another folder has its name)")
     todo = [b for b, done in enumerate(array.completed_blocks()) if not done]
@@ -224,8 +252,26 @@ def extract(
     store_path: str, dataset: str, split: str, source_spec: str, model: str, opts: ExtractOptions
 ) -> ExtractResult:
     """Extract every layer of `model` over one split into the store; resumes where it stopped.
-    With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster)."""
-    job = plan_extraction(store_path, dataset, split, source_spec, model, opts)
+    With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster). The array's
+    lock is held throughout: a second writer of it stops with one line."""
+    store = Path(store_path)
+    manifest = store / dataset / split / "manifest.parquet"
+    if not store.exists() or opts.overwrite or not manifest.is_file():  # it surely writes
+        check_output(store, "dir", "--store")  # before any work
+    with ExitStack() as held:
+        return _extract(store_path, dataset, split, source_spec, model, opts, held)
+
+
+def _extract(
+    store_path: str,
+    dataset: str,
+    split: str,
+    source_spec: str,
+    model: str,
+    opts: ExtractOptions,
+    held: ExitStack,
+) -> ExtractResult:
+    job = plan_extraction(store_path, dataset, split, source_spec, model, opts, held)
     array, encoder = job.array, job.encoder
     if not job.todo:
         print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
@@ -236,7 +282,7 @@ def extract(
     if opts.scheduler:
         seconds = extract_on_cluster(job, store_path, dataset, split, source_spec, model, opts)
     else:
-        device = pick_device(opts.device)
+        device = resolve_device(opts.device)
         encoder.model.to(device)
         started = time.perf_counter()
         embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
@@ -262,14 +308,16 @@ def embed_blocks(
 ) -> None:
     """Embed and write the given blocks: the one code path of both the single process and
     every cluster task (there with one block, num_workers=0 and no progress bar)."""
-    loader = DataLoader(
-        RowDataset(fetch, encoder.prepare, names),
-        batch_sampler=BlockBatches(array, blocks, opts.batch_size),
+    batches = row_batches(
+        encoder,
+        fetch,
+        names,
+        list(BlockBatches(array, blocks, opts.batch_size)),
         num_workers=opts.num_workers,
-        collate_fn=make_collate(encoder),
         pin_memory=device.type == "cuda",
+        log=lambda message: tqdm.write(message, file=sys.stderr),  # above the progress bar
     )
-    run_blocks(array, encoder, loader, names, device, opts, block_rows_total(array, blocks))
+    run_blocks(array, encoder, batches, names, device, opts, block_rows_total(array, blocks))
 
 
 # -- the same blocks as tasks on a dask cluster -------------------------------------------------
@@ -291,7 +339,7 @@ def load_worker_job(
     """Runs on each worker (LoadOnce plugin): the model, the source and the array the
     coordinator created, refusing a worker that sees other samples or other weights."""
     manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
-    array = FeatureStore(store_path, create=True).open(
+    array = FeatureStore(store_path, write=True).open(
         dataset, split, encoder.modality, opts.name or encoder.spec, check_source=False
     )
     seen = {
@@ -304,7 +352,7 @@ def load_worker_job(
             f"a dask worker sees other {' and '.join(differs) or 'row counts'} than the "
             f"coordinator for {array.path}; give every worker the same data, model and store"
         )
-    device = pick_device(opts.device)
+    device = resolve_device(opts.device)
     encoder.model.to(device)
     # daemonic worker processes cannot start DataLoader workers; one bar is on the client
     worker_opts = replace(opts, num_workers=0, progress=False)
@@ -368,7 +416,7 @@ def extract_on_cluster(
 def run_blocks(
     array: FeatureArray,
     encoder: Encoder,
-    loader: DataLoader,
+    loader: Iterable[Batch],
     names: list[str],
     device: torch.device,
     opts: ExtractOptions,
@@ -384,12 +432,11 @@ def run_blocks(
     offsets = np.cumsum([0, *encoder.layer_dims])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     unit = " img" if encoder.modality == "image" else " txt"
-    bar = tqdm(
+    bar = progress_bar(
         total=n_todo,
         unit=unit,
         desc=f"extract {encoder.spec}",
-        disable=not opts.progress,
-        file=sys.stderr,
+        enabled=opts.progress,
         smoothing=0.1,
     )
     block, buffer, filled, writing = -1, None, 0, None
@@ -458,4 +505,5 @@ def record_skipped(
         return
     if skipped.any():
         print(f"skipped {len(nan_rows)} unreadable images; recorded in the manifest")
-    write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))
+    with store.manifest_lock(dataset, split):
+        write_manifest(store.manifest_path(dataset, split), manifest.assign(skipped=skipped))

@@ -19,14 +19,26 @@ are only written at creation.
 
 Stores written before per-layer widths hold one (N, L, D) `features` array per model; they are
 refused with the command that converts them in place (`python -m pipeline store migrate`).
+
+One writer at a time: a process that writes an array (extract, `store migrate`, `store verify
+--repair`) holds its lock, a file in `{store}/.locks/` (filelock); a second writer of the same
+array stops with one line. Creating the store, its groups and arrays, and replacing a split's
+manifest hold short store-wide locks there too, so that concurrent writers of different arrays
+never race. The lock files live inside the store but outside every zarr node (zarr lists no
+`.locks` member) and outside every DVC output (dvc.yaml's outputs are the modality folders
+`{store}/{dataset}/{split}/{modality}`), and they go wherever the store goes. A write the machine
+refuses (disk full, file too large, read-only, immutable) is one line naming the store, and the
+block it was writing stays incomplete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +49,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from store.errors import UserError
+from store.io import write_error, writer_lock
 from store.manifest import fingerprint, read_manifest
 
 MODALITIES = ("image", "text")
@@ -44,6 +57,18 @@ DTYPES = ("float16", "float32")
 OLD_ARRAY = "features"  # the (N, L, D) array of the layout before per-layer widths
 MIGRATE_COMMAND = "python -m pipeline store migrate"
 VERIFY_COMMAND = "python -m pipeline store verify"
+LOCK_DIR = ".locks"  # the store's lock files (see the module docstring)
+LAYOUT_WAIT = 60.0  # seconds a writer waits for another one's short store-wide locks
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A write into the store that the machine refuses (no space, ulimit -f, read-only,
+    immutable) is a one-line UserError naming `path`, not a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def model_key(model: str) -> str:
@@ -254,15 +279,23 @@ class FeatureArray:
                 f"features of {self.path} overflow {self.dtype} in rows {rows.start}-"
                 f"{rows.stop - 1}; extract again with --dtype float32 --overwrite"
             )
-        for layer, v in zip(self.layers, cast):
-            layer[rows] = v
-        self.done[block] = 1
+        with writing(self.root / self.path):  # a failed write leaves the block incomplete
+            for layer, v in zip(self.layers, cast):
+                layer[rows] = v
+            self.done[block] = 1
+
+    def mark_incomplete(self, blocks: Sequence[int]) -> None:
+        """Mark blocks to be extracted again (`store verify --repair`)."""
+        with writing(self.root / self.path):
+            for block in blocks:
+                self.done[block] = 0
 
     def remove_partial_files(self) -> int:
         """Delete temporary files a killed write can leave behind; returns how many."""
         leftovers = list((self.root / self.path).rglob("*.partial"))
-        for f in leftovers:
-            f.unlink()
+        with writing(self.root / self.path):
+            for f in leftovers:
+                f.unlink(missing_ok=True)
         return len(leftovers)
 
     # -- reading ----------------------------------------------------------------------------
@@ -320,27 +353,75 @@ def create_layer_arrays(
 
 
 class FeatureStore:
-    """The Zarr group on disk. Open for reading (default) or with `create=True` to write."""
+    """The Zarr group on disk. Open for reading (default); `write=True` opens an existing store
+    for writing, `create=True` also creates a missing one."""
 
-    def __init__(self, path: str | Path, create: bool = False):
+    def __init__(self, path: str | Path, create: bool = False, write: bool = False):
         self.root = Path(path)
+        if create and not self._is_store():
+            self._create_root()
         if not self.root.exists():
-            if not create:
-                raise UserError(
-                    f"no feature store at {self.root} (run `python -m pipeline extract`)"
-                )
-            if any(p.exists() and not p.is_dir() for p in self.root.parents):
-                raise UserError(
-                    f"cannot create the store {self.root}: a part of its path is a file"
-                )
-            self.group = zarr.open_group(self.root, mode="a", zarr_format=3)
-            return
+            raise UserError(f"no feature store at {self.root} (run `python -m pipeline extract`)")
+        if not self.root.is_dir():
+            raise UserError(f"{self.root} is a file, not a feature store")
         if not (self.root / "zarr.json").is_file():
             raise UserError(f"{self.root} is not a feature store (no zarr.json at its top)")
         try:
-            self.group = zarr.open_group(self.root, mode="a" if create else "r", zarr_format=3)
+            mode = "a" if create or write else "r"
+            self.group = zarr.open_group(self.root, mode=mode, zarr_format=3)
         except Exception as err:  # zarr raises several types for a damaged group
             raise UserError(f"{self.root} is not a readable feature store: {err}") from err
+
+    def _is_store(self) -> bool:
+        return (self.root / "zarr.json").is_file()
+
+    def _create_root(self) -> None:
+        """A new store: its folder, then (under the store-wide lock, so that two processes
+        creating it at once agree) its zarr.json. A folder holding only the store's lock files
+        (a creation that was interrupted) counts as new; any other existing folder does not."""
+        if any(p.exists() and not p.is_dir() for p in self.root.parents):
+            raise UserError(f"cannot create the store {self.root}: a part of its path is a file")
+        if self.root.exists() and (not self.root.is_dir() or self._foreign()):
+            return  # refused by the caller: a file, or a folder that is not a store
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        with self.lock("", wait=LAYOUT_WAIT):
+            if not self._is_store() and not self._foreign():
+                with writing(self.root):
+                    zarr.open_group(self.root, mode="a", zarr_format=3)
+
+    def _foreign(self) -> bool:
+        """An existing folder with no zarr.json and more in it than the store's lock files (and
+        the temporary zarr.json of another process creating the store at this moment)."""
+        ours = [p.name == LOCK_DIR or p.name.endswith(".partial") for p in self.root.iterdir()]
+        return not self._is_store() and not all(ours)
+
+    @contextmanager
+    def lock(self, path: str, wait: float = 0) -> Iterator[None]:
+        """Hold the lock of `path` inside the store ("" = the store's own layout: creating
+        groups and arrays) while writing it; another writer waits `wait` seconds, then stops
+        with one line. The lock files are `{store}/.locks/*.lock`. A store this process cannot
+        write (read-only, immutable, another user's) takes no lock: it reads what it needs
+        (an extract with nothing left to do succeeds), and its first write is refused in one
+        line."""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "+", path.strip("/")) or "_layout"
+        folder = self.root / LOCK_DIR
+        if not os.access(folder if folder.is_dir() else self.root, os.W_OK | os.X_OK):
+            yield
+            return
+        with writing(self.root):
+            folder.mkdir(exist_ok=True)
+        with writer_lock(self.root / path, wait, lock_path=folder / f"{name}.lock"):
+            yield
+
+    def manifest_lock(self, dataset: str, split: str) -> Any:
+        """The short lock of one split's manifest, which the image and the text extraction of
+        the split both write: a later writer waits for it."""
+        return self.lock(f"{dataset}/{split}/manifest.parquet", wait=LAYOUT_WAIT)
+
+    def array_lock(self, path: str) -> Any:
+        """The lock of one model's features (`array_path`): one writer at a time."""
+        return self.lock(path, wait=0)
 
     def manifest_path(self, dataset: str, split: str) -> Path:
         return self.root / dataset / split / "manifest.parquet"
@@ -430,9 +511,6 @@ class FeatureStore:
         if len(dims) != len(layer_names):
             raise ValueError(f"{len(layer_names)} layer names but {len(dims)} widths")
         path = self.locate(dataset, split, modality, model)
-        if path in self.group:
-            del self.group[path]
-
         block_rows = min(block_rows, n_rows)
         attrs = {
             **attributes,
@@ -446,10 +524,17 @@ class FeatureStore:
             "dtype": dtype,
             "block_rows": block_rows,
         }
-        group = self.group.create_group(path, attributes=attrs)
-        create_layer_arrays(group, n_rows, dims, dtype, block_rows)
         n_blocks = -(-n_rows // block_rows)
-        group.create_array("complete", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
+        with writing(self.root / path):  # the caller holds this array's lock
+            if path in self.group:
+                del self.group[path]
+        # under the layout lock: writers of other arrays may create the same parent groups
+        with self.lock("", wait=LAYOUT_WAIT), writing(self.root / path):
+            group = self.group.create_group(path, attributes=attrs)
+            create_layer_arrays(group, n_rows, dims, dtype, block_rows)
+            group.create_array(
+                "complete", shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0
+            )
         return FeatureArray(group, path, self.root)
 
     def model_paths(self) -> tuple[list[str], list[str]]:
@@ -508,17 +593,21 @@ class FeatureStore:
         deleted last, so an interrupted migration is simply run again."""
         _, old = self.model_paths()
         for path in old:
-            group = self.group[path]
-            data = group[OLD_ARRAY]
-            n_rows, n_layers, dim = data.shape
-            attrs = dict(data.attrs)
-            block_rows = int(attrs["block_rows"])
-            create_layer_arrays(group, n_rows, [dim] * n_layers, str(data.dtype), block_rows)
-            for layer in range(n_layers):
-                target = group[f"layers/{layer}"]
-                for start in range(0, n_rows, block_rows):
-                    rows = slice(start, min(start + block_rows, n_rows))
-                    target[rows] = data[rows, layer, :]
-            group.attrs.update({**attrs, "layer_dims": [dim] * n_layers})
-            del group[OLD_ARRAY]
+            with self.array_lock(path), writing(self.root / path):
+                self._migrate(path)
         return old
+
+    def _migrate(self, path: str) -> None:
+        group = self.group[path]
+        data = group[OLD_ARRAY]
+        n_rows, n_layers, dim = data.shape
+        attrs = dict(data.attrs)
+        block_rows = int(attrs["block_rows"])
+        create_layer_arrays(group, n_rows, [dim] * n_layers, str(data.dtype), block_rows)
+        for layer in range(n_layers):
+            target = group[f"layers/{layer}"]
+            for start in range(0, n_rows, block_rows):
+                rows = slice(start, min(start + block_rows, n_rows))
+                target[rows] = data[rows, layer, :]
+        group.attrs.update({**attrs, "layer_dims": [dim] * n_layers})
+        del group[OLD_ARRAY]

@@ -154,24 +154,30 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def writer_lock(target: str | Path, wait: float = 0) -> Iterator[None]:
-    """Hold the lock of `target` (a lock file beside it, `.NAME.lock`) while writing it. A
-    second writer waits up to `wait` seconds, then stops with one line."""
+def writer_lock(
+    target: str | Path, wait: float = 0, lock_path: str | Path | None = None
+) -> Iterator[None]:
+    """Hold the lock of `target` (a lock file beside it, `.NAME.lock`, unless `lock_path` says
+    where) while writing it. A second writer waits up to `wait` seconds, then stops with one
+    line."""
     from filelock import FileLock, Timeout
 
     target = Path(target)
-    _make_parent(target)
-    lock_path = target.with_name(f".{target.name}.lock")
-    try:
-        lock = FileLock(lock_path, timeout=wait)
-        with lock:
-            yield
+    lock_path = Path(lock_path) if lock_path else target.with_name(f".{target.name}.lock")
+    _make_parent(lock_path)
+    lock = FileLock(lock_path, timeout=wait)
+    try:  # only taking the lock is checked here: the writer's own errors pass unchanged
+        lock.acquire()
     except Timeout as err:
         raise UserError(
             f"another process is writing {target} (lock {lock_path}); wait for it to finish"
         ) from err
-    except PermissionError as err:
+    except OSError as err:  # a read-only or immutable place: PermissionError, EROFS
         raise write_error(lock_path, err) from err
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def file_sha256(path: str | Path) -> str:

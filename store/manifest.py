@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from store.errors import UserError
+from store.io import atomic_file
 
 PAIR_COLUMNS = {
     "text_row": "int64",
@@ -63,13 +64,12 @@ def normalise_manifest(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_manifest(path: str | Path, table: pd.DataFrame) -> pd.DataFrame:
-    """Write atomically (temporary file, then rename) so a crash never leaves half a manifest."""
+    """Write atomically (a unique temporary file, then rename; mode 0644) so that a crash never
+    leaves half a manifest and two writers never share a temporary; a write the machine refuses
+    is one line (store.io)."""
     table = normalise_manifest(table)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        table.to_parquet(tmp, index=False)
     return table
 
 

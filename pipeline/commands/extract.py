@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, progress_option
 from stages.extract import ExtractOptions, extract
 
 
@@ -27,11 +27,16 @@ def extract_command(
     ),
     split: str = typer.Option("train", help="train, test, ... or `prompts` (class prompts)."),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
-    batch_size: int = typer.Option(64, min=1),
+    batch_size: int = typer.Option(64, min=1, help="Images (or texts) per forward pass."),
     block_rows: int = typer.Option(512, min=1, help="Rows per store block (resume unit)."),
     dtype: str = typer.Option("float16", help="float16 or float32."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda (bf16 autocast on cuda)."),
-    num_workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
+    num_workers: int = typer.Option(
+        2,
+        min=0,
+        help="DataLoader worker processes (if they fail, e.g. for lack of shared memory, the "
+        "rest loads in this process, said once).",
+    ),
     limit: int = typer.Option(0, min=0, help="Only the first N images (or texts); 0 = all."),
     overwrite: bool = typer.Option(False, help="Replace features of another source or model."),
     skip_bad: bool = typer.Option(False, help="Skip unreadable images (recorded in the manifest)."),
@@ -53,6 +58,7 @@ def extract_command(
         help="The features' name in the store, for later commands' --image-model/--text-model "
         "(default: the model spec; a local folder's name, made unique if another folder has it).",
     ),
+    progress: bool = progress_option(),
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
     opts = ExtractOptions(
@@ -70,5 +76,6 @@ def extract_command(
         scheduler=scheduler,
         retries=retries,
         name=name,
+        progress=progress,
     )
     extract(str(store), dataset, split, source or dataset, model, opts)
