@@ -29,7 +29,7 @@ def align(
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     out: Path = typer.Option(Path("runs/align"), help="Run directory to write."),
     layers: str = typer.Option(
-        "auto", help="auto (mutual-kNN selection), last, or IMAGE,TEXT layer names or indices."
+        "auto", help="auto (the best pair by --metric), last, or IMAGE,TEXT layer names or indices."
     ),
     metric: str = typer.Option(
         SelectSettings.metric,
