@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.config import default_map, load_params, settings_from  # noqa: E402
-from stages.align import TRAINERS  # noqa: E402
+from stages.align import trainer  # noqa: E402
 from stages.pairs import MemoryPairs, PairSpec, open_pairs, split_pairs  # noqa: E402
 from stages.table import TableSettings  # noqa: E402
 from stages.train import AlignSettings  # noqa: E402
@@ -50,7 +50,7 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 def timed(settings: AlignSettings, train: MemoryPairs, val: MemoryPairs) -> tuple[float, int]:
     """(seconds, steps) of one training run."""
     started = time.perf_counter()
-    result = TRAINERS[settings.head](train, val, settings, progress=False)
+    result = trainer(settings.head)(train, val, settings, progress=False)
     return time.perf_counter() - started, result.steps
 
 

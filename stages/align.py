@@ -1,24 +1,25 @@
-"""Stage 2b: one training run, from stored pairs to a run directory.
+"""Stage 2b: one training run, from stored pairs to a run directory; and which layers it uses.
 
-Opens the pairs (stages.pairs), splits them, hands them to the trainer of the head kind
-(`TRAINERS`: gradient training in stages.train, closed-form CSA in stages.csa) and writes the
-run directory: head.safetensors + config.json (stages.heads), history.csv and curves.png.
+Picks the layers (`resolve_layers`: auto, last, or IMAGE,TEXT), opens the pairs (stages.pairs),
+splits them, hands them to the trainer of the head kind (the head registry, stages.heads:
+gradient training in stages.train unless the kind names its own, as CSA's does) and writes the
+run directory through stages.heads.write_run (one artifact: head.safetensors, config.json,
+history.csv, curves.png, replaced only when the new run is complete).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stages.csa import CSAResult, train_csa
-from stages.evaluate import METRICS
-from stages.heads import CHECKPOINT, CONFIG, save_run
+from stages import similarity
+from stages.heads import head_kind, head_kinds, write_run
 from stages.pairs import (
     MemoryPairs,
     PairSpec,
@@ -28,21 +29,146 @@ from stages.pairs import (
     load_unpaired,
     open_pairs,
     pair_sources,
+    parse_where,
     split_pairs,
 )
+from stages.select import SelectSettings, features_identity, read_selection, run_selection
 from stages.train import AlignSettings, TrainResult, train_heads
-from store import UserError, write_text_atomic
-from store.io import require_directory
+from store import UserError
+from store.io import check_output
 
-# head kind -> trainer(train source, validation source, settings, progress) -> result with
-# image_head, text_head, history, steps, seconds and `info` (what config.json adds)
-TRAINERS: dict[str, Callable[..., TrainResult | CSAResult]] = {
-    "linear": train_heads,
-    "mlp": train_heads,
-    "lowrank": train_heads,  # the paper's "MLP": linear map + gated low-rank residual
-    "csa": train_csa,  # closed-form CCA (+ R_S refinement), not gradient-trained heads
-}
-UNPAIRED_HEADS = ("linear", "mlp", "lowrank")  # the trainers that take unpaired rows for R_S
+
+def trainer(head: str) -> Callable[..., TrainResult]:
+    """The trainer of a registered head kind: its own, or gradient training (train_heads)."""
+    return head_kind(head).trainer or train_heads
+
+
+def unpaired_heads() -> list[str]:
+    """The head kinds whose trainer takes unpaired rows for R_S: the gradient-trained ones."""
+    return [name for name, kind in head_kinds().items() if kind.gradient_trained]
+
+
+# -- --layers: auto | last | IMAGE,TEXT ---------------------------------------------------------
+def selection_place(select_dir: Path, metric: str) -> Path:
+    """Where `--layers auto --metric METRIC` keeps a selection it had to compute: select_dir
+    when that holds none yet or one selected by METRIC; else a folder of its own beside it
+    (SELECT_DIR-METRIC), so that another metric's selection is never rewritten."""
+    info = read_selection(select_dir)
+    if info is None or info.get("metric", "mutual_knn") == metric:
+        return select_dir
+    return select_dir.with_name(f"{select_dir.name}-{metric}")
+
+
+def _usable_pair(info: dict | None, metric: str, spec: PairSpec, image, text) -> dict | None:
+    """The pair METRIC picked in a selection.json made from these features, or None."""
+    if info is None:
+        return None
+    # the selecting metric's pair is the top level (mutual kNN in files from before
+    # --metric), the others' are under by_metric
+    selecting = info.get("metric", "mutual_knn") == metric
+    pair = info if selecting else (info.get("by_metric") or {}).get(metric)
+    wanted = {
+        "image_model": spec.image_model,
+        "text_model": spec.text_model,
+        "dataset": spec.dataset,
+        "split": spec.split,
+        "features": features_identity(spec),  # not another store's features
+    }
+    if (
+        not isinstance(pair, dict)
+        or any(info.get(key) != value for key, value in wanted.items())
+        or pair.get("image_layer") not in image.layer_names
+        or pair.get("text_layer") not in text.layer_names
+    ):
+        return None
+    return pair
+
+
+def resolve_layers(
+    layers: str,
+    spec: PairSpec,
+    select_dir: Path,
+    settings: SelectSettings = SelectSettings(),
+    *,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> tuple[str, str]:
+    """(image layer name, text layer name) of `spec`'s features for `align --layers`.
+
+    auto: the best pair by settings.metric (its first metric) in select_dir/selection.json when
+    it was made for these models, dataset and split and scored that metric (and its layers
+    exist); else in the metric's own folder (`selection_place`), computed there first when
+    missing (`settings`). A selection of another metric is never rewritten.
+    last: the last layer of each array. IMG,TXT: each by index (negative allowed) or name."""
+    _, image, text = spec.arrays()
+    layers = layers.strip()
+    if layers == "last":
+        return image.layer_names[-1], text.layer_names[-1]
+    if layers == "auto":
+        select_dir = Path(select_dir)
+        metric = similarity.parse_metrics(settings.metric)[0]  # checked by SelectSettings
+        pair = _usable_pair(read_selection(select_dir), metric, spec, image, text)
+        place = selection_place(select_dir, metric)
+        if pair is None and place != select_dir:
+            pair = _usable_pair(read_selection(place), metric, spec, image, text)
+        if pair is None:
+            if read_selection(place) is not None or place != select_dir:
+                log(
+                    f"{select_dir}/selection.json is for other features or metrics; "
+                    f"selecting by {metric} into {place}"
+                )
+            settings = replace(settings, metric=metric)
+            pair = run_selection(spec, place, settings, progress=progress).info
+        return pair["image_layer"], pair["text_layer"]
+    parts = [p.strip() for p in layers.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise UserError(
+            f"--layers must be auto, last or IMAGE,TEXT (index or name), got {layers!r}"
+        )
+    return (
+        image.layer_names[image.layer_index(parts[0])],
+        text.layer_names[text.layer_index(parts[1])],
+    )
+
+
+# -- data beyond the training pairs: never the evaluation split or the training split ----------
+def check_overlap(
+    spec: PairSpec,
+    eval_split: str | None,
+    allow_overlap: bool,
+    extra_pairs: str | None,
+    unpaired: tuple[str | None, str | None],
+) -> None:
+    """Refuse --extra-pairs / --unpaired-images / --unpaired-texts that name the training split
+    itself (its rows would count twice) or the evaluation split (`eval_split`: SPLIT of the
+    training dataset, or DATASET/SPLIT; its rows would leak into training and inflate the
+    metrics), unless allow_overlap."""
+    flags = [
+        ("--extra-pairs", extra_pairs),
+        ("--unpaired-images", unpaired[0]),
+        ("--unpaired-texts", unpaired[1]),
+    ]
+    evaluated = None
+    if eval_split and "/" in eval_split:
+        evaluated = parse_where(eval_split, "the evaluation split")
+    elif eval_split:
+        evaluated = (spec.dataset, eval_split)
+    for flag, where in flags:
+        if not where:
+            continue
+        place = parse_where(where, flag)
+        if allow_overlap:
+            continue
+        if place == (spec.dataset, spec.split):
+            what = "the training split itself: its rows would count twice"
+        elif place == evaluated:
+            what = "the evaluation split: its rows would leak into training and inflate the metrics"
+        else:
+            continue
+        raise UserError(
+            f"{flag} {where} is {what}; name another split, or pass --allow-overlap to use it "
+            "anyway (recorded in config.json)"
+        )
 
 
 def plot_curves(history: pd.DataFrame, path: Path, best_epoch: int | None = None) -> None:
@@ -82,18 +208,6 @@ def pairs_digest(train: np.ndarray, val: np.ndarray) -> str:
     return hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
 
 
-# what a run directory holds; config.json first: without it the folder is no finished run
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, "history.csv", "curves.png")
-
-
-def clear_run_dir(out: Path) -> None:
-    """Refuse an --out that is a file, and delete the previous run's outputs before training:
-    an interrupted or failed re-run never leaves the old metrics beside a new config."""
-    require_directory(out)
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-
-
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -106,16 +220,24 @@ def run_align(
     unpaired: tuple[str | None, str | None] = (None, None),
     extra_pairs: str | None = None,
     extra_n: int = 0,
-) -> tuple[dict[str, Any], TrainResult | CSAResult]:
+    eval_split: str | None = None,
+    allow_overlap: bool = False,
+) -> tuple[dict[str, Any], TrainResult]:
     """Load the pairs of `spec` at `layers` (image, text), split, train, and write the run
-    directory; returns (config, result). When the chosen layers of the pairs exceed `memory_cap`
-    bytes (0 = no cap), batches are streamed from the store instead of held in memory; the
-    weights are the same.
+    directory (atomically: a previous run at `out` is replaced only by a complete one); returns
+    (config as written, result). When the chosen layers of the pairs exceed `memory_cap` bytes
+    (0 = no cap), batches are streamed from the store instead of held in memory; the weights
+    are the same.
 
     unpaired: (images, texts) as DATASET/SPLIT of the same models: unpaired rows for R_S.
     extra_pairs, extra_n: DATASET/SPLIT of the same models, extra_n (0 = all) of its pairs added
-    to the training pairs (the paper's in-domain mixing; validation stays on `spec`)."""
-    out = Path(out)
+    to the training pairs (the paper's in-domain mixing; validation stays on `spec`).
+    eval_split: the split the run will be evaluated on (SPLIT of spec's dataset, or
+    DATASET/SPLIT); none of the extra data may come from it, nor from the training split,
+    unless allow_overlap (recorded in config.json)."""
+    out = check_output(out, "dir")  # before any work
+    check_overlap(spec, eval_split, allow_overlap, extra_pairs, unpaired)
+    kind = head_kind(settings.head)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
         pairs.image_rows,
@@ -138,10 +260,10 @@ def run_align(
         added.update(extra_pairs=extra_pairs, extra_n=len(image))
     kwargs = {}
     if any(unpaired):
-        if settings.head not in UNPAIRED_HEADS or settings.lam == 0:
+        if not kind.gradient_trained or settings.lam == 0:
             raise UserError(
                 "--unpaired-images/--unpaired-texts feed R_S: they need --lambda > 0 and a "
-                f"gradient-trained head ({', '.join(UNPAIRED_HEADS)})"
+                f"gradient-trained head ({', '.join(unpaired_heads())})"
             )
         rows = [
             load_unpaired(spec, modality, where, name, f"--unpaired-{modality}s") if where else None
@@ -153,10 +275,7 @@ def run_align(
             unpaired_texts=unpaired[1],
             n_unpaired=[0 if r is None else len(r) for r in rows],
         )
-    clear_run_dir(out)
-    result = TRAINERS[settings.head](
-        train_source, val_source, settings, progress=progress, **kwargs
-    )
+    result = trainer(kind.name)(train_source, val_source, settings, progress=progress, **kwargs)
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
     config = {
@@ -180,11 +299,15 @@ def run_align(
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
         "streamed_from_store": isinstance(train_source, StorePairs),
+        "allow_overlap": bool(allow_overlap),
         **result.info,  # the trainer's own: optimiser, early stopping, best epoch (CSA: its fit)
         **added,
         **(extra_config or {}),
     }
-    save_run(out, result.image_head, result.text_head, config)
-    write_text_atomic(out / "history.csv", result.history.to_csv(index=False))
-    plot_curves(result.history, out / "curves.png", config["best_epoch"])
-    return config, result
+
+    def diagnostics(folder: Path) -> None:
+        (folder / "history.csv").write_text(result.history.to_csv(index=False), "utf-8")
+        plot_curves(result.history, folder / "curves.png", config["best_epoch"])
+
+    written = write_run(out, result.image_head, result.text_head, config, diagnostics)
+    return written, result

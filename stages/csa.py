@@ -51,15 +51,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.heads import CSAHead
+from stages.heads import register_head
 from stages.losses import structure_regularizer, structure_targets
-from stages.pairs import PairData, PairSource, as_source
+from stages.pairs import PairData, PairSource, as_source, batch_plan, epoch_batches
 from stages.train import (
     HISTORY_COLUMNS,
     AlignSettings,
+    TrainResult,
     lr_at,
     mean_clip_loss,
     optimizer_step,
@@ -241,6 +243,28 @@ def csa_similarity(zx: np.ndarray, zy: np.ndarray, corr: np.ndarray) -> np.ndarr
 
 
 # -- the head ---------------------------------------------------------------------------------
+class CSAHead(nn.Module):
+    """CSA's head (train_csa fits it): centre, project to d canonical dimensions, L2-normalise,
+    weight; plus a slack dimension that brings the output to unit norm (output size d + 1,
+    float64 buffers; hidden_dim unused).
+
+    The image head carries weight = rho, the text head weight = 1: the dot product (= cosine) of
+    the two outputs is CSA's score. Registered as head kind `csa` at the end of this module,
+    with its trainer."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim, dtype=torch.float64))
+        self.register_buffer("proj", torch.zeros(in_dim, out_dim, dtype=torch.float64))
+        self.register_buffer("weight", torch.ones(out_dim, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = F.normalize((x.to(torch.float64) - self.mean) @ self.proj, dim=-1)
+        z = z * self.weight
+        slack = (1.0 - (z * z).sum(dim=-1, keepdim=True)).clamp_min(0.0).sqrt()
+        return torch.cat([z, slack], dim=-1)
+
+
 def csa_heads(solution: CCASolution) -> tuple[CSAHead, CSAHead]:
     """(image head, text head) computing CSA's score as the cosine of their outputs."""
     heads = []
@@ -269,23 +293,6 @@ class Refinement:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     rs: tuple[float, float] = (math.nan, math.nan)  # R_S (image, text) of the final solution
-
-
-def _batches(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
-    """The index batches of `steps` steps: shuffled epochs of `batch` pairs, the ragged end of
-    each dropped (unlike stages.train, whose batch_plan spreads every pair over near-equal
-    batches), as many epochs as the steps need."""
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = n // batch
-    batches: list[np.ndarray] = []
-    while len(batches) < steps:
-        order = (
-            torch.arange(n)
-            if per_epoch == 1 and batch == n
-            else torch.randperm(n, generator=generator)
-        )
-        batches += [order[b * batch : (b + 1) * batch].numpy() for b in range(per_epoch)]
-    return batches[:steps]
 
 
 def log_points(steps: int, points: int = LOG_POINTS) -> list[int]:
@@ -322,8 +329,8 @@ def refine_with_structure(
     optimizer = torch.optim.Adam([g_x, g_y], lr=lr)
 
     n = len(source)
-    batch = min(batch_size, n)
-    per_epoch = n // batch
+    # whole batches of exactly `batch` pairs, the ragged end of each epoch dropped
+    per_epoch, batch = batch_plan(n, batch_size, drop_ragged=True)
     full_batch = per_epoch == 1 and batch == n
     cache: dict[str, Any] = {}
 
@@ -385,7 +392,10 @@ def refine_with_structure(
             sums += [loss.item(), rs_x.item(), rs_y.item(), corr.item()]
         return sums / max(len(batches), 1), step
 
-    schedule = _batches(n, batch, max(steps, per_epoch), seed)
+    generator = torch.Generator().manual_seed(seed)
+    schedule: list[np.ndarray] = []
+    while len(schedule) < max(steps, per_epoch):  # as many epochs as the steps need
+        schedule += epoch_batches(n, per_epoch, batch, generator, drop_ragged=True)
     history = [record(0, 0, run_batches(schedule[:per_epoch], 0, train=False)[0], lr)]
     step = 0
     bar = tqdm(log_points(steps) if steps else [], desc="csa + R_S", disable=not progress)
@@ -405,20 +415,7 @@ def refine_with_structure(
     return Refinement(current(), history, step, (float(rs[0]), float(rs[1])))
 
 
-# -- training entry point (stages.align's TRAINERS["csa"]) -----------------------------------
-@dataclass
-class CSAResult:
-    """The CSA heads (eval mode) of the last refinement epoch (of CCA itself when lambda = 0),
-    the per-epoch history and a summary for the run's config.json (`info`)."""
-
-    image_head: nn.Module
-    text_head: nn.Module
-    history: pd.DataFrame
-    steps: int
-    seconds: float
-    info: dict[str, Any]
-
-
+# -- training entry point (head kind `csa`, registered below) ---------------------------------
 def _chunks(n: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + MOMENT_CHUNK, n)) for i in range(0, n, MOMENT_CHUNK)]
 
@@ -440,7 +437,7 @@ def train_csa(
     val: PairData | None,
     settings: AlignSettings,
     progress: bool = True,
-) -> CSAResult:
+) -> TrainResult:
     """Fit CSA (d = settings.out_dim, ridge = settings.csa_ridge); with settings.lam > 0 refine
     it with R_S for settings.csa_steps steps (the authors refine for a fixed 10 epochs; a fixed
     step count keeps the cost the same at any number of pairs). Returns heads, history and a
@@ -508,11 +505,18 @@ def train_csa(
         "best_epoch": round(float(last["epoch"]), 3),
         "best_val_loss": float(last["val_loss"]),
     }
-    return CSAResult(
+    return TrainResult(
         image_head=image_head,
         text_head=text_head,
         history=history,
+        best_epoch=info["best_epoch"],
+        best_val_loss=info["best_val_loss"],
         steps=refined.steps,
         seconds=time.perf_counter() - started,
         info=info,
     )
+
+
+register_head("csa", display="CSA", help="CCA-based, fitted in closed form", trainer=train_csa)(
+    CSAHead
+)

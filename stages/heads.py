@@ -1,9 +1,24 @@
-"""Projection heads and the run checkpoint: `head.safetensors` + `config.json` in a run directory.
+"""Projection heads, their registry, and the run directory (an artifact kind: `RUN`).
 
-A head maps one frozen encoder's layer features (in_dim) into the shared space (out_dim).
-Every kind (linear, mlp, lowrank, CSA's) is built from the run's config through the static registry
-`HEAD_BUILDERS`; a new kind is one class and one entry there. Fixed matrices (CSA's) travel as
-buffers in the same safetensors file. Never pickle.
+A head maps one frozen encoder's layer features (in_dim) into the shared space (out_dim). Every
+kind is registered once, with `register_head`, on an `nn.Module` class whose constructor takes
+`(in_dim, out_dim, hidden_dim)`:
+
+    @register_head("mine", display="Mine")
+    class MyHead(nn.Module):
+        def __init__(self, in_dim, out_dim, hidden_dim): ...
+
+and is then trained by `align` (gradient training of stages.train unless `trainer=` names
+another, as CSA's does), offered by `sweep` and `table`, and loaded by `evaluate`, the model and
+its export: the registry is the only place to touch. Display names, `--help` choices and the
+validation of `--head` come from it.
+
+A run directory is written by `write_run` (through store.artifacts: atomic, locked, every file's
+SHA-256 recorded in config.json's `files`) and read by `read_run` / `load_run`, which check it:
+config.json an object with its keys and types, head.safetensors present and unchanged, and the
+features the heads were trained on (recorded in the checksummed head.safetensors metadata) the
+ones config.json names. Fixed matrices (CSA's) travel as buffers in the same safetensors file.
+Never pickle.
 """
 
 from __future__ import annotations
@@ -11,24 +26,93 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from store import UserError, write_json_atomic
+from store import UserError
+from store.artifacts import ArtifactKind, read_description, write_artifact
 
 CHECKPOINT = "head.safetensors"
 CONFIG = "config.json"
 
 
-class LinearHead(nn.Module):
-    """One affine map in_dim -> out_dim."""
+# -- the registry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadKind:
+    """One registered head kind: its class, display name, `--help` text and trainer."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    name: str
+    cls: type[nn.Module]
+    display: str
+    help: str = ""
+    # trainer(train, val, settings, progress=..., **options) -> stages.train.TrainResult;
+    # None: gradient training (stages.train.train_heads), which also takes unpaired rows for R_S
+    trainer: Callable[..., Any] | None = None
+
+    @property
+    def gradient_trained(self) -> bool:
+        return self.trainer is None
+
+
+_HEADS: dict[str, HeadKind] = {}
+
+
+def register_head(
+    name: str, *, display: str | None = None, help: str = "", trainer: Callable | None = None
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: register an `nn.Module` whose constructor takes (in_dim, out_dim,
+    hidden_dim) as head kind `name` (lower case; `--head NAME`). `display`: its name in tables
+    (default: NAME capitalised); `help`: a few words for `--help`; `trainer`: a function like
+    stages.train.train_heads returning a TrainResult (default: gradient training)."""
+    key = name.strip().lower()
+    if not key or not key.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"a head name is letters, digits, - and _, got {name!r}")
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        _HEADS[key] = HeadKind(key, cls, display or key.capitalize(), help, trainer)
+        return cls
+
+    return decorate
+
+
+def head_kinds() -> dict[str, HeadKind]:
+    """Every registered head kind, in registration order (the built-in ones first)."""
+    import stages.csa  # noqa: F401  (CSA registers itself there, beside its trainer)
+
+    return dict(_HEADS)
+
+
+def head_kind(name: str) -> HeadKind:
+    """The kind `name` (any case), or a one-line UserError listing the kinds."""
+    kinds = head_kinds()
+    key = str(name).strip().lower()
+    if key not in kinds:
+        raise UserError(f"unknown head {name!r}; choose one of {', '.join(kinds)}")
+    return kinds[key]
+
+
+def head_help() -> str:
+    """The `--head` help text, from the registry."""
+    kinds = head_kinds().values()
+    return (
+        "Projection head: "
+        + ", ".join(f"{k.name} ({k.help})" if k.help else k.name for k in kinds)
+        + "."
+    )
+
+
+# -- the built-in kinds (CSA's is registered in stages.csa, beside its trainer) ------------------
+@register_head("linear", display="Linear")
+class LinearHead(nn.Module):
+    """One affine map in_dim -> out_dim (hidden_dim unused)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
 
@@ -36,6 +120,7 @@ class LinearHead(nn.Module):
         return self.proj(x)
 
 
+@register_head("mlp", display="MLP")
 class MLPHead(nn.Module):
     """Two layers: in_dim -> hidden_dim -> GELU -> out_dim."""
 
@@ -58,14 +143,22 @@ LOWRANK_DROPOUT = 0.1
 LOWRANK_GATE_INIT = 0.1
 
 
+@register_head(
+    "lowrank",
+    display="Low-rank",
+    help="the paper's MLP: linear map + gated low-rank residual, rank 64",
+)
 class LowRankHead(nn.Module):
     """The paper's "MLP" (the authors' ResLowRankHead): a linear map plus a gated low-rank
     residual branch, z = P x + alpha * W2 Dropout(GELU(W1 x)), alpha = sigmoid(logit) in (0, 1).
 
     P and W1 start orthogonal (as theirs); W2 starts small rather than zero and alpha at
-    LOWRANK_GATE_INIT, so that the gate, W1 and W2 all get a gradient from the first step."""
+    LOWRANK_GATE_INIT, so that the gate, W1 and W2 all get a gradient from the first step.
+    hidden_dim is unused: the rank is the authors' LOWRANK_RANK."""
 
-    def __init__(self, in_dim: int, out_dim: int, rank: int = LOWRANK_RANK):
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int | None = None, rank: int = LOWRANK_RANK
+    ):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim, bias=False)
         self.down = nn.Linear(in_dim, rank, bias=False)
@@ -87,92 +180,186 @@ class LowRankHead(nn.Module):
         return self.proj(x) + self.gate * residual
 
 
-class CSAHead(nn.Module):
-    """CSA's head (stages.csa fits it): centre, project to d canonical dimensions, L2-normalise,
-    weight; plus a slack dimension that brings the output to unit norm (output size d + 1,
-    float64 buffers).
-
-    The image head carries weight = rho, the text head weight = 1: the dot product (= cosine) of
-    the two outputs is CSA's score."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(in_dim, dtype=torch.float64))
-        self.register_buffer("proj", torch.zeros(in_dim, out_dim, dtype=torch.float64))
-        self.register_buffer("weight", torch.ones(out_dim, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.normalize((x.to(torch.float64) - self.mean) @ self.proj, dim=-1)
-        z = z * self.weight
-        slack = (1.0 - (z * z).sum(dim=-1, keepdim=True)).clamp_min(0.0).sqrt()
-        return torch.cat([z, slack], dim=-1)
-
-
-# kind -> builder(in_dim, out_dim, hidden_dim): every head kind, built (and loaded) by name
-HEAD_BUILDERS: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "linear": lambda in_dim, out_dim, hidden_dim: LinearHead(in_dim, out_dim),
-    "mlp": lambda in_dim, out_dim, hidden_dim: MLPHead(in_dim, out_dim, hidden_dim),
-    "lowrank": lambda in_dim, out_dim, hidden_dim: LowRankHead(in_dim, out_dim),
-    "csa": lambda in_dim, out_dim, hidden_dim: CSAHead(in_dim, out_dim),
-}
-
-
 def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 1024) -> nn.Module:
-    if kind not in HEAD_BUILDERS:
-        raise UserError(f"unknown head {kind!r}; choose one of {', '.join(HEAD_BUILDERS)}")
+    """A new head of a registered kind."""
+    cls = head_kind(kind).cls
     if min(in_dim, out_dim, hidden_dim) < 1:
         raise UserError(
             f"head dimensions must be >= 1 (in {in_dim}, out {out_dim}, hidden {hidden_dim})"
         )
-    return HEAD_BUILDERS[kind](in_dim, out_dim, hidden_dim)
+    return cls(in_dim, out_dim, hidden_dim)
+
+
+# -- the run directory -------------------------------------------------------------------------
+RUN = ArtifactKind(
+    name="run directory",
+    description=CONFIG,
+    remake="python -m pipeline align --out {path}",
+    files=(CHECKPOINT,),
+    keys={
+        "image_model": str,
+        "text_model": str,
+        "image_layer": str,
+        "text_layer": str,
+        "head": str,
+        "image_dim": int,
+        "text_dim": int,
+        "out_dim": int,
+    },
+    # diagnostics: checked when present, a run (or its export) without them still loads
+    optional=("history.csv", "curves.png"),
+)
+# what the heads were trained on, kept in head.safetensors' metadata (checksummed in `files`):
+# a config.json edited to name another layer, even one of the same width, is refused
+IDENTITY_KEYS = (
+    "head",
+    "image_layer",
+    "text_layer",
+    "image_layer_index",
+    "text_layer_index",
+    "image_dim",
+    "text_dim",
+    "out_dim",
+    "dataset",
+    "split",
+)
+FEATURES_METADATA = "features"
+
+
+def feature_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The IDENTITY_KEYS of a run's config (those it has)."""
+    return {k: config[k] for k in IDENTITY_KEYS if k in config}
+
+
+def write_heads(
+    folder: str | Path, image_head: nn.Module, text_head: nn.Module, config: dict[str, Any]
+) -> None:
+    """head.safetensors: both heads' tensors (prefixed `image.` and `text.`), with the feature
+    identity of `config` in its metadata."""
+    tensors = {f"image.{k}": v for k, v in image_head.state_dict().items()}
+    tensors.update({f"text.{k}": v for k, v in text_head.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = {
+        "head": str(config.get("head")),
+        FEATURES_METADATA: json.dumps(feature_identity(config), sort_keys=True),
+    }
+    save_file(tensors, str(Path(folder) / CHECKPOINT), metadata=metadata)
+
+
+def write_run(
+    run_dir: str | Path,
+    image_head: nn.Module,
+    text_head: nn.Module,
+    config: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Write a run directory atomically (an existing one is replaced only by a complete one,
+    never while another process writes it): the heads, `extra(folder)` (history, curves) and
+    config.json with every file's SHA-256. Returns the config as written."""
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        write_heads(tmp, image_head, text_head, config)
+        if extra is not None:
+            extra(tmp)
+        return dict(sorted(config.items()))
+
+    return write_artifact(RUN, run_dir, fill)
 
 
 def save_run(
     run_dir: str | Path, image_head: nn.Module, text_head: nn.Module, config: dict[str, Any]
 ) -> Path:
-    """Write both heads' tensors (prefixed `image.` and `text.`) and the JSON config."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"image.{k}": v for k, v in image_head.state_dict().items()}
-    tensors.update({f"text.{k}": v for k, v in text_head.state_dict().items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(run_dir / CHECKPOINT), metadata={"head": str(config.get("head"))})
-    write_json_atomic(run_dir / CONFIG, config, sort_keys=True)
-    return run_dir
+    """Write a run directory of two heads and a config (write_run); returns its path."""
+    write_run(run_dir, image_head, text_head, config)
+    return Path(run_dir)
 
 
-def load_run(run_dir: str | Path) -> tuple[dict[str, Any], nn.Module, nn.Module]:
-    """(config, image_head, text_head) of a trained run, heads in eval mode on the CPU."""
+def _remake(run_dir: Path) -> str:
+    return RUN.remake_hint(run_dir)
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """The config of a run directory, checked: the folder, config.json and head.safetensors
+    exist; config.json is an object with the keys and types of `RUN`; every file it records is
+    unchanged; the feature identity recorded in head.safetensors is the one config.json names.
+    Files added later (evaluate's metrics.json) are not its business. Anything wrong: one line
+    naming the file and the command that makes the run again."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"no run directory {run_dir}; train one with `python -m pipeline align`")
+        raise UserError(
+            f"no run directory {run_dir}; train one with `python -m pipeline align --out {run_dir}`"
+        )
     for name in (CHECKPOINT, CONFIG):
         if not (run_dir / name).is_file():
             raise UserError(
-                f"{run_dir} has no {name}; it is not a finished align run "
-                "(train it with `python -m pipeline align --out DIR`)"
+                f"{run_dir} has no {name}; it is not a finished align run ({_remake(run_dir)})"
             )
     try:
-        config = json.loads((run_dir / CONFIG).read_text())
+        raw = json.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raw = None  # read_description names the problem
+    if isinstance(raw, dict):
+        missing = [k for k in RUN.keys if k not in raw]
+        if missing:
+            raise UserError(f"{run_dir}/{CONFIG} lacks {', '.join(missing)}; {_remake(run_dir)}")
+    config = read_description(RUN, run_dir)
+    if config["head"].strip().lower() not in head_kinds():
+        problem = f"`head` {config['head']!r} is no registered head ({', '.join(head_kinds())})"
+        raise RUN.error(run_dir, run_dir / CONFIG, problem)
+    recorded = _recorded_identity(run_dir)
+    for key, value in recorded.items():
+        if config.get(key) != value:
+            raise UserError(
+                f"{run_dir}/{CONFIG}: `{key}` is {config.get(key)!r} but the heads in "
+                f"{CHECKPOINT} were trained on {value!r}; {_remake(run_dir)}"
+            )
+    return config
+
+
+def _recorded_identity(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CHECKPOINT
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise RUN.error(run_dir, path, f"unreadable ({err})") from err
+    try:
+        identity = json.loads(metadata.get(FEATURES_METADATA, "{}"))
+    except json.JSONDecodeError as err:
+        raise RUN.error(run_dir, path, "its metadata is not valid JSON") from err
+    return identity if isinstance(identity, dict) else {}
+
+
+def load_heads(run_dir: str | Path, config: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    """(image_head, text_head) of head.safetensors in `run_dir`, built as `config` says, in
+    eval mode on the CPU."""
+    run_dir = Path(run_dir)
+    try:
         tensors = load_file(str(run_dir / CHECKPOINT))
-    except Exception as err:  # json, OS and safetensors' own error types
-        raise UserError(f"{run_dir} holds an unreadable checkpoint: {err}") from err
+    except Exception as err:  # OS and safetensors' own error types
+        raise RUN.error(run_dir, run_dir / CHECKPOINT, f"unreadable ({err})") from err
+    hidden = config.get("hidden_dim", 1024)
+    if not isinstance(hidden, int) or isinstance(hidden, bool):
+        raise RUN.error(run_dir, run_dir / CONFIG, f"`hidden_dim` must be int, not {hidden!r}")
     heads = []
     for side in ("image", "text"):
-        try:
-            head = build_head(
-                config["head"],
-                config[f"{side}_dim"],
-                config["out_dim"],
-                config.get("hidden_dim", 1024),
-            )
-        except KeyError as err:
-            raise UserError(f"{run_dir}/{CONFIG} lacks the key {err}") from err
+        head = build_head(config["head"], config[f"{side}_dim"], config["out_dim"], hidden)
         prefix = f"{side}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise UserError(f"{run_dir}: the {side} head does not match its config: {err}") from err
+            first = str(err).strip().splitlines()[0]
+            raise UserError(
+                f"{run_dir}: the {side} head in {CHECKPOINT} does not match its config "
+                f"({first}); {_remake(run_dir)}"
+            ) from err
         heads.append(head.eval())
-    return config, heads[0], heads[1]
+    return heads[0], heads[1]
+
+
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], nn.Module, nn.Module]:
+    """(config, image_head, text_head) of a run directory (checked by read_run), heads in eval
+    mode on the CPU."""
+    config = read_run(run_dir)
+    return (config, *load_heads(run_dir, config))

@@ -54,11 +54,32 @@ class PairSpec:
         return store, image, text
 
 
-def batch_plan(n: int, batch_size: int) -> tuple[int, int]:
-    """(steps per epoch, batch size): every pair in every epoch, in batches of equal size
-    (+-1) no larger than batch_size; no tiny ragged batch with few negatives, no pair left out."""
-    steps = math.ceil(n / min(batch_size, n))
+def batch_plan(n: int, batch_size: int, *, drop_ragged: bool = False) -> tuple[int, int]:
+    """(steps per epoch, batch size): the one batch plan of every trainer.
+
+    Gradient training (default): every pair in every epoch, in batches of equal size (+-1) no
+    larger than batch_size; no tiny ragged batch with few negatives, no pair left out.
+    drop_ragged (CSA's R_S refinement): batches of exactly min(batch_size, n) pairs, the ragged
+    end of each epoch dropped."""
+    batch = min(batch_size, n)
+    if drop_ragged:
+        return n // batch, batch
+    steps = math.ceil(n / batch)
     return steps, math.ceil(n / steps)
+
+
+def epoch_batches(
+    n: int, steps: int, batch: int, generator: torch.Generator, *, drop_ragged: bool = False
+) -> list[np.ndarray]:
+    """The index batches of one epoch of `batch_plan(n, ...) = (steps, batch)`: a shuffle of the
+    n pairs (drawn from `generator`; none when one batch holds every pair, whose order matters
+    to neither loss), cut into `steps` near-equal parts, or with drop_ragged into `steps`
+    batches of exactly `batch`."""
+    full = steps == 1 and batch == n
+    order = torch.arange(n) if full else torch.randperm(n, generator=generator)
+    if drop_ragged:
+        return [order[b * batch : (b + 1) * batch].numpy() for b in range(steps)]
+    return [part.numpy() for part in torch.tensor_split(order, steps)]
 
 
 def finite_rows(values: np.ndarray, what: str) -> np.ndarray:
@@ -290,11 +311,26 @@ def split_pairs(
 
 # -- data beyond the training pairs: unpaired samples for R_S, extra pairs from another dataset --
 def parse_where(text: str, flag: str) -> tuple[str, str]:
-    """`DATASET/SPLIT` -> (dataset, split)."""
-    dataset, _, split = str(text).strip().rpartition("/")
-    if not dataset or not split:
-        raise UserError(f"{flag} takes DATASET/SPLIT (an extracted split), got {text!r}")
-    return dataset, split
+    """`DATASET/SPLIT` -> (dataset, split): exactly one dataset and one split."""
+    parts = [part.strip() for part in str(text).strip().split("/")]
+    if len(parts) != 2 or not all(parts):
+        raise UserError(
+            f"{flag} takes DATASET/SPLIT (one dataset and one extracted split, e.g. "
+            f"digits/train), got {text!r}"
+        )
+    return parts[0], parts[1]
+
+
+def require_images(store: FeatureStore, dataset: str, split: str, flag: str) -> None:
+    """A UserError when DATASET/SPLIT is a text-only split (class prompts: its manifest lists
+    no image), rather than a hint to extract an image model on it."""
+    if not store.manifest_path(dataset, split).is_file():
+        return  # the store's own error names what to extract
+    if (store.manifest(dataset, split)["image_row"] < 0).all():
+        raise UserError(
+            f"{flag} {dataset}/{split} is a text-only split (its manifest lists no images, "
+            "e.g. class prompts); name a split of image-text pairs or images"
+        )
 
 
 def load_unpaired(spec: PairSpec, modality: str, where: str, layer: str, flag: str) -> np.ndarray:
@@ -302,7 +338,10 @@ def load_unpaired(spec: PairSpec, modality: str, where: str, layer: str, flag: s
     modality) at `layer`, as float32; rows of images skipped at extraction (NaN) left out."""
     dataset, split = parse_where(where, flag)
     model = spec.image_model if modality == "image" else spec.text_model
-    array = FeatureStore(spec.store).open(dataset, split, modality, model)
+    store = FeatureStore(spec.store)
+    if modality == "image":
+        require_images(store, dataset, split, flag)
+    array = store.open(dataset, split, modality, model)
     values = array.read_layer(array.layer_index(layer))
     values = values[np.isfinite(values).all(axis=1)]
     if len(values) < 2:
@@ -316,6 +355,7 @@ def load_extra_pairs(
     """(image, text) of n pairs (0 = all) drawn with `seed` from `where` (DATASET/SPLIT, same
     models), at the layers of the same names: the in-domain pairs added to the training pairs."""
     dataset, split = parse_where(where, "--extra-pairs")
+    require_images(FeatureStore(spec.store), dataset, split, "--extra-pairs")
     extra_spec = PairSpec(spec.store, dataset, split, spec.image_model, spec.text_model)
     pairs = open_pairs(extra_spec, image_layer=layers[0], text_layer=layers[1])
     total = len(pairs.image_rows)

@@ -1,9 +1,15 @@
-"""The paper's data-scaling curves: {methods} x {n_pairs} x {seeds} from one store, with error bars.
+"""The paper's data-scaling curves: {methods} x {n_pairs} x {seeds} from one store, with error bars;
+and the engine of `table`, which is a preset of this (one seed, the paper's nine methods).
 
-Every run is `stages.align.run_align` + `stages.evaluate.evaluate_run`, exactly as `table` runs a
-row. The pairs of (n_pairs, seed) are `stages.pairs.split_pairs`'s seeded draw, the one `align
---n-pairs N --seed S` trains on: the same for every method (a paired comparison), and, for one
-seed, the first N of one permutation, so bigger subsets contain the smaller ones.
+Every run is `stages.align.run_align` + `stages.evaluate.evaluate_run`. The pairs of (n_pairs,
+seed) are `stages.pairs.split_pairs`'s seeded draw, the one `align --n-pairs N --seed S` trains
+on: the same for every method (a paired comparison), and, for one seed, the first N of one
+permutation, so bigger subsets contain the smaller ones. A method is HEAD-VARIANT: any
+registered head kind (stages.heads) and one of VARIANTS.
+
+A run already complete with the same settings (its run directory valid, its metrics.json
+written, and the digest of its job recorded in config.json equal) is not run again: an
+interrupted sweep or table resumes where it stopped.
 
 Writes sweep.csv (one row per run, every metric), summary.md (mean ± sample std over seeds)
 and scaling.png (zero-shot top-1 and retrieval R@1 against the pairs, log x, one line per
@@ -12,33 +18,35 @@ method, shaded ± std). Runs go in parallel through a process pool, or a dask cl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from stages.align import UNPAIRED_HEADS
+from stages.align import run_align
 from stages.cluster import check_scheduler
+from stages.evaluate import METRICS, evaluate_run
+from stages.heads import head_kind, head_kinds, read_run
 from stages.pairs import PairSpec
-from stages.table import (
-    HEADS,
-    TABLE_VARIANTS,
-    VARIANTS,
-    TableRow,
-    TableSettings,
-    align_and_evaluate,
-    parse_ints,
-    parse_n_pairs,
-    row_settings,
-)
-from stages.train import AlignSettings
-from store import UserError, write_text_atomic
+from stages.train import AlignSettings, check_finite_settings
+from store import UserError, write_json_atomic, write_text_atomic
 
+VARIANTS = {
+    "last": "Last",
+    "similar": "Similar",
+    "similar-rs": "Similar + R_S",
+    # R_S also on unpaired images and texts (sweep --unpaired-images/-texts)
+    "similar-rs-unpaired": "Similar + R_S + unpaired",
+}
+TABLE_VARIANTS = ("last", "similar", "similar-rs")  # the paper's table
+DEFAULT_HEADS = ("linear", "mlp", "lowrank", "csa")  # the built-in kinds: the default methods
 # sweep.csv's metric columns: (metrics.json section, key) -> column
 METRIC_COLUMNS = {
     ("zero_shot", "top1"): "zs_top1",
@@ -54,13 +62,40 @@ PLOTTED = {
 SUMMARY_COLUMNS = ["zs_top1", "zs_top5", "i2t_r1", "t2i_r1", "seconds"]
 
 
+# -- methods: HEAD-VARIANT -----------------------------------------------------------------------
+def parse_ints(text: str | int | Sequence[int], what: str = "--n-pairs") -> tuple[int, ...]:
+    """`250,500,0` -> (250, 500, 0): distinct integers >= 0 (for --n-pairs, 0 = every pair)."""
+    items = text if isinstance(text, list | tuple) else str(text).split(",")
+    try:
+        values = tuple(int(str(v).strip()) for v in items if str(v).strip())
+    except ValueError as err:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from err
+    if not values or any(v < 0 for v in values):
+        raise UserError(f"{what} needs one or more integers >= 0, got {text!r}")
+    if len(set(values)) != len(values):
+        raise UserError(f"{what} lists a value twice: {text!r}")
+    return values
+
+
+def parse_n_pairs(text: str | int | Sequence[int]) -> tuple[int, ...]:
+    return parse_ints(text, "--n-pairs")
+
+
+def known_methods() -> list[str]:
+    """Every HEAD-VARIANT of the registered heads (the unpaired variant: gradient-trained)."""
+    return [
+        f"{name}-{variant}"
+        for name, kind in head_kinds().items()
+        for variant in VARIANTS
+        if kind.gradient_trained or "unpaired" not in variant
+    ]
+
+
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     """`linear-last,csa-similar-rs` -> the method names HEAD-VARIANT, each checked."""
     items = text if isinstance(text, list | tuple) else str(text).split(",")
     methods = tuple(str(m).strip() for m in items if str(m).strip())
-    known = [
-        f"{h}-{v}" for h in HEADS for v in VARIANTS if h in UNPAIRED_HEADS or "unpaired" not in v
-    ]
+    known = known_methods()
     bad = [m for m in methods if m not in known]
     if not methods or bad:
         raise UserError(f"unknown method(s) {bad or text!r}; choose from {', '.join(known)}")
@@ -69,16 +104,25 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     return methods
 
 
-def method_row(method: str, n_pairs: int) -> TableRow:
-    head, variant = next((h, method[len(h) + 1 :]) for h in HEADS if method.startswith(h + "-"))
-    return TableRow(n_pairs, head, variant)
+def split_method(method: str) -> tuple[str, str]:
+    """HEAD-VARIANT -> (head, variant); the variant is one of VARIANTS (heads may hold `-`)."""
+    for variant in sorted(VARIANTS, key=len, reverse=True):
+        if method.endswith("-" + variant):
+            return method[: -len(variant) - 1], variant
+    raise UserError(f"unknown method {method!r}; choose from {', '.join(known_methods())}")
+
+
+def method_display(method: str) -> str:
+    """`linear-similar-rs` -> `Linear + Similar + R_S` (the head's registered display name)."""
+    head, variant = split_method(method)
+    return f"{head_kind(head).display} + {VARIANTS[variant]}"
 
 
 @dataclass(frozen=True)
 class SweepSettings:
     """What the sweep adds to the align settings, with the defaults of the `sweep` command."""
 
-    methods: tuple[str, ...] = tuple(f"{h}-{v}" for h in HEADS for v in TABLE_VARIANTS)
+    methods: tuple[str, ...] = tuple(f"{h}-{v}" for h in DEFAULT_HEADS for v in TABLE_VARIANTS)
     n_pairs: tuple[int, ...] = (100, 250, 1000, 0)
     seeds: tuple[int, ...] = (0, 1, 2)
     lam: float = 10.0  # R_S weight of the gradient-trained + R_S rows
@@ -89,6 +133,7 @@ class SweepSettings:
     # DATASET/SPLIT of unpaired images and texts for the `*-similar-rs-unpaired` methods
     unpaired_images: str = ""
     unpaired_texts: str = ""
+    allow_overlap: bool = False  # unpaired rows from the evaluation or training split
     workers: int = 1  # parallel runs in a process pool (ignored with a dask scheduler)
     scheduler: str = ""  # a dask scheduler address or local:N; empty = the process pool
 
@@ -96,6 +141,7 @@ class SweepSettings:
         parse_methods(self.methods)
         parse_n_pairs(self.n_pairs)
         parse_ints(self.seeds, "--seeds")
+        check_finite_settings(self)
         if self.scheduler:
             check_scheduler(self.scheduler)
         wants = any(m.endswith("-unpaired") for m in self.methods)
@@ -106,17 +152,33 @@ class SweepSettings:
             )
         if self.workers < 1:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
-        self.table()  # checks lambda and csa_lambda
+        if self.csa_dim < 1:
+            raise UserError(f"--csa-dim must be >= 1, got {self.csa_dim}")
+        for lam, what in ((self.lam, "--lambda"), (self.csa_lambda, "--csa-lambda")):
+            if lam <= 0:
+                raise UserError(f"{what} must be > 0: it is the R_S weight of the `+ R_S` rows")
 
-    def table(self) -> TableSettings:
-        return TableSettings(
-            n_pairs=self.n_pairs,
-            lam=self.lam,
-            csa_lambda=self.csa_lambda,
-            csa_dim=self.csa_dim,
-            eval_split=self.eval_split,
-            prompts_split=self.prompts_split,
-        )
+
+def method_settings(method: str, n_pairs: int, base: AlignSettings, sweep: SweepSettings):
+    """The align settings of one method: R_S only in the `similar-rs*` variants; CSA's own d
+    and lambda."""
+    head, variant = split_method(method)
+    rs = variant.startswith("similar-rs")
+    if head == "csa":
+        lam = sweep.csa_lambda if rs else 0.0
+        return replace(base, head="csa", n_pairs=n_pairs, out_dim=sweep.csa_dim, lam=lam)
+    return replace(base, head=head, n_pairs=n_pairs, lam=sweep.lam if rs else 0.0)
+
+
+# -- presets: where the runs go and what is written at the end ------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """What makes `sweep` and `table` differ: the run folders, what each run's config.json adds,
+    and the outputs written from the rows (returning what the command prints)."""
+
+    run_folder: Callable[[int, int, str], str]  # (n_pairs, seed, method) -> folder under out
+    run_config: Callable[[str], dict[str, Any]]  # method -> extra config.json keys
+    write: Callable[[Path, pd.DataFrame, list[SweepJob]], pd.DataFrame]
 
 
 @dataclass(frozen=True)
@@ -132,6 +194,23 @@ class SweepJob:
     prompts_split: str
     unpaired: tuple[str | None, str | None] = (None, None)
     threads: int = 0  # torch threads in a worker process (0: leave as is)
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    allow_overlap: bool = False
+
+    @property
+    def digest(self) -> str:
+        """What makes two jobs the same run: data, layers, settings, extra data, evaluation."""
+        what = {
+            "spec": {k: str(v) for k, v in asdict(self.spec).items()},
+            "layers": list(self.layers),
+            "settings": asdict(self.settings),
+            "unpaired": list(self.unpaired),
+            "allow_overlap": self.allow_overlap,
+            "eval": [self.eval_split, self.prompts_split],
+            "config": self.extra_config,
+        }
+        text = json.dumps(what, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def sweep_jobs(
@@ -140,52 +219,79 @@ def sweep_jobs(
     base: AlignSettings,
     sweep: SweepSettings,
     out: Path,
+    preset: Preset | None = None,
 ) -> list[SweepJob]:
     """Every (n_pairs, seed, method) run, settings built (and so checked) before any runs."""
-    table = sweep.table()
+    preset = preset or SWEEP
     threads = 1 if sweep.workers > 1 or sweep.scheduler else 0
     jobs = []
     for n in sweep.n_pairs:
         for seed in sweep.seeds:
             for method in sweep.methods:
-                row = method_row(method, n)
-                settings = row_settings(row, base, table)
+                settings = method_settings(method, n, base, sweep)
+                variant = split_method(method)[1]
                 jobs.append(
                     SweepJob(
                         spec=spec,
-                        layers=layers["last" if row.variant == "last" else "similar"],
-                        settings=AlignSettings(**{**settings.__dict__, "seed": seed}),
-                        run_dir=out / "runs" / f"n{n or 'all'}" / f"seed{seed}" / method,
+                        layers=layers["last" if variant == "last" else "similar"],
+                        settings=replace(settings, seed=seed),
+                        run_dir=out / preset.run_folder(n, seed, method),
                         method=method,
                         eval_split=sweep.eval_split,
                         prompts_split=sweep.prompts_split,
                         unpaired=(
                             (sweep.unpaired_images or None, sweep.unpaired_texts or None)
-                            if row.variant.endswith("-unpaired")
+                            if variant.endswith("-unpaired")
                             else (None, None)
                         ),
                         threads=threads,
+                        extra_config=preset.run_config(method),
+                        allow_overlap=sweep.allow_overlap,
                     )
                 )
     return jobs
 
 
+def completed(job: SweepJob) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(config, metrics) of the job's run when it is complete with the same settings: a valid
+    run directory whose config.json records this job's digest, and its metrics.json."""
+    try:
+        config = read_run(job.run_dir)
+        metrics = json.loads((job.run_dir / METRICS).read_text(encoding="utf-8"))
+    except (UserError, OSError, ValueError):
+        return None
+    if config.get("sweep_job") != job.digest or not isinstance(metrics, dict):
+        return None
+    return config, metrics
+
+
 def run_job(job: SweepJob) -> dict[str, Any]:
-    """Train and evaluate one run (in a worker process or here); its sweep.csv row."""
+    """Train and evaluate one run (in a worker process or here), or take it as it is when it is
+    complete with the same settings; its sweep.csv row (`resumed`: taken as it was)."""
     if job.threads:
         import torch
 
         torch.set_num_threads(job.threads)  # parallel runs share the cores, one thread each
     started = time.perf_counter()
-    config, metrics = align_and_evaluate(
-        job.spec,
-        job.layers,
-        job.settings,
-        job.run_dir,
-        (job.eval_split, job.prompts_split),
-        {"method": job.method},
-        unpaired=job.unpaired,
-    )
+    done = completed(job)
+    if done is None:
+        config, _ = run_align(
+            job.spec,
+            job.layers,
+            job.settings,
+            job.run_dir,
+            progress=False,
+            extra_config={**job.extra_config, "sweep_job": job.digest},
+            unpaired=job.unpaired,
+            eval_split=job.eval_split,
+            allow_overlap=job.allow_overlap,
+        )
+        metrics = evaluate_run(
+            job.run_dir, job.spec.store, job.spec.dataset, job.eval_split, job.prompts_split
+        )
+        write_json_atomic(job.run_dir / METRICS, metrics)
+    else:
+        config, metrics = done
     row: dict[str, Any] = {
         "method": job.method,
         "n_pairs": job.settings.n_pairs,
@@ -200,10 +306,14 @@ def run_job(job: SweepJob) -> dict[str, Any]:
         "epochs_run": config["epochs_run"],
         "best_epoch": config["best_epoch"],
         "train_seconds": config["train_seconds"],
-        "seconds": round(time.perf_counter() - started, 2),
+        # a resumed run: its training time (its evaluation was not timed)
+        "seconds": round(time.perf_counter() - started, 2)
+        if done is None
+        else config["train_seconds"],
     }
     for (section, key), column in METRIC_COLUMNS.items():
         row[column] = (metrics.get(section) or {}).get(key, math.nan)
+    row["resumed"] = done is not None
     return row
 
 
@@ -233,9 +343,10 @@ def run_jobs(jobs: list[SweepJob], sweep: SweepSettings, log: Callable[[str], No
 
 
 def _brief(row: dict[str, Any]) -> str:
+    done = "  (complete before: kept)" if row.get("resumed") else f"  ({row['seconds']:.1f} s)"
     return (
         f"n_pairs {row['n_pairs'] or 'all'} seed {row['seed']} {row['method']:<22} "
-        f"zs top1 {row['zs_top1']:5.1f}  I2T R@1 {row['i2t_r1']:5.1f}  ({row['seconds']:.1f} s)"
+        f"zs top1 {row['zs_top1']:5.1f}  I2T R@1 {row['i2t_r1']:5.1f}{done}"
     )
 
 
@@ -293,6 +404,23 @@ def plot_scaling(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def write_sweep(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataFrame:
+    """out/sweep.csv, out/summary.md, out/scaling.png; returns the summary."""
+    summary = summarise(rows)
+    rows = rows.drop(columns="resumed")
+    write_text_atomic(out / "sweep.csv", rows.to_csv(index=False, float_format="%.4f"))
+    write_text_atomic(out / "summary.md", summary_markdown(summary))
+    plot_scaling(summary, out / "scaling.png")
+    return summary
+
+
+SWEEP = Preset(
+    run_folder=lambda n, seed, method: f"runs/n{n or 'all'}/seed{seed}/{method}",
+    run_config=lambda method: {"method": method},
+    write=write_sweep,
+)
+
+
 def run_sweep(
     spec: PairSpec,
     layers: dict[str, tuple[str, str]],
@@ -301,17 +429,19 @@ def run_sweep(
     out: str | Path,
     *,
     log: Callable[[str], None] = print,
+    preset: Preset | None = None,
 ) -> pd.DataFrame:
-    """Train and evaluate every run; write out/sweep.csv, out/summary.md, out/scaling.png and
-    out/runs/n*/seed*/METHOD/. Returns the summary."""
+    """Train and evaluate every run not already complete with the same settings, then write
+    the preset's outputs (the sweep's: out/sweep.csv, out/summary.md, out/scaling.png, runs in
+    out/runs/n*/seed*/METHOD/). Returns what the preset's writer returns (the summary)."""
+    preset = preset or SWEEP
     out = Path(out)
-    jobs = sweep_jobs(spec, layers, base, sweep, out)
+    jobs = sweep_jobs(spec, layers, base, sweep, out, preset)
     started = time.perf_counter()
     rows = pd.DataFrame(run_jobs(jobs, sweep, log))
-    summary = summarise(rows)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "sweep.csv", rows.to_csv(index=False, float_format="%.4f"))
-    write_text_atomic(out / "summary.md", summary_markdown(summary))
-    plot_scaling(summary, out / "scaling.png")
-    log(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
-    return summary
+    result = preset.write(out, rows, jobs)
+    kept = int(rows["resumed"].sum())
+    also = f" ({kept} complete before, kept)" if kept else ""
+    log(f"{len(jobs)} runs{also} in {time.perf_counter() - started:.0f} s")
+    return result

@@ -1,37 +1,37 @@
 """The paper's table from one store: {Linear, MLP, CSA} x {Last, Similar, Similar + R_S} per
 training-set size, each row an `align` run plus its `evaluate` metrics, then one table.
 
-Nothing here trains or scores by itself: rows are `stages.align.run_align` (CSA through its
-`TRAINERS` entry) and `stages.evaluate.evaluate_run`, and the table is
-`stages.evaluate.comparison_table` with the method name as the row name.
+`table` is a preset of `sweep` (stages.sweep): one seed, the nine methods, the runs in
+OUT/n{N}/{head}-{variant}/, and table.md / table.csv at the end instead of the sweep's summary.
+Same code path: the runs, their settings and their resumption (a row already complete with the
+same settings is kept) are the sweep's.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from stages.align import run_align
-from stages.evaluate import METRICS, comparison_table, evaluate_run, write_table
+from stages.evaluate import comparison_table, write_table
 from stages.pairs import PairSpec
+from stages.sweep import (
+    TABLE_VARIANTS,
+    Preset,
+    SweepJob,
+    SweepSettings,
+    method_display,
+    parse_n_pairs,
+    run_sweep,
+    split_method,
+)
 from stages.train import AlignSettings, check_finite_settings
-from store import UserError, write_json_atomic
+from store import UserError
 
-HEADS = {"linear": "Linear", "mlp": "MLP", "lowrank": "Low-rank", "csa": "CSA"}
 TABLE_HEADS = ("linear", "mlp", "csa")  # the nine rows of the paper's table
-VARIANTS = {
-    "last": "Last",
-    "similar": "Similar",
-    "similar-rs": "Similar + R_S",
-    # sweep only: R_S also on unpaired images and texts (sweep --unpaired-images/-texts)
-    "similar-rs-unpaired": "Similar + R_S + unpaired",
-}
-TABLE_VARIANTS = ("last", "similar", "similar-rs")  # the paper's table
+TABLE_METHODS = tuple(f"{h}-{v}" for h in TABLE_HEADS for v in TABLE_VARIANTS)
 TABLE_COLUMNS = [
     "method",
     "n_pairs",
@@ -42,24 +42,6 @@ TABLE_COLUMNS = [
     "I2T R@1",
     "T2I R@1",
 ]
-
-
-def parse_ints(text: str | int | Sequence[int], what: str = "--n-pairs") -> tuple[int, ...]:
-    """`250,500,0` -> (250, 500, 0): distinct integers >= 0 (for --n-pairs, 0 = every pair)."""
-    items = text if isinstance(text, list | tuple) else str(text).split(",")
-    try:
-        values = tuple(int(str(v).strip()) for v in items if str(v).strip())
-    except ValueError as err:
-        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from err
-    if not values or any(v < 0 for v in values):
-        raise UserError(f"{what} needs one or more integers >= 0, got {text!r}")
-    if len(set(values)) != len(values):
-        raise UserError(f"{what} lists a value twice: {text!r}")
-    return values
-
-
-def parse_n_pairs(text: str | int | Sequence[int]) -> tuple[int, ...]:
-    return parse_ints(text, "--n-pairs")
 
 
 @dataclass(frozen=True)
@@ -82,59 +64,35 @@ class TableSettings:
             if lam <= 0:
                 raise UserError(f"{what} must be > 0: it is the R_S weight of the `+ R_S` rows")
 
-
-@dataclass(frozen=True)
-class TableRow:
-    n_pairs: int
-    head: str
-    variant: str
-
-    @property
-    def method(self) -> str:
-        return f"{HEADS[self.head]} + {VARIANTS[self.variant]}"
-
-    @property
-    def folder(self) -> str:
-        return f"n{self.n_pairs or 'all'}/{self.head}-{self.variant}"
-
-
-def table_rows(n_pairs: Sequence[int]) -> list[TableRow]:
-    return [TableRow(n, h, v) for n in n_pairs for h in TABLE_HEADS for v in TABLE_VARIANTS]
+    def sweep(self, seed: int) -> SweepSettings:
+        """The sweep this table is: its nine methods per size, one seed, one run at a time."""
+        return SweepSettings(
+            methods=TABLE_METHODS,
+            n_pairs=self.n_pairs,
+            seeds=(seed,),
+            lam=self.lam,
+            csa_lambda=self.csa_lambda,
+            csa_dim=self.csa_dim,
+            eval_split=self.eval_split,
+            prompts_split=self.prompts_split,
+            workers=1,
+        )
 
 
-def row_settings(row: TableRow, base: AlignSettings, table: TableSettings) -> AlignSettings:
-    """The align settings of one row: R_S only in the `similar-rs` variant; CSA's own d and λ."""
-    rs = row.variant.startswith("similar-rs")
-    if row.head == "csa":
-        lam = table.csa_lambda if rs else 0.0
-        return replace(base, head="csa", n_pairs=row.n_pairs, out_dim=table.csa_dim, lam=lam)
-    return replace(base, head=row.head, n_pairs=row.n_pairs, lam=table.lam if rs else 0.0)
+def write_table_files(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataFrame:
+    """out/table.md and out/table.csv from the runs' metrics; returns the table."""
+    names = [method_display(job.method) for job in jobs]
+    result = comparison_table([job.run_dir for job in jobs], names)
+    result = result.rename(columns={"run": "method"})[TABLE_COLUMNS]
+    write_table(result, out / "table.md", out / "table.csv")
+    return result
 
 
-def align_and_evaluate(
-    spec: PairSpec,
-    layers: tuple[str, str],
-    settings: AlignSettings,
-    run_dir: Path,
-    eval_splits: tuple[str, str],
-    extra_config: dict[str, Any],
-    **align_options: Any,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One row: an align run in run_dir (run_align's `align_options`: unpaired, extra pairs),
-    evaluated on (eval split, prompts split) of the same dataset, its metrics.json written;
-    returns (config, metrics)."""
-    config, _ = run_align(
-        spec,
-        layers,
-        settings,
-        run_dir,
-        progress=False,
-        extra_config=extra_config,
-        **align_options,
-    )
-    metrics = evaluate_run(run_dir, spec.store, spec.dataset, *eval_splits)
-    write_json_atomic(run_dir / METRICS, metrics)
-    return config, metrics
+TABLE = Preset(
+    run_folder=lambda n, seed, method: f"n{n or 'all'}/{method}",
+    run_config=lambda method: {"layers": split_method(method)[1], "method": method_display(method)},
+    write=write_table_files,
+)
 
 
 def run_table(
@@ -146,43 +104,7 @@ def run_table(
     *,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
-    """Train and evaluate every row; write RUN/metrics.json per run and out/table.{md,csv}.
-
-    layers: {"last": (image, text), "similar": (image, text)} layer names."""
-    out = Path(out)
-    rows = table_rows(table.n_pairs)
-    # every row's settings are built (and so checked) before the first run: a bad one fails fast
-    settings = [row_settings(r, base, table) for r in rows]
-    started = time.perf_counter()
-    run_dirs = []
-    for i, (row, s) in enumerate(zip(rows, settings, strict=True), 1):
-        run_dir = out / row.folder
-        t0 = time.perf_counter()
-        _, metrics = align_and_evaluate(
-            spec,
-            layers["last" if row.variant == "last" else "similar"],
-            s,
-            run_dir,
-            (table.eval_split, table.prompts_split),
-            {"layers": row.variant, "method": row.method},
-        )
-        log(
-            f"[{i}/{len(rows)}] n_pairs {row.n_pairs or 'all'}  {row.method:<24} "
-            f"{_brief(metrics)}  ({time.perf_counter() - t0:.1f} s)"
-        )
-        run_dirs.append(run_dir)
-    result = comparison_table(run_dirs, [r.method for r in rows])
-    result = result.rename(columns={"run": "method"})[TABLE_COLUMNS]
-    write_table(result, out / "table.md", out / "table.csv")
-    log(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s")
-    return result
-
-
-def _brief(metrics: dict[str, Any]) -> str:
-    zs, rt = metrics["zero_shot"], metrics["retrieval"]
-    parts = []
-    if "top1" in zs:
-        parts.append(f"zs top1 {zs['top1']:5.1f}")
-    if "i2t_r1" in rt:
-        parts.append(f"I2T R@1 {rt['i2t_r1']:5.1f}  T2I R@1 {rt['t2i_r1']:5.1f}")
-    return "  ".join(parts)
+    """Train and evaluate every row not already complete; write RUN/metrics.json per run and
+    out/table.{md,csv}; returns the table. layers: {"last": (image, text), "similar": (image,
+    text)} layer names; the seed is base's."""
+    return run_sweep(spec, layers, base, table.sweep(base.seed), out, log=log, preset=TABLE)

@@ -35,14 +35,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.heads import HEAD_BUILDERS, build_head
+from stages.heads import build_head, head_kinds
 from stages.losses import (
     StructureTargets,
     clip_loss,
     structure_regularizer,
     structure_targets,
 )
-from stages.pairs import MemoryPairs, PairData, PairSource, StorePairs, as_source, batch_plan
+from stages.pairs import (
+    MemoryPairs,
+    PairData,
+    PairSource,
+    StorePairs,
+    as_source,
+    batch_plan,
+    epoch_batches,
+)
 from store import UserError
 
 BETAS = (0.9, 0.95)
@@ -98,8 +106,8 @@ class AlignSettings:
     csa_steps: int = 200  # --head csa with lambda > 0: R_S refinement steps (any n_pairs)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "head", self.head.lower())  # --head CSA is csa
-        heads = list(HEAD_BUILDERS)  # csa's head is registered there too
+        object.__setattr__(self, "head", self.head.strip().lower())  # --head CSA is csa
+        heads = list(head_kinds())  # every registered kind, csa's included
         check_finite_settings(self)
         problems = [
             (
@@ -135,12 +143,14 @@ class AlignSettings:
 
 @dataclass
 class TrainResult:
-    """Trained heads (eval mode) with the weights of `best_epoch`, and the per-epoch history."""
+    """What every trainer returns (gradient training here, CSA's fit in stages.csa): the heads
+    (eval mode) with the kept weights (those of `best_epoch`), the history (a row per epoch, or
+    per logged point of CSA's refinement), the optimiser steps, the seconds, and `info`."""
 
     image_head: nn.Module
     text_head: nn.Module
     history: pd.DataFrame
-    best_epoch: int
+    best_epoch: int | float  # CSA: the (fractional) passes over the pairs of its last step
     best_val_loss: float
     steps: int
     seconds: float
@@ -155,11 +165,18 @@ def lambda_at(step: int, lam: float, warmup_steps: int) -> float:
 
 def run_epochs(epochs: int, max_steps: int, steps_per_epoch: int) -> int:
     """Epochs of a run: `epochs`, or fewer when `max_steps` (> 0) optimiser steps need fewer
-    (the last epoch completes). One step an epoch with few pairs, dozens with many: a cap in
-    steps keeps the schedule the same length at any number of pairs."""
+    (the last one may be partial: see run_steps). One step an epoch with few pairs, dozens with
+    many: a cap in steps keeps the schedule the same length at any number of pairs."""
     if max_steps == 0:
         return epochs
     return max(1, min(epochs, math.ceil(max_steps / steps_per_epoch)))
+
+
+def run_steps(epochs: int, max_steps: int, steps_per_epoch: int) -> int:
+    """Optimiser steps of a run: those of `epochs` epochs, never more than `max_steps` (> 0):
+    the cap is exact (the last epoch stops at it) and the cosine schedule spans these steps."""
+    total = epochs * steps_per_epoch
+    return min(total, max_steps) if max_steps else total
 
 
 def lr_at(step: int, total_steps: int, lr: float) -> float:
@@ -330,7 +347,7 @@ def train_heads(
     n = len(source)
     steps_per_epoch, batch = batch_plan(n, s.batch_size)
     epochs = run_epochs(s.epochs, s.max_steps, steps_per_epoch)
-    total_steps = epochs * steps_per_epoch
+    total_steps = run_steps(epochs, s.max_steps, steps_per_epoch)
     # early stopping and best weights only once lambda is fully on: during its warm-up the
     # validation objective (at full lambda) is not yet the one being trained
     first_candidate_step = min(s.warmup_steps, total_steps) if s.lam > 0 else 0
@@ -354,9 +371,9 @@ def train_heads(
     for epoch in bar:
         image_head.train()
         text_head.train()
-        order = torch.arange(n) if full_batch else torch.randperm(n, generator=shuffle)
         sums = np.zeros(4)  # clip, rs_image, rs_text, total
-        batches = [part.numpy() for part in torch.tensor_split(order, steps_per_epoch)]
+        batches = epoch_batches(n, steps_per_epoch, batch, shuffle)
+        batches = batches[: total_steps - step]  # --max-steps is exact: a partial last epoch
         for bi, bt in source.take(batches):
             lam_t, lr_t = lambda_at(step, s.lam, s.warmup_steps), lr_at(step, total_steps, s.lr)
             for group in optimizer.param_groups:
@@ -372,7 +389,7 @@ def train_heads(
         image_head.eval()
         text_head.eval()
         val_loss, val_objective = validation_losses((image_head, text_head), val_source, batch, s)
-        clip_mean, rs_i_mean, rs_t_mean, train_mean = sums / steps_per_epoch
+        clip_mean, rs_i_mean, rs_t_mean, train_mean = sums / len(batches)
         history.append(
             {
                 "epoch": epoch,

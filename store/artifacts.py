@@ -32,6 +32,8 @@ class ArtifactKind:
     remake: str  # the command that makes it again; `{path}` is the artifact's path
     files: tuple[str, ...] = ()  # required besides the description
     keys: Mapping[str, type | tuple[type, ...]] = field(default_factory=dict)
+    # recorded files that may be absent (diagnostics); checked against their checksum if present
+    optional: tuple[str, ...] = ()
 
     def remake_hint(self, folder: Path) -> str:
         return f"make it again with `{self.remake.format(path=folder)}`"
@@ -85,6 +87,8 @@ def read_description(kind: ArtifactKind, folder: str | Path) -> dict[str, Any]:
         raise kind.error(folder, path, f"`{CHECKSUMS}` must map file names to SHA-256 digests")
     for name, digest in recorded.items():
         file = folder / name
+        if not file.is_file() and name in kind.optional:
+            continue
         if not file.is_file():
             raise kind.error(folder, file, "missing")
         if file_sha256(file) != digest:

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 import stages.train as train_module
 from pipeline.app import app
-from stages.align import TRAINERS, run_align
-from stages.heads import HEAD_BUILDERS, build_head, load_run
+from stages.align import run_align, trainer
+from stages.heads import build_head, head_kinds, load_run
 from stages.losses import clip_loss, structure_regularizer
 from stages.pairs import MemoryPairs, PairSpec, split_pairs
 from stages.train import (
@@ -203,15 +203,17 @@ def test_early_stopping_waits_for_the_warm_up_and_counts_steps(monkeypatch):
 
 
 def test_max_steps_caps_the_epochs_and_the_schedule_ends_there():
-    """4 steps an epoch: --max-steps 10 runs ceil(10 / 4) = 3 epochs (12 steps), and the cosine
-    learning rate spans those 12 steps, not --epochs x 4; full batch: 10 epochs."""
+    """4 steps an epoch: --max-steps 10 runs exactly 10 steps (3 epochs, the last one of 2
+    steps), and the cosine learning rate spans those 10 steps, not --epochs x 4; full batch:
+    10 epochs. (It ran 12: the last epoch completed past the cap.)"""
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(200, 12)), rng.normal(size=(200, 10))
     settings = AlignSettings(lam=0.0, out_dim=4, batch_size=50, epochs=100, max_steps=10)
     result = train_heads((x, y), None, settings, progress=False)
-    assert result.steps == 12 and len(result.history) == 3
-    # the lr recorded for each epoch is that of its last step: 3, 7, 11 of 12
-    expected = [lr_at(step, 12, settings.lr) for step in (3, 7, 11)]
+    assert result.steps == 10 and len(result.history) == 3
+    assert result.history["step"].tolist() == [4, 8, 10]
+    # the lr recorded for each epoch is that of its last step: 3, 7, 9 of 10
+    expected = [lr_at(step, 10, settings.lr) for step in (3, 7, 9)]
     np.testing.assert_allclose(result.history["lr"], expected)
     full = train_heads((x[:40], y[:40]), None, replace(settings, batch_size=64), progress=False)
     assert full.steps == 10 and len(full.history) == 10
@@ -329,7 +331,8 @@ def test_batch_plan_covers_every_pair_in_equal_batches():
 
 
 def test_every_head_kind_has_a_trainer():
-    assert set(TRAINERS) == set(HEAD_BUILDERS)
+    assert {"linear", "mlp", "lowrank", "csa"} <= set(head_kinds())
+    assert all(callable(trainer(name)) for name in head_kinds())
 
 
 def test_optimizer_step_refuses_a_non_finite_loss_before_touching_the_weights():

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -269,6 +270,196 @@ def test_selection_of_another_store_is_not_reused(toy, tmp_path):
 
 # ==== DATA LOSS AND RUNS (align, table, sweep, selection) ====
 # (cases of this area go below this line, above the next marker)
+def refused(args: list, capsys, *must: str, never: tuple[str, ...] = ()) -> str:
+    """Run a command that must fail: exit 2, one `error: ` line, no traceback; the line holds
+    every `must` and none of `never`. Returns the line."""
+    code, _, stderr = run_cli(["--params", "/dev/null", *map(str, args)], capsys)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr
+    for text in must:
+        assert text in stderr, stderr
+    for text in never:
+        assert text not in stderr, stderr
+    return stderr.strip()
+
+
+def copy_run(toy: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(toy / "run", run)
+    return run
+
+
+# -- the run directory is one artifact, read through one checked reader -----------------------
+def test_run_config_null_is_one_line_naming_the_file_and_align(toy, tmp_path, capsys):
+    run = copy_run(toy, tmp_path)
+    (run / "config.json").write_text("null\n")
+    before = files(run)
+    line = refused(["evaluate", "--store", toy / "features.zarr", "--run", run], capsys)
+    assert "config.json" in line and "python -m pipeline align" in line
+    assert files(run) == before
+
+
+@pytest.mark.parametrize("key", ["image_model", "image_layer"])
+def test_run_config_without_a_key_is_one_line(toy, tmp_path, capsys, key):
+    run = copy_run(toy, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    del config[key]
+    (run / "config.json").write_text(json.dumps(config))
+    refused(["evaluate", "--run", run], capsys, "config.json", key, "python -m pipeline align")
+
+
+def test_run_config_with_a_wrong_type_is_one_line(toy, tmp_path, capsys):  # not listed
+    run = copy_run(toy, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["image_dim"] = "8"
+    (run / "config.json").write_text(json.dumps(config))
+    refused(["evaluate", "--run", run], capsys, "config.json", "image_dim", "int")
+
+
+def test_edited_image_layer_of_the_same_width_is_refused(toy, tmp_path, capsys):
+    run = copy_run(toy, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert config["image_layer"] == "l1" and config["image_dim"] == 8  # l0 is 8 wide too
+    config["image_layer"] = "l0"
+    (run / "config.json").write_text(json.dumps(config))
+    refused(["evaluate", "--run", run], capsys, "image_layer", "head.safetensors", "align")
+
+
+def test_head_file_of_another_run_is_refused(toy, tmp_path, capsys):  # not listed
+    run = copy_run(toy, tmp_path)
+    other = tmp_path / "other"
+    invoke("align", "--store", toy / "features.zarr", "--out", other, *TRAIN, "--seed", "3")
+    shutil.copy(other / "head.safetensors", run / "head.safetensors")
+    refused(["evaluate", "--run", run], capsys, "head.safetensors", "changed", "align")
+    (run / "head.safetensors").unlink()
+    refused(["evaluate", "--run", run], capsys, "head.safetensors")
+
+
+def test_files_added_to_a_run_later_do_not_break_its_reading(toy):  # not listed
+    from stages.heads import load_run
+
+    assert (toy / "run" / "metrics.json").is_file()  # written by evaluate after the run
+    config, _, _ = load_run(toy / "run")
+    assert "metrics.json" not in config["files"] and "head.safetensors" in config["files"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (toy / "run").iterdir()}
+    assert modes["head.safetensors"] == modes["config.json"] == 0o644
+
+
+def test_failed_retraining_keeps_the_previous_run(toy, tmp_path, capsys):  # not listed
+    run = copy_run(toy, tmp_path)
+    before = files(run)
+    # CLIP logits overflow: the loss is NaN at the first step
+    refused(
+        ["align", "--store", toy / "features.zarr", "--out", run, *TRAIN,
+         "--temperature", "1e-300"],
+        capsys, "step 0",
+    )  # fmt: skip
+    assert files(run) == before
+
+
+# -- extra data never from the evaluation split or the training split, unless said --------------
+ALIGN_TOY = ["align", "--store", "{store}", "--out", "{tmp}/r", *TRAIN, "--lambda", "1"]
+
+
+@pytest.mark.parametrize(
+    "extra, must",
+    [
+        (["--extra-pairs", "toy/test"], "evaluation split"),
+        (["--unpaired-images", "toy/test"], "evaluation split"),
+        (["--unpaired-texts", "toy/train"], "training split itself"),  # not listed
+    ],
+    ids=["extra pairs of the eval split", "unpaired of the eval split", "unpaired of train"],
+)
+def test_extra_data_overlapping_evaluation_or_training_is_refused(
+    toy, tmp_path, capsys, extra, must
+):
+    where = {"store": toy / "features.zarr", "tmp": tmp_path}
+    args = [a.format(**where) for a in ALIGN_TOY]
+    refused([*args, *extra], capsys, must, "--allow-overlap")
+    assert not (tmp_path / "r").exists()
+    code, _, err = run_cli(["--params", "/dev/null", *args, *extra, "--allow-overlap"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["allow_overlap"] is True
+
+
+@pytest.mark.parametrize(
+    "extra, never",
+    [
+        (["--unpaired-images", "toy/prompts"], "extract"),
+        (["--extra-pairs", "toy/prompts"], "extract"),
+        (["--unpaired-images", "toy/test/extra"], "--dataset toy/test"),
+    ],
+    ids=["unpaired images of a text-only split", "extra pairs of a text-only split", "a/b/c"],
+)
+def test_unclear_extra_data_errors_say_what_is_wrong(toy, tmp_path, capsys, extra, never):
+    where = {"store": toy / "features.zarr", "tmp": tmp_path}
+    args = [a.format(**where) for a in ALIGN_TOY]
+    must = "text-only" if extra[1].endswith("prompts") else "DATASET/SPLIT"
+    refused([*args, *extra, "--allow-overlap"], capsys, must, never=(never,))
+
+
+# -- --max-steps is a cap on optimiser steps, exactly -----------------------------------------
+@pytest.mark.parametrize("batch, steps", [(16, 4), (64, 5)], ids=["3 steps an epoch", "full batch"])
+def test_max_steps_is_exact(toy, tmp_path, batch, steps):
+    out = tmp_path / "r"
+    args = [*TRAIN, "--epochs", "100", "--batch-size", str(batch), "--max-steps", str(steps)]
+    invoke("align", "--store", toy / "features.zarr", "--out", out, *args)
+    config = json.loads((out / "config.json").read_text())
+    history = pd.read_csv(out / "history.csv")
+    assert config["steps"] == steps and history["step"].iloc[-1] == steps
+
+
+# -- align --layers auto --metric M never rewrites another metric's selection -----------------
+def test_auto_layers_of_another_metric_keep_the_selection(toy, tmp_path, capsys):
+    store = toy / "features.zarr"
+    models = ["--dataset", "toy", "--image-model", "img", "--text-model", "txt"]
+    sel = tmp_path / "sel"
+    invoke("select", "--store", store, *models, "--out", sel, "--n-samples", "0", "--k", "4")
+    before = files(sel)
+    args = ["--store", store, *[a for a in TRAIN if a != "last"], "--select-dir", sel]
+    args[args.index("--layers") + 1 : args.index("--layers") + 1] = ["auto"]
+    for _ in range(2):  # the second run reuses the cka selection it made (not listed)
+        invoke("align", *args, "--metric", "cka", "--out", tmp_path / "r")
+    assert files(sel) == before  # the mutual-kNN selection: byte for byte
+    own = json.loads((tmp_path / "sel-cka" / "selection.json").read_text())
+    assert own["metric"] == "cka"
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["layer_metric"] == "cka"
+    assert [config["image_layer"], config["text_layer"]] == [own["image_layer"], own["text_layer"]]
+
+
+# -- table and sweep resume: runs complete with the same settings are kept --------------------
+def test_sweep_keeps_complete_runs_and_redoes_the_rest(toy, tmp_path, capsys):
+    import yaml
+
+    def params(epochs: int) -> Path:
+        path = tmp_path / f"params{epochs}.yaml"
+        path.write_text(yaml.safe_dump({
+            "align": {"epochs": epochs, "batch_size": 16, "out_dim": 4, "warmup_steps": 1},
+            "select": {"n_samples": 0, "k": 4},
+        }))  # fmt: skip
+        return path
+
+    out = tmp_path / "sweep"
+    args = ["--params", params(2), "sweep", "--store", toy / "features.zarr", "--dataset", "toy",
+            "--image-model", "img", "--text-model", "txt", "--out", out, "--select-dir",
+            tmp_path / "sel", "--methods", "linear-last,mlp-last", "--n-pairs", "0",
+            "--seeds", "0", "--no-progress"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    first, second = out / "runs/nall/seed0/linear-last", out / "runs/nall/seed0/mlp-last"
+    kept = files(first)
+    (second / "metrics.json").unlink()  # as if Ctrl-C came while evaluating the second run
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "2 runs (1 complete before, kept)" in stdout
+    assert files(first) == kept and (second / "metrics.json").is_file()
+    # another setting is another run (not listed): nothing kept
+    args[1] = params(3)
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "complete before" not in stdout
 
 
 # ==== SELECT AND LAYER METRICS ====

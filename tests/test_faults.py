@@ -188,6 +188,54 @@ def test_pickled_weights_file_is_one_line_not_loaded(tmp_path):
 
 # ==== DATA LOSS AND RUNS (align, table, sweep, selection) ====
 # (cases of this area go below this line, above the next marker)
+def test_ctrl_c_during_align_keeps_the_previous_run(tmp_path):
+    """`cp -r $R /tmp/keep; align --out /tmp/keep ... & kill -INT`: the old run stays whole (it
+    was emptied before training), and no temporary is left beside it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_bad_input import TRAIN, build_store
+
+    build_store(tmp_path / "features.zarr", np.random.default_rng(0))
+    keep = tmp_path / "keep"
+    args = [sys.executable, "-m", "pipeline", "--params", "/dev/null", "align", "--store",
+            str(tmp_path / "features.zarr"), "--out", str(keep), *TRAIN]  # fmt: skip
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    before, around = files(keep), sorted(p.name for p in tmp_path.iterdir())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    long = ["--epochs", "1000000", "--max-steps", "0", "--patience", "0"]
+    proc = subprocess.Popen(
+        [*args, *long], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().startswith("layers:")  # training starts now
+        import time
+
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().startswith("interrupted"), stderr
+    assert files(keep) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == around  # no temporary left
+
+
+def test_a_second_writer_of_one_run_stops_with_one_line(tmp_path, capsys):  # not listed
+    """While one process writes a run directory (its lock held), another stops at once."""
+    from filelock import FileLock
+
+    from tests.test_bad_input import TRAIN, build_store
+
+    build_store(tmp_path / "features.zarr", np.random.default_rng(0))
+    run = tmp_path / "run"
+    args = ["--params", "/dev/null", "align", "--store", tmp_path / "features.zarr", "--out", run]
+    with FileLock(tmp_path / ".run.lock"):
+        code, _, stderr = run_cli([*args, *TRAIN], capsys)
+    assert code == 2 and "another process is writing" in stderr and not run.exists(), stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
 
 
 # ==== SELECT AND LAYER METRICS ====

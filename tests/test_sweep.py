@@ -89,7 +89,7 @@ def test_sweep_command_end_to_end(store, tmp_path, capsys):  # noqa: F811
     methods = "linear-last,lowrank-similar-rs-unpaired,csa-similar-rs"
     args = ["--params", params_file(tmp_path), "sweep", "--store", str(store), "--out", str(out)]
     args += ["--methods", methods, "--n-pairs", "40,100", "--seeds", "0,1"]
-    args += ["--unpaired-images", "toy/test", "--unpaired-texts", "toy/test"]
+    args += ["--unpaired-images", "toy/test", "--unpaired-texts", "toy/test", "--allow-overlap"]
     code, _, err = run_cli([*args, "--select-dir", str(tmp_path / "sel"), "--workers", "2"], capsys)
     assert code == 0, err
     rows = pd.read_csv(out / "sweep.csv")
@@ -113,7 +113,7 @@ def test_sweep_command_end_to_end(store, tmp_path, capsys):  # noqa: F811
     # the parallel run gave the same numbers as the same run in this process
     serial = tmp_path / "serial"
     one = ["--methods", "lowrank-similar-rs-unpaired", "--n-pairs", "40", "--seeds", "1"]
-    one += ["--unpaired-images", "toy/test", "--unpaired-texts", "toy/test"]
+    one += ["--unpaired-images", "toy/test", "--unpaired-texts", "toy/test", "--allow-overlap"]
     code, _, err = run_cli(
         [*args[:6], str(serial), *one, "--select-dir", str(tmp_path / "sel")], capsys
     )

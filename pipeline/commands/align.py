@@ -7,11 +7,12 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app, echo_error
+from pipeline.app import app, echo_error, progress_option
 from pipeline.config import section_settings
-from stages.align import run_align
+from stages.align import resolve_layers, run_align
+from stages.heads import head_help
 from stages.pairs import PairSpec, parse_memory_cap
-from stages.select import SelectSettings, resolve_layers
+from stages.select import SelectSettings
 from stages.train import AlignSettings
 from store import UserError
 
@@ -28,17 +29,13 @@ def align(
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     out: Path = typer.Option(Path("runs/align"), help="Run directory to write."),
     layers: str = typer.Option(
-        "auto", help="auto (mutual-kNN selection), last, or IMAGE,TEXT layer names or indices."
+        "auto", help="auto (the best pair by --metric), last, or IMAGE,TEXT layer names or indices."
     ),
     metric: str = typer.Option(
         SelectSettings.metric,
         help="--layers auto: the metric that picks the pair (see select --metric).",
     ),
-    head: str = typer.Option(
-        D.head,
-        help="Projection head: linear, mlp, lowrank (the paper's MLP: linear map + gated "
-        "low-rank residual, rank 64) or csa (CCA-based).",
-    ),
+    head: str = typer.Option(D.head, help=head_help()),
     lam: float = typer.Option(D.lam, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
     levels: int = typer.Option(D.levels, help="R_S levels L (softmax powers), 1 to 5."),
     temperature: float = typer.Option(D.temperature, help="Temperature of CLIP and R_S."),
@@ -46,8 +43,8 @@ def align(
     epochs: int = typer.Option(D.epochs, help="Maximum epochs."),
     max_steps: int = typer.Option(
         D.max_steps,
-        help="Maximum optimiser steps: no more epochs than these need (0 = no cap); the cosine "
-        "schedule spans the epochs run.",
+        help="Maximum optimiser steps, exactly (0 = no cap): training stops there, within an "
+        "epoch if need be, and the cosine schedule spans the steps run.",
     ),
     batch_size: int = typer.Option(D.batch_size, help="Pairs per step (capped at the pairs)."),
     lr: float = typer.Option(D.lr, help="Peak AdamW learning rate (cosine decay)."),
@@ -68,7 +65,9 @@ def align(
     ),
     seed: int = typer.Option(D.seed, help="Seed of the subset, split, initialisation, shuffling."),
     select_dir: Path = typer.Option(
-        Path("runs/select"), help="Where --layers auto reads (or writes) the layer selection."
+        Path("runs/select"),
+        help="Where --layers auto reads the layer selection, computing it there when missing; "
+        "a selection made by another metric is kept (the new one goes to SELECT_DIR-METRIC).",
     ),
     csa_ridge: float = typer.Option(
         D.csa_ridge, help="--head csa: canonical ridge eps (C + eps * mean variance * I); 0 = CCA."
@@ -90,15 +89,28 @@ def align(
         "in-domain mixing.",
     ),
     extra_n: int = typer.Option(0, help="How many --extra-pairs pairs (seeded draw; 0 = all)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    eval_split: str = typer.Option(
+        None,
+        help="The split the run will be evaluated on (SPLIT of --dataset, or DATASET/SPLIT); "
+        "when not given, the evaluate section's split in params.yaml, else test.",
+    ),
+    allow_overlap: bool = typer.Option(
+        False,
+        "--allow-overlap",
+        help="Let --extra-pairs/--unpaired-* name the evaluation split or the training split "
+        "itself (refused otherwise: the metrics would be inflated); recorded in config.json.",
+    ),
+    progress: bool = progress_option(),
     memory_cap: str = typer.Option(
         "0",
         help="Memory for the training features (e.g. 2GiB; 0 = no cap): when the chosen layers "
         "of the pairs exceed it, batches are streamed from the store (same result).",
     ),
 ) -> None:
-    """Train linear or MLP heads, or fit CSA (--head csa; --out-dim canonical dimensions, --lambda
-    > 0 refines it with R_S); writes head.safetensors, config.json, history.csv, curves.png."""
+    """Train the two projection heads (any registered kind; CSA is fitted in closed form, with
+    --out-dim canonical dimensions, and refined with R_S when --lambda is above 0). Writes the
+    run directory (head.safetensors, config.json, history.csv, curves.png); a previous run at
+    --out is replaced only when the new one is complete."""
     settings = AlignSettings(
         head=head,
         lam=lam,
@@ -126,9 +138,11 @@ def align(
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
+    evaluate_defaults = (ctx.find_root().default_map or {}).get("evaluate", {})
+    eval_split = eval_split or evaluate_defaults.get("split") or "test"
     # `--layers auto` may run the selection: with the select section's settings and this seed
     select = replace(section_settings(ctx, "select", SelectSettings), seed=seed, metric=metric)
-    chosen = resolve_layers(layers, spec, select_dir, select, log=echo_error)
+    chosen = resolve_layers(layers, spec, select_dir, select, log=echo_error, progress=progress)
     typer.echo(f"layers: image {chosen[0]}, text {chosen[1]}")
     config, result = run_align(
         spec,
@@ -141,6 +155,8 @@ def align(
         unpaired=(unpaired_images or None, unpaired_texts or None),
         extra_pairs=extra_pairs or None,
         extra_n=extra_n,
+        eval_split=eval_split,
+        allow_overlap=allow_overlap,
     )
     kept = (
         f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"

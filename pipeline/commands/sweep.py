@@ -8,12 +8,20 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, progress_option
 from pipeline.commands.table import last_and_similar_layers
 from pipeline.config import section_settings
+from stages.heads import head_kinds
 from stages.pairs import PairSpec
-from stages.sweep import SweepSettings, parse_methods, run_sweep, summary_markdown
-from stages.table import parse_ints, parse_n_pairs
+from stages.sweep import (
+    VARIANTS,
+    SweepSettings,
+    parse_ints,
+    parse_methods,
+    parse_n_pairs,
+    run_sweep,
+    summary_markdown,
+)
 from stages.train import AlignSettings
 
 D = SweepSettings()
@@ -32,8 +40,11 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), help="Folder for sweep.csv, summary.md, plots."),
     methods: str = typer.Option(
         ",".join(D.methods),
-        help="Comma-separated HEAD-VARIANT names: HEAD linear|mlp|lowrank|csa, VARIANT "
-        "last|similar|similar-rs|similar-rs-unpaired (not csa; with --unpaired-images/-texts), "
+        help="Comma-separated HEAD-VARIANT names: HEAD "
+        + "|".join(head_kinds())
+        + ", VARIANT "
+        + "|".join(VARIANTS)
+        + " (the unpaired one for gradient-trained heads, with --unpaired-images/-texts), "
         "e.g. linear-last,lowrank-similar-rs.",
     ),
     n_pairs: str = typer.Option(
@@ -54,18 +65,28 @@ def sweep(
     unpaired_texts: str = typer.Option(
         D.unpaired_texts, help="DATASET/SPLIT of unpaired texts for the *-unpaired methods."
     ),
+    allow_overlap: bool = typer.Option(
+        D.allow_overlap,
+        "--allow-overlap",
+        help="Let --unpaired-images/-texts name the evaluation split or the training split "
+        "itself (refused otherwise: the metrics would be inflated); recorded in config.json.",
+    ),
     workers: int = typer.Option(D.workers, help="Runs in parallel (a process pool)."),
     scheduler: str = typer.Option(
         D.scheduler, help="Run on a dask cluster instead: tcp://host:8786 or local:N."
     ),
     seed: int = typer.Option(AlignSettings.seed, help="Seed of the layer selection (Similar)."),
     select_dir: Path = typer.Option(
-        None, help="Where the `Similar` layer selection is read or written (default: select's out)."
+        None,
+        help="Where the `Similar` layer selection is read or written; when not given, the "
+        "select section's out in params.yaml, else runs/select.",
     ),
+    progress: bool = progress_option(),
 ) -> None:
     """Train and evaluate every method for every --n-pairs and --seeds; other training settings
     come from the align section of params.yaml. The subset of (n_pairs, seed) is the one `align
-    --n-pairs N --seed S` draws: the same for every method, bigger ones containing smaller ones."""
+    --n-pairs N --seed S` draws: the same for every method, bigger ones containing smaller ones.
+    Runs already complete with the same settings are kept, so an interrupted sweep resumes."""
     settings = SweepSettings(
         methods=parse_methods(methods),
         n_pairs=parse_n_pairs(n_pairs),
@@ -77,6 +98,7 @@ def sweep(
         prompts_split=prompts_split,
         unpaired_images=unpaired_images,
         unpaired_texts=unpaired_texts,
+        allow_overlap=allow_overlap,
         workers=workers,
         scheduler=scheduler,
     )
@@ -84,7 +106,7 @@ def sweep(
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
-    layers = last_and_similar_layers(ctx, spec, select_dir, seed)
+    layers = last_and_similar_layers(ctx, spec, select_dir, seed, progress)
     summary = run_sweep(spec, layers, replace(base, seed=seed), settings, out, log=typer.echo)
     typer.echo(summary_markdown(summary), nl=False)
     typer.echo(f"wrote {out}/sweep.csv, {out}/summary.md, {out}/scaling.png")

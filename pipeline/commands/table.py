@@ -1,5 +1,6 @@
 """`python -m pipeline table`: the paper's nine rows ({Linear, MLP, CSA} x {Last, Similar,
-Similar + R_S}) per --n-pairs value, trained and evaluated from one store, as one table."""
+Similar + R_S}) per --n-pairs value, trained and evaluated from one store, as one table (a
+preset of `sweep`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app, echo_error
+from pipeline.app import app, echo_error, progress_option
 from pipeline.config import section_settings
+from stages.align import resolve_layers
 from stages.evaluate import to_markdown
 from stages.pairs import PairSpec
-from stages.select import SelectSettings, resolve_layers
-from stages.table import TableSettings, parse_n_pairs, run_table
+from stages.select import SelectSettings
+from stages.sweep import parse_n_pairs
+from stages.table import TableSettings, run_table
 from stages.train import AlignSettings
 
 D = TableSettings()
@@ -42,11 +45,15 @@ def table(
     ),
     seed: int = typer.Option(AlignSettings.seed, help="Seed of the subsets, splits and training."),
     select_dir: Path = typer.Option(
-        None, help="Where the `Similar` layer selection is read or written (default: select's out)."
+        None,
+        help="Where the `Similar` layer selection is read or written; when not given, the "
+        "select section's out in params.yaml, else runs/select.",
     ),
+    progress: bool = progress_option(),
 ) -> None:
     """Train and evaluate the nine rows for each --n-pairs; other training settings come from
-    the align section of params.yaml. Writes OUT/table.md, OUT/table.csv and one run per row."""
+    the align section of params.yaml. Writes OUT/table.md, OUT/table.csv and one run per row;
+    rows already complete with the same settings are kept, so an interrupted table resumes."""
     settings = TableSettings(
         n_pairs=parse_n_pairs(n_pairs),
         lam=lam,
@@ -59,14 +66,14 @@ def table(
     spec = PairSpec(
         store=store, dataset=dataset, split=split, image_model=image_model, text_model=text_model
     )
-    layers = last_and_similar_layers(ctx, spec, select_dir, seed)
+    layers = last_and_similar_layers(ctx, spec, select_dir, seed, progress)
     result = run_table(spec, layers, base, settings, out, log=typer.echo)
     typer.echo(to_markdown(result), nl=False)
     typer.echo(f"wrote {out}/table.md, {out}/table.csv")
 
 
 def last_and_similar_layers(
-    ctx: typer.Context, spec: PairSpec, select_dir: Path | None, seed: int
+    ctx: typer.Context, spec: PairSpec, select_dir: Path | None, seed: int, progress: bool = True
 ) -> dict[str, tuple[str, str]]:
     """{"last": (image, text), "similar": (image, text)}: the `Similar` pair from the layer
     selection in select_dir (default: select's out), run with the select section if missing."""
@@ -74,7 +81,7 @@ def last_and_similar_layers(
     select_defaults = (ctx.find_root().default_map or {}).get("select", {})
     select_dir = select_dir or Path(select_defaults.get("out", "runs/select"))
     layers = {
-        name: resolve_layers(choice, spec, select_dir, select, log=echo_error)
+        name: resolve_layers(choice, spec, select_dir, select, log=echo_error, progress=progress)
         for name, choice in (("last", "last"), ("similar", "auto"))
     }
     for name, (image_layer, text_layer) in layers.items():
