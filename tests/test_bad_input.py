@@ -816,16 +816,6 @@ def test_export_refuses_a_folder_that_is_not_an_export(enc_run, tmp_path, capsys
     assert files(tmp_path) == {"mine/notes.txt": b"keep"}
 
 
-def enc_run_reader_is_checked() -> bool:
-    """Whether the run reader checks config.json (read_run, from branch `train`)."""
-    from stages import heads
-
-    return hasattr(heads, "read_run")
-
-
-@pytest.mark.xfail(
-    not enc_run_reader_is_checked(), reason="needs the checked run reader", strict=True
-)
 @pytest.mark.parametrize("command", ["classify", "export"])
 def test_run_config_null_is_one_line(enc_run, tmp_path, capsys, command):
     run = tmp_path / "run"
