@@ -32,7 +32,7 @@ import pandas as pd
 
 from stages.align import run_align
 from stages.cluster import check_scheduler
-from stages.evaluate import METRICS, evaluate_run
+from stages.evaluate import EVAL_COLUMNS, METRICS, eval_column, evaluate_run
 from stages.heads import head_kind, head_kinds, read_run
 from stages.pairs import PairSpec
 from stages.train import AlignSettings, check_finite_settings
@@ -47,18 +47,8 @@ VARIANTS = {
 }
 TABLE_VARIANTS = ("last", "similar", "similar-rs")  # the paper's table
 DEFAULT_HEADS = ("linear", "mlp", "lowrank", "csa")  # the built-in kinds: the default methods
-# sweep.csv's metric columns: (metrics.json section, key) -> column
-METRIC_COLUMNS = {
-    ("zero_shot", "top1"): "zs_top1",
-    ("zero_shot", "top5"): "zs_top5",
-    **{("retrieval", f"{d}_r{k}"): f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)},
-}
 # what scaling.png plots: column -> panel title (a panel only when the column has values)
-PLOTTED = {
-    "zs_top1": "zero-shot top-1 (%)",
-    "i2t_r1": "image→text R@1 (%)",
-    "t2i_r1": "text→image R@1 (%)",
-}
+PLOTTED = {name: eval_column(name).title for name in ("zs_top1", "i2t_r1", "t2i_r1")}
 SUMMARY_COLUMNS = ["zs_top1", "zs_top5", "i2t_r1", "t2i_r1", "seconds"]
 
 
@@ -311,8 +301,8 @@ def run_job(job: SweepJob) -> dict[str, Any]:
         if done is None
         else config["train_seconds"],
     }
-    for (section, key), column in METRIC_COLUMNS.items():
-        row[column] = (metrics.get(section) or {}).get(key, math.nan)
+    for column in EVAL_COLUMNS:  # sweep.csv: every evaluation metric, by its machine name
+        row[column.name] = column.read(metrics)
     row["resumed"] = done is not None
     return row
 

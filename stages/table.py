@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.evaluate import comparison_table, write_table
+from stages.evaluate import comparison_table, eval_column, write_table
 from stages.pairs import PairSpec
 from stages.sweep import (
     TABLE_VARIANTS,
@@ -37,10 +37,7 @@ TABLE_COLUMNS = [
     "n_pairs",
     "layers (img/txt)",
     "lambda",
-    "zs top1",
-    "zs top5",
-    "I2T R@1",
-    "T2I R@1",
+    *(eval_column(name).header for name in ("zs_top1", "zs_top5", "i2t_r1", "t2i_r1")),
 ]
 
 
