@@ -132,6 +132,7 @@ def root(
             "(see its --help); give a parameters file with --params FILE",
             err=True,
         )
+    INVOKED[:] = [ctx.invoked_subcommand]
     loaded = load_params(params, given)
     check_params(loaded, command_options(ctx.command), params)
     ctx.meta[PARAMS_META] = loaded
@@ -171,14 +172,27 @@ def echo_error(message: str) -> None:
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (128 + 2)
 
 
+INVOKED: list[str | None] = [None]  # the command being run, for the Ctrl-C line
+# commands that pick up where they stopped (blocks of the store, complete runs of a sweep)
+RESUMING = {None, "extract", "table", "sweep", "store"}
+
+
+def interrupt_message(command: str | None) -> str:
+    """What Ctrl-C leaves: resuming commands resume; every other output is written whole, so
+    the previous one (a run, a selection, an index, ...) is still there, untouched."""
+    if command in RESUMING:
+        return "interrupted; run the same command to resume"
+    return f"interrupted; {command} writes its output whole, so any previous output is kept"
+
+
 def exit_on_sigint() -> None:
-    """Ctrl-C: one line and exit 130. Every stage writes atomically or block by block, so the
-    same command resumes; DataLoader workers (forked, same handler) exit quietly."""
+    """Ctrl-C: one line that tells the truth (see interrupt_message) and exit 130; DataLoader
+    workers (forked, same handler) exit quietly."""
     main_pid = os.getpid()
 
     def interrupted(signum: int, frame: Any) -> None:
         if os.getpid() == main_pid:
-            print("\ninterrupted; run the same command to resume", file=sys.stderr)
+            print(f"\n{interrupt_message(INVOKED[0])}", file=sys.stderr)
         warnings.simplefilter("ignore")  # no "coroutine was never awaited" noise at exit
         raise SystemExit(INTERRUPTED)
 

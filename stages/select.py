@@ -429,12 +429,3 @@ def features_identity(spec: PairSpec) -> dict[str, str]:
 
 def top_pairs(selection: Selection, n: int = 10) -> pd.DataFrame:
     return selection.table().sort_values("score", ascending=False, kind="stable").head(n)
-
-
-def __getattr__(name: str):
-    """`resolve_layers` is align's now (`stages.align`); the old import path still finds it."""
-    if name == "resolve_layers":
-        from stages import align
-
-        return align.resolve_layers
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -233,6 +233,14 @@ def test_sigint_says_how_to_resume_and_exits_130(capsys):
     assert capsys.readouterr().err.strip() == "interrupted; run the same command to resume"
 
 
+def test_sigint_line_of_a_command_that_does_not_resume_says_the_previous_output_is_kept():
+    from pipeline.app import interrupt_message
+
+    assert interrupt_message("sweep") == "interrupted; run the same command to resume"
+    assert "resume" not in interrupt_message("align")
+    assert "previous output is kept" in interrupt_message("align")
+
+
 # -- item 10: head names, and a selection.json made from another store ------------------------
 def test_head_names_ignore_case_and_the_error_lists_csa():
     from stages.train import AlignSettings
@@ -244,8 +252,9 @@ def test_head_names_ignore_case_and_the_error_lists_csa():
 
 
 def test_selection_of_another_store_is_not_reused(toy, tmp_path):
+    from stages.align import resolve_layers
     from stages.pairs import PairSpec
-    from stages.select import SelectSettings, resolve_layers
+    from stages.select import SelectSettings
 
     spec = PairSpec(
         store=toy / "features.zarr", dataset="toy", split="train", image_model="img",
