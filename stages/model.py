@@ -15,8 +15,8 @@ head applied to its stored features up to the store's float16 rounding.
 The arguments of the public methods are checked: a bad one is a `ValueError` or `TypeError`
 (also a `UserError`, one line on the command line) naming the argument.
 
-`export_model` writes a self-contained directory, the `EXPORT` artifact (see README, "Use the
-aligned model"); `from_pretrained` reads it through the one reader of that kind.
+`export_model` writes a self-contained directory, the `EXPORT` artifact (docs/model.md, "The export
+format"); `from_pretrained` reads it through the one reader of that kind.
 """
 
 from __future__ import annotations
