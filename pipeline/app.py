@@ -189,6 +189,7 @@ def exit_on_sigint() -> None:
     """Ctrl-C: one line that tells the truth (see interrupt_message) and exit 130; DataLoader
     workers (forked, same handler) exit quietly."""
     main_pid = os.getpid()
+    INVOKED[:] = [None]  # no command known until the root callback names it
 
     def interrupted(signum: int, frame: Any) -> None:
         if os.getpid() == main_pid:
