@@ -694,6 +694,8 @@ def test_classify_refuses_bad_labels_and_outputs(enc_run, tmp_path, capsys):
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8).tobytes())
     enc_fails([*run, "--labels-file", noise, picture], capsys, "not UTF-8 text")
     enc_fails([*run, "--labels-file", tmp_path, picture], capsys, "is a directory")
+    # not listed: a device that never ends is refused, not read forever
+    enc_fails([*run, "--labels-file", "/dev/zero", picture], capsys, "not a regular file")
     enc_fails([*run, "--labels", "a,b", tmp_path], capsys, "is a directory, not an image")
     # the output is checked before any work (the run does not even exist)
     blocker = tmp_path / "file"

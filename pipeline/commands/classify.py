@@ -22,8 +22,10 @@ def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     if labels_file is not None:
         if labels_file.is_dir():
             raise UserError(f"--labels-file {labels_file} is a directory, not a file")
-        if not labels_file.is_file():
-            raise UserError(f"labels file {labels_file} does not exist")
+        if not labels_file.exists():
+            raise UserError(f"--labels-file {labels_file} does not exist")
+        if not labels_file.is_file():  # a device or a pipe (/dev/urandom never ends)
+            raise UserError(f"--labels-file {labels_file} is not a regular file")
         try:
             text = labels_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
