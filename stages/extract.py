@@ -258,43 +258,31 @@ def extract(
     manifest = store / dataset / split / "manifest.parquet"
     if not store.exists() or opts.overwrite or not manifest.is_file():  # it surely writes
         check_output(store, "dir", "--store")  # before any work
-    with ExitStack() as held:
-        return _extract(store_path, dataset, split, source_spec, model, opts, held)
-
-
-def _extract(
-    store_path: str,
-    dataset: str,
-    split: str,
-    source_spec: str,
-    model: str,
-    opts: ExtractOptions,
-    held: ExitStack,
-) -> ExtractResult:
-    job = plan_extraction(store_path, dataset, split, source_spec, model, opts, held)
-    array, encoder = job.array, job.encoder
-    if not job.todo:
-        print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
-        if encoder.modality == "image":  # an interrupted --skip-bad run finished without it
+    with ExitStack() as held:  # the array's lock, taken by plan_extraction
+        job = plan_extraction(store_path, dataset, split, source_spec, model, opts, held)
+        array, encoder = job.array, job.encoder
+        if not job.todo:
+            print(f"{array.path}: already complete ({array.n_rows} rows), nothing to do")
+            if encoder.modality == "image":  # an interrupted --skip-bad run finished without it
+                record_skipped(job.store, dataset, split, job.manifest, array)
+            return ExtractResult(array, 0, 0.0)
+        n_todo = block_rows_total(array, job.todo)
+        if opts.scheduler:
+            seconds = extract_on_cluster(job, store_path, dataset, split, source_spec, model, opts)
+        else:
+            device = resolve_device(opts.device)
+            encoder.model.to(device)
+            started = time.perf_counter()
+            embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
+            seconds = time.perf_counter() - started
+        if encoder.modality == "image":  # also when an interrupted --skip-bad run is resumed
             record_skipped(job.store, dataset, split, job.manifest, array)
-        return ExtractResult(array, 0, 0.0)
-    n_todo = block_rows_total(array, job.todo)
-    if opts.scheduler:
-        seconds = extract_on_cluster(job, store_path, dataset, split, source_spec, model, opts)
-    else:
-        device = resolve_device(opts.device)
-        encoder.model.to(device)
-        started = time.perf_counter()
-        embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
-        seconds = time.perf_counter() - started
-    if encoder.modality == "image":  # also when an interrupted --skip-bad run is resumed
-        record_skipped(job.store, dataset, split, job.manifest, array)
-    print(
-        f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers of width "
-        f"{width_summary(encoder.layer_dims)} "
-        f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
-    )
-    return ExtractResult(array, n_todo, seconds)
+        print(
+            f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers of width "
+            f"{width_summary(encoder.layer_dims)} "
+            f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
+        )
+        return ExtractResult(array, n_todo, seconds)
 
 
 def embed_blocks(
