@@ -7,7 +7,6 @@ the spatial mean of each stage's NCHW map (`stage.i`) and the model's pooled emb
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from stages.encoders.base import (
     SAVED_WEIGHTS,
     Encoder,
     EncoderFamily,
+    as_json,
     device_normaliser,
     download_hint,
     register_family,
@@ -225,7 +225,7 @@ class TimmFamily(EncoderFamily):
         mean, std, crop) go into the export's config.json."""
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(encoder.model, folder / SAVED_WEIGHTS)
-        cfg = json.loads(json.dumps(encoder.model.pretrained_cfg, default=str))
+        cfg = as_json(encoder.model.pretrained_cfg)
         return {"timm": {"name": encoder.config["timm"], "pretrained_cfg": cfg}}
 
     def load_saved(self, folder, recipe, trust_remote_code) -> Encoder:
