@@ -7,8 +7,8 @@ clipping, early stopping on the validation objective (the best weights are kept)
 pieces other trainers share: the settings, the schedules, the mean CLIP loss of a pair source
 and the guarded optimiser step.
 
-Few pairs (the point of the method) shape three rules, each measured on real encoders (docs/training.md,
-"Training with few pairs"):
+Few pairs (the point of the method) shape three rules, each measured on real encoders
+(docs/training.md, "Training with few pairs"):
 
 - no validation hold-out smaller than `min_val_pairs`: a loss over a few dozen or hundred
   pairs is noise, and choosing weights or stopping on it is choosing at random, at a learning
