@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--calibrate", type=int, default=0, help="permutations K (--metrics)")
     args = parser.parse_args()
     if args.metrics:
-        args.metrics = ",".join(similarity.METRICS) if args.metrics == "all" else args.metrics
+        if args.metrics == "all":
+            args.metrics = ",".join(similarity.metric_names())
         return metric_suite(args)
     mutual_knn_table_vs_authors(args)
 

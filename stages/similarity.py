@@ -136,12 +136,6 @@ def metric_names() -> tuple[str, ...]:
     return tuple(LAYER_METRICS)
 
 
-def __getattr__(name: str):
-    if name == "METRICS":  # the registry's names now, metrics registered later included
-        return metric_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
     """A comma list (or a sequence) of metric names, checked; the first one selects."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)

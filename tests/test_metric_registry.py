@@ -105,7 +105,7 @@ def test_the_metric_option_reads_the_registry(registries, capsys):
                               capsys)  # fmt: skip
     assert code == 2 and "unknown metric" in one_line_error(stderr)
     register_toy()
-    assert "distance_corr" in similarity.METRICS
+    assert "distance_corr" in similarity.metric_names()
     assert similarity.structures_for(["distance_corr", "l_hop_cka"]) == [
         "gram", "hops", "centroid_distance",
     ]  # fmt: skip
