@@ -187,8 +187,3 @@ def file_sha256(path: str | Path) -> str:
         for piece in iter(lambda: handle.read(1 << 20), b""):
             digest.update(piece)
     return digest.hexdigest()
-
-
-def require_directory(path: Path) -> None:
-    """An output folder (--out of align, select, ...) must not be an existing file."""
-    check_output(path, "dir")
