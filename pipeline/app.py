@@ -69,12 +69,12 @@ def package_version() -> str:
     try:
         return version(PACKAGE)
     except PackageNotFoundError:
-        import tomllib
-
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         try:
+            import tomllib  # Python 3.11+; the package supports 3.10
+
             return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
+        except (ImportError, OSError, KeyError, ValueError):  # TOMLDecodeError is a ValueError
             return "unknown"
 
 
