@@ -182,6 +182,8 @@ def interrupt_message(command: str | None) -> str:
     the previous one (a run, a selection, an index, ...) is still there, untouched."""
     if command in RESUMING:
         return "interrupted; run the same command to resume"
+    if command == "serve":  # writes nothing
+        return "stopped"
     return f"interrupted; {command} writes its output whole, so any previous output is kept"
 
 

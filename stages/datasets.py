@@ -96,11 +96,12 @@ def digits_source(split: str) -> Source:
         }
     )
 
-    def load(row: int) -> Image.Image:
-        pixels = np.uint8(np.round(images[row] * (255 / 16)))  # digits are 0..16
-        return Image.fromarray(pixels, mode="L").convert("RGB")
+    return Source(manifest, lambda row: digit_image(images[row]), list(DIGIT_WORDS))
 
-    return Source(manifest, load, list(DIGIT_WORDS))
+
+def digit_image(pixels: np.ndarray) -> Image.Image:
+    """One of scikit-learn's 8x8 digits (values 0..16) as an RGB image."""
+    return Image.fromarray(np.uint8(np.round(pixels * (255 / 16))), mode="L").convert("RGB")
 
 
 # -- files on disk ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pipeline.commands import (  # noqa: F401
     index,
     search,
     select,
+    serve,
     store,
     sweep,
     table,
