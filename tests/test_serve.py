@@ -309,3 +309,23 @@ def test_captions_are_left_out_rather_than_mismatched(pics, tmp_path):
     assert list(image_captions(meta, rows)) == [f"picture {i}" for i in range(N_PICS)]
     assert image_captions(meta, rows.assign(id=rows["id"][::-1].to_numpy())) is None
     assert image_captions({**meta, "store": str(tmp_path / "none")}, rows) is None
+
+
+def test_the_batcher_answers_each_caller_and_survives_a_failing_batch():
+    from stages.serve.service import Batcher
+
+    seen = []
+
+    def double(items):
+        seen.append(len(items))
+        if any(x < 0 for (x,) in items):
+            raise ValueError("negative")
+        return [2 * x for (x,) in items]
+
+    batcher = Batcher(double, max_batch=4)
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(batcher.submit, range(40))) == [2 * x for x in range(40)]
+    assert max(seen) <= 4 and sum(seen) == 40
+    with pytest.raises(ValueError, match="negative"):
+        batcher.submit(-1)
+    assert batcher.submit(5) == 10  # the worker lives on

@@ -4,14 +4,19 @@ search, classify, embed and info as plain Python values.
 Loading goes through the checked readers (`AlignedModel.load`, `stages.index.open_index`,
 `check_model_matches`), so a damaged run or index is one `UserError` before anything listens.
 The model and FAISS run one request at a time (`Service.lock`): the fast tokenizers are not safe
-to share between threads, and on a few cores parallel forwards only compete for them.
+to share between threads, and on a few cores parallel forwards only compete for them. Text
+searches that arrive together are batched instead (`Batcher`): one forward and one pass over the
+index answer all of them.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ class Limits:
     max_labels: int = 100
     max_texts: int = 64
     max_text_chars: int = 1000
+    max_batch: int = 32  # text queries encoded and searched together
 
 
 class BadRequest(ValueError):
@@ -99,6 +105,35 @@ def run_protocol(run_dir: Path) -> dict[str, Any]:
     return {**found, **({"evaluated_on": evaluated} if evaluated else {})}
 
 
+class Batcher:
+    """Items submitted from many threads, handled in batches by one worker thread: whatever
+    arrived while the previous batch ran, up to `max_batch`, goes into the next."""
+
+    def __init__(self, handle: Callable[[list[Any]], list[Any]], max_batch: int):
+        self.handle, self.max_batch = handle, max_batch
+        self.waiting: queue.Queue = queue.Queue()
+        threading.Thread(target=self.work, daemon=True, name="serve-batcher").start()
+
+    def submit(self, *item: Any) -> Any:
+        done: Future = Future()
+        self.waiting.put((item, done))
+        return done.result()  # the worker's exception, if any, is raised here
+
+    def work(self) -> None:
+        while True:
+            batch = [self.waiting.get()]
+            while len(batch) < self.max_batch and not self.waiting.empty():
+                batch.append(self.waiting.get_nowait())
+            try:
+                answers = self.handle([item for item, _ in batch])
+            except Exception as err:  # each waiting request gets it, the worker lives on
+                for _, done in batch:
+                    done.set_exception(err)
+                continue
+            for (_, done), answer in zip(batch, answers, strict=True):
+                done.set_result(answer)
+
+
 class Service:
     """The model and (optionally) the index, loaded once; every answer a plain value."""
 
@@ -121,6 +156,7 @@ class Service:
         self.dim = self.model.output_dim("text")
         self.protocol = run_protocol(self.run)
         self.lock = threading.Lock()
+        self.batcher = Batcher(self.search_texts, self.limits.max_batch)
 
     # -- checks of the request's values -------------------------------------------------------
     def checked_k(self, k: int) -> int:
@@ -156,9 +192,7 @@ class Service:
         return labels
 
     # -- answers ------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, k: int) -> list[dict[str, Any]]:
-        self.require_index()
-        hits = search(self.index.faiss, self.index.rows, vector, k)[0]
+    def results(self, hits: pd.DataFrame) -> list[dict[str, Any]]:
         return [
             {
                 "rank": int(hit.rank),
@@ -172,17 +206,25 @@ class Service:
         ]
 
     def search_text(self, query: str, k: int) -> list[dict[str, Any]]:
+        """Text queries arriving together are encoded and searched as one batch (one pass over
+        the index for all of them): under load, throughput grows with the clients."""
         query, k = self.checked_text(query, "the query q"), self.checked_k(k)
         self.require_index()
+        return self.results(self.batcher.submit(query, k))
+
+    def search_texts(self, batch: list[tuple[str, int]]) -> list[pd.DataFrame]:
+        """The top k of each (text, k): one forward and one FAISS call for the batch."""
         with self.lock:
-            vector = self.model.encode_text([query]).numpy()
-            return self.search(vector, k)
+            vectors = self.model.encode_text([text for text, _ in batch]).numpy()
+            found = search(self.index.faiss, self.index.rows, vectors, max(k for _, k in batch))
+        return [hits.head(k) for hits, (_, k) in zip(found, batch, strict=True)]
 
     def search_image(self, image: Image.Image, k: int) -> list[dict[str, Any]]:
         k = self.checked_k(k)
         self.require_index()
         with self.lock:
-            return self.search(self.model.encode_image(image).numpy(), k)
+            vector = self.model.encode_image(image).numpy()
+            return self.results(search(self.index.faiss, self.index.rows, vector, k)[0])
 
     def require_index(self) -> None:
         if self.index is None:
