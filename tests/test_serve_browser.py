@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def chromium(download_dir: Path):
+def chromium():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 
@@ -58,7 +58,7 @@ def test_search_page_in_chromium(tmp_path):
 
     pics = build_pics(tmp_path / "data")
     with running(Service(pics["run"], pics["index"], "cpu")) as url:
-        browser = chromium(tmp_path)
+        browser = chromium()
         wait = WebDriverWait(browser, 30)
         try:
             browser.get(url)
