@@ -64,3 +64,4 @@ def running(service: Service) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+        service.close()

@@ -329,3 +329,6 @@ def test_the_batcher_answers_each_caller_and_survives_a_failing_batch():
     with pytest.raises(ValueError, match="negative"):
         batcher.submit(-1)
     assert batcher.submit(5) == 10  # the worker lives on
+    batcher.close()
+    batcher.worker.join(timeout=10)
+    assert not batcher.worker.is_alive()

@@ -82,4 +82,7 @@ def serve(
     config = uvicorn.Config(
         create_app(service), log_level="warning", access_log=False, timeout_keep_alive=30
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.close()

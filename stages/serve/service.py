@@ -112,18 +112,30 @@ class Batcher:
     def __init__(self, handle: Callable[[list[Any]], list[Any]], max_batch: int):
         self.handle, self.max_batch = handle, max_batch
         self.waiting: queue.Queue = queue.Queue()
-        threading.Thread(target=self.work, daemon=True, name="serve-batcher").start()
+        self.worker = threading.Thread(target=self.work, daemon=True, name="serve-batcher")
+        self.worker.start()
 
     def submit(self, *item: Any) -> Any:
         done: Future = Future()
         self.waiting.put((item, done))
         return done.result()  # the worker's exception, if any, is raised here
 
+    def close(self) -> None:
+        """Stop the worker once the items already submitted are answered."""
+        self.waiting.put(None)
+
     def work(self) -> None:
         while True:
-            batch = [self.waiting.get()]
+            first = self.waiting.get()
+            if first is None:
+                return
+            batch = [first]
             while len(batch) < self.max_batch and not self.waiting.empty():
-                batch.append(self.waiting.get_nowait())
+                item = self.waiting.get_nowait()
+                if item is None:  # answer this batch, then stop
+                    self.waiting.put(None)
+                    break
+                batch.append(item)
             try:
                 answers = self.handle([item for item, _ in batch])
             except Exception as err:  # each waiting request gets it, the worker lives on
@@ -157,6 +169,10 @@ class Service:
         self.protocol = run_protocol(self.run)
         self.lock = threading.Lock()
         self.batcher = Batcher(self.search_texts, self.limits.max_batch)
+
+    def close(self) -> None:
+        """Stop the batching thread (which holds the model) once its queue is answered."""
+        self.batcher.close()
 
     # -- checks of the request's values -------------------------------------------------------
     def checked_k(self, k: int) -> int:
