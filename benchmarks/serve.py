@@ -162,8 +162,8 @@ def main() -> None:
         try:
             rss = process.memory_info().rss / 2**20
             print(f"  `serve` start-up to its first answer: {started:.2f} s, RSS {rss:.0f} MiB")
-            for clients in (int(c) for c in args.clients.split(",")):
-                result = load_round(url, clients, args.requests, args.k, f"c{clients}")
+            for round_, clients in enumerate(int(c) for c in args.clients.split(",")):
+                result = load_round(url, clients, args.requests, args.k, f"r{round_}")
                 rss = process.memory_info().rss / 2**20
                 print(
                     f"  {clients:3} clients, {args.requests} requests: p50 {result['p50']:7.1f} ms "
