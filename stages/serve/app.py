@@ -28,7 +28,7 @@ from stages.serve.service import BadRequest, SearchOff, Service, elapsed_ms
 from store import UserError
 
 log = logging.getLogger("structure-align.serve")
-THUMBNAILS_CACHED = 2048
+THUMBNAILS_CACHED = 256  # a 256 px PNG of a photo is up to ~200 KB: at most ~50 MB
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
     "style-src 'self' 'unsafe-inline'",
