@@ -32,7 +32,7 @@ import pandas as pd
 
 from stages.align import run_align
 from stages.cluster import check_scheduler
-from stages.evaluate import EVAL_COLUMNS, METRICS, eval_column, evaluate_run
+from stages.evaluate import EVAL_COLUMNS, METRICS, eval_column, evaluate_run, metrics_protocol
 from stages.heads import head_kind, head_kinds, read_run
 from stages.pairs import PairSpec
 from stages.train import AlignSettings, check_finite_settings
@@ -303,6 +303,7 @@ def run_job(job: SweepJob) -> dict[str, Any]:
     }
     for column in EVAL_COLUMNS:  # sweep.csv: every evaluation metric, by its machine name
         row[column.name] = column.read(metrics)
+    row["zs_protocol"] = metrics_protocol(metrics)  # which templates and class names
     row["resumed"] = done is not None
     return row
 
@@ -399,7 +400,9 @@ def write_sweep(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataF
     summary = summarise(rows)
     rows = rows.drop(columns="resumed")
     write_text_atomic(out / "sweep.csv", rows.to_csv(index=False, float_format="%.4f"))
-    write_text_atomic(out / "summary.md", summary_markdown(summary))
+    protocols = ", ".join(sorted(set(rows["zs_protocol"]) - {""})) or "none"
+    note = f"\nZero-shot prompts (templates/class names): {protocols}.\n"
+    write_text_atomic(out / "summary.md", summary_markdown(summary) + note)
     plot_scaling(summary, out / "scaling.png")
     return summary
 
