@@ -16,9 +16,9 @@ Sources (`--source`, default: the dataset name):
 Every labelled source also has the text-only split `prompts`: each class name in every template,
 for zero-shot classification (by default the labels' names in the five `PROMPT_TEMPLATES`;
 `stages.prompts` makes them by protocol, e.g. CLIP's templates and curated names; a pairs file's
-classes are those of the whole file, so it needs no `train` rows). Empty and NaN labels are no class; class names that
-are the same but for case or surrounding spaces are refused, as their prompts would split one
-class's probability between them.
+classes are those of the whole file, so it needs no `train` rows). Empty and NaN labels are no
+class; class names that are the same but for case or surrounding spaces are refused, as their
+prompts would split one class's probability between them.
 """
 
 from __future__ import annotations
