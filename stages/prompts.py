@@ -43,7 +43,7 @@ SOURCE = "source"
 TEMPLATE_PROTOCOLS = (SIMPLE, CLIP)
 CLASSNAME_PROTOCOLS = (SOURCE, CLIP)
 PACKAGE = "clip-benchmark"  # the PyPI distribution; its data live in clip_benchmark/datasets/
-INSTALL_HINT = 'pip install "structure-align[protocol]" (or pip install clip-benchmark)'
+INSTALL_HINT = "install the `protocol` extra (pip install clip-benchmark)"
 
 # our names (a store dataset name or a torchvision class, lower-cased, `-` as `_`) that differ
 # from CLIP_benchmark's; a name it uses itself maps to itself

@@ -333,15 +333,16 @@ def ours_record(checked: dict) -> dict:
 
 def test_classify_uses_the_recorded_prompts(checked, capsys):
     image = checked["root"] / "img0.png"  # made by make_caption_pairs
-    args = ["classify", "--run", checked["run"], "--dataset", "digits", "--store", checked["store"],
-            "--top-k", "10", "--csv", checked["root"] / "c.csv", image]  # fmt: skip
+    store, out = checked["store"], checked["root"] / "c.csv"
+    args = ["classify", "--run", checked["run"], "--prompts-dataset", "digits", "--store", store,
+            "--top-k", "10", "--csv", out, image]  # fmt: skip
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    table = pd.read_csv(checked["root"] / "c.csv")
+    table = pd.read_csv(out)
     model, record = checked["model"], ours_record(checked)
     result = model.classify([str(image)], record["class_names"], record["template_list"], k=10)
     expected = [record["class_names"][int(c)] for c in result.top_classes[0]]
     assert table["class"].astype(str).tolist() == expected
     np.testing.assert_allclose(table["probability"], result.top_probs[0].numpy(), atol=1e-6)
     code, _, err = run_cli([*args[:-1], "--labels", "a,b", image], capsys)
-    assert code == 2 and "not both" not in err and "--dataset takes" in one_line_error(err)
+    assert code == 2 and "--prompts-dataset takes" in one_line_error(err)

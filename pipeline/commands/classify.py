@@ -60,34 +60,34 @@ def classify_command(
     protocol_dataset_name: str = typer.Option(
         "", "--protocol-dataset", help="CLIP_benchmark's dataset of --templates clip."
     ),
-    dataset: str = typer.Option(
+    prompts_dataset: str = typer.Option(
         None,
         help="Instead of --labels: the class names and templates recorded with this dataset's "
-        "prompts in the store (as `evaluate` uses them).",
+        "prompts in the store (the ones `evaluate` uses).",
         show_default=False,
     ),
-    store: Path = typer.Option(Path("features.zarr"), help="Feature store, with --dataset."),
-    prompts_split: str = typer.Option("prompts", help="With --dataset: its prompts split."),
+    store: Path = typer.Option(Path("features.zarr"), help="Feature store of --prompts-dataset."),
+    prompts_split: str = typer.Option("prompts", help="The prompts split of --prompts-dataset."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Each image's top-k classes and probabilities (templates averaged as in `evaluate`)."""
     if csv:
         check_output(csv, "file", "--csv")
-    if dataset is None:
+    if prompts_dataset is None:
         names = read_labels(labels, labels_file)
         wanted = protocol_dataset(protocol_dataset_name) if templates == CLIP else None
         template_list = resolve_templates(templates, wanted)
     elif labels or labels_file or templates != SIMPLE:
-        raise UserError("--dataset takes the class names and templates from the store; "
+        raise UserError("--prompts-dataset takes the class names and templates from the store; "
                         "give it without --labels, --labels-file and --templates")  # fmt: skip
     model = AlignedModel.load(run, device)
-    if dataset is not None:
+    if prompts_dataset is not None:
         text_model = model.config["text_model"]
-        record = prompts_record(FeatureStore(store), dataset, prompts_split, text_model)
+        record = prompts_record(FeatureStore(store), prompts_dataset, prompts_split, text_model)
         if record is None:
             raise UserError(
-                f"{dataset}/{prompts_split} in {store} records no templates (extracted before "
-                "they were); extract it again with --overwrite, or give --labels"
+                f"{prompts_dataset}/{prompts_split} in {store} records no templates (extracted "
+                "before they were); extract it again with --overwrite, or give --labels"
             )
         names, template_list = record["class_names"], record["template_list"]
     result = model.classify([str(p) for p in images], names, template_list, k=top_k)
