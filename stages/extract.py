@@ -115,7 +115,8 @@ def _sync_manifest(
         elif not overwrite:
             raise UserError(
                 f"the samples of {dataset}/{split} differ from those already in the store "
-                "(another source, --limit or file contents); pass --overwrite to replace them, "
+                "(another source, --limit, file contents or prompt --templates/--classnames); "
+                "pass --overwrite to replace them, "
                 "or give this data another --dataset name"
             )
     return write_manifest(path, manifest)
