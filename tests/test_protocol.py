@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+from clip_benchmark.metrics import zeroshot_retrieval
 from PIL import Image
 
+from benchmarks.crosscheck import clip_benchmark_metrics
 from stages.align import run_align
 from stages.datasets import digits_source, load_source
 from stages.evaluate import evaluate_run, retrieval_recall
@@ -178,11 +179,6 @@ def make_caption_pairs(folder: Path, n_images: int = 48) -> Path:
     return table
 
 
-@pytest.fixture(autouse=True)
-def numpy2_accuracy(monkeypatch):
-    monkeypatch.setattr(zeroshot_classification, "accuracy", accuracy)
-
-
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory) -> dict:
     """A float32 store of digits (train, the whole test split, CLIP-protocol prompts) and of a
@@ -207,64 +203,6 @@ def checked(tmp_path_factory) -> dict:
     run_align(spec, ("block.1", "layer.1"), SETTINGS, run, progress=False)
     model = AlignedModel.from_run(run, device="cpu")
     return {"store": store, "run": run, "pairs": pairs, "model": model, "root": root}
-
-
-class Images(torch.utils.data.Dataset):
-    """The test split's images, as CLIP_benchmark's datasets give them: (tensor, target) with
-    `classes`, or (tensor, [captions]) for retrieval."""
-
-    def __init__(self, source, preprocess, captions: bool, order: np.ndarray | None = None):
-        images = source.manifest.drop_duplicates("image_row").sort_values("image_row")
-        self.rows = images["image_row"].to_numpy()
-        self.rows = self.rows if order is None else self.rows[order]
-        self.labels = dict(zip(images["image_row"], images["label"]))
-        groups = source.manifest.groupby("image_row")["caption"]
-        self.captions = {row: list(texts) for row, texts in groups}
-        self.source, self.preprocess, self.with_captions = source, preprocess, captions
-        self.classes = source.label_names
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        row = self.rows[i]
-        image = self.preprocess(self.source.load_image(row))
-        return image, (self.captions[row] if self.with_captions else int(self.labels[row]))
-
-
-def caption_batches(batch):  # CLIP_benchmark's image_captions_collate_fn
-    return torch.stack([image for image, _ in batch]), [texts for _, texts in batch]
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
-    """CLIP_benchmark's `accuracy`, but for `.item()`: its float() of a one-element array is an
-    error under numpy 2.x (clip-benchmark 1.6.2)."""
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
-
-
-def clip_benchmark_metrics(model: AlignedModel, source, record: dict, order=None) -> dict:
-    """CLIP_benchmark's zero-shot top-1/5 and R@1/5/10 (percent) of the model, run as its CLI
-    runs a model: through open_clip's interface, in float32 (amp=False; on the CPU, amp would
-    mean bfloat16)."""
-    clip_model, preprocess, tokenizer = model.as_open_clip()
-    loader = torch.utils.data.DataLoader(Images(source, preprocess, False), batch_size=64)
-    zs = zeroshot_classification.evaluate(
-        clip_model, loader, tokenizer, record["class_names"], record["template_list"], "cpu",
-        amp=False,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        Images(source, preprocess, True, order), batch_size=64, collate_fn=caption_batches
-    )
-    rt = zeroshot_retrieval.evaluate(clip_model, loader, tokenizer, "cpu", amp=False,
-                                     recall_k_list=[1, 5, 10])  # fmt: skip
-    return {
-        "top1": 100 * zs["acc1"],
-        "top5": 100 * zs["acc5"],
-        **{f"i2t_r{k}": 100 * rt[f"text_retrieval_recall@{k}"] for k in (1, 5, 10)},
-        **{f"t2i_r{k}": 100 * rt[f"image_retrieval_recall@{k}"] for k in (1, 5, 10)},
-    }
 
 
 def ours(checked: dict, dataset: str) -> dict:
