@@ -4,6 +4,8 @@ retrieval code run on `as_open_clip()`."""
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from stages.prompts import (
     protocol_dataset,
     resolve_class_names,
 )
+from stages.sweep import SweepSettings, run_sweep
 from stages.train import AlignSettings
 from store import FeatureStore, UserError
 from tests.helpers import one_line_error, run_cli
@@ -284,3 +287,48 @@ def test_classify_uses_the_recorded_prompts(checked, capsys):
     np.testing.assert_allclose(table["probability"], result.top_probs[0].numpy(), atol=1e-6)
     code, _, err = run_cli([*args[:-1], "--labels", "a,b", image], capsys)
     assert code == 2 and "--prompts-dataset takes" in one_line_error(err)
+
+
+def test_sweep_records_the_protocol_and_follows_new_prompts(checked, tmp_path):
+    """A complete run is kept, but evaluated again when the prompts were extracted again with
+    other templates; sweep.csv and summary.md say which protocol the numbers come from."""
+    store = tmp_path / "features.zarr"
+    shutil.copytree(checked["store"], store)
+    spec = PairSpec(store=str(store), dataset="digits", split="train", image_model=IMAGE,
+                    text_model=TEXT)  # fmt: skip
+    layers = {"last": ("final_norm", "layer.3"), "similar": ("block.1", "layer.1")}
+    sweep = SweepSettings(methods=("linear-similar",), n_pairs=(0,), seeds=(0,))
+    out = tmp_path / "sweep"
+    base = replace(SETTINGS, epochs=3)
+    run_sweep(spec, layers, base, sweep, out, log=lambda _: None)
+    first = pd.read_csv(out / "sweep.csv")
+    assert first["zs_protocol"].tolist() == ["clip/source (cifar10)"]
+    assert (
+        "Zero-shot prompts (templates/class names): clip/source (cifar10)."
+        in (out / "summary.md").read_text()
+    )
+
+    opts = ExtractOptions(**{**FAST.__dict__, "overwrite": True, "prompts": PromptSpec()})
+    extract(str(store), "digits", "prompts", "digits", TEXT, opts)
+    run_sweep(spec, layers, base, sweep, out, log=lambda _: None)
+    again = pd.read_csv(out / "sweep.csv")
+    assert again["zs_protocol"].tolist() == ["simple/source"]
+    assert again["train_seconds"].tolist() == first["train_seconds"].tolist()  # not retrained
+    run_dir = next((out / "runs").rglob("metrics.json")).parent
+    expected = evaluate_run(run_dir, store, "digits", "test")["zero_shot"]
+    assert again["zs_top1"][0] == pytest.approx(expected["top1"], abs=1e-4)
+
+
+def test_classify_with_template_protocols(checked, tmp_path, capsys):
+    image = checked["root"] / "img1.png"
+    out = tmp_path / "c.csv"
+    names = ["zero", "one", "two", "three"]
+    args = ["classify", "--run", checked["run"], "--labels", ",".join(names), "--templates",
+            "clip", "--protocol-dataset", "mnist", "--csv", out, "--top-k", "4", image]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    templates = clip_data("templates")["mnist"]
+    result = checked["model"].classify([str(image)], names, templates, k=4)
+    table = pd.read_csv(out)
+    assert table["class"].tolist() == [names[int(c)] for c in result.top_classes[0]]
+    np.testing.assert_allclose(table["probability"], result.top_probs[0].numpy(), atol=1e-6)
