@@ -132,6 +132,23 @@ def test_bad_prompt_options_are_one_line(extra, message, tmp_path, capsys):
     assert not store.exists()
 
 
+def test_clip_without_the_package_is_one_line(monkeypatch):
+    import stages.prompts as prompts
+
+    def missing(name):
+        raise prompts.metadata.PackageNotFoundError(name)
+
+    prompts.clip_benchmark_dir.cache_clear()
+    prompts.clip_data.cache_clear()
+    monkeypatch.setattr(prompts.metadata, "distribution", missing)
+    try:
+        with pytest.raises(UserError, match="needs CLIP_benchmark's data: install the `protocol`"):
+            load_source("digits", "prompts", PromptSpec("clip", "source", "mnist"))
+    finally:
+        prompts.clip_benchmark_dir.cache_clear()
+        prompts.clip_data.cache_clear()
+
+
 def test_prompt_options_need_the_prompts_split(tmp_path, capsys):
     store = tmp_path / "features.zarr"
     args = ["extract", "--model", TEXT, "--split", "test", "--store", store, "--templates", "clip"]
