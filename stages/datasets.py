@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.prompts import PromptSpec, prompt_texts
+from stages.prompts import PromptSpec, is_prompts_split, prompt_texts
 from store.errors import UserError
 
 PROMPT_TEMPLATES = (
@@ -375,10 +375,11 @@ def prompt_labels(spec: str) -> list[str]:
 
 
 def load_source(spec: str, split: str, prompts: PromptSpec | None = None) -> Source:
-    """Resolve `--source` (see the module docstring) for one split; the `prompts` split is
-    made as `prompts` says (default: the simple templates over the labels' names)."""
+    """Resolve `--source` (see the module docstring) for one split; the `prompts` split (and
+    any `prompts-NAME`) is made as `prompts` says (default: the simple templates over the
+    labels' names)."""
     kind, _, arg = spec.partition(":")
-    if split == "prompts":
+    if is_prompts_split(split):
         names = prompt_labels(spec)
         return prompts_source(names, (prompts or PromptSpec()).record(names, spec))
     if kind == "digits":

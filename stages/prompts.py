@@ -66,6 +66,12 @@ WORDNET_ID = re.compile(r"n\d{8}")
 WITH_BACKGROUND = {"caltech101": "BACKGROUND_Google"}
 
 
+def is_prompts_split(split: str) -> bool:
+    """`prompts`, or `prompts-NAME`: several prompt sets of one dataset side by side (e.g.
+    `prompts-clip` next to `prompts`), each evaluated with `evaluate --prompts-split`."""
+    return split == "prompts" or split.startswith("prompts-")
+
+
 # -- CLIP_benchmark's data files ----------------------------------------------------------------
 @cache
 def clip_benchmark_dir() -> Path:

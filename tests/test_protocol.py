@@ -97,6 +97,9 @@ def test_prompts_split_by_protocol(tmp_path):
     assert source.manifest["label_name"].tolist() == [
         name for name in source.label_names for _ in templates
     ]
+    # a second prompt set of the same dataset, side by side: prompts-NAME
+    other = load_source("digits", "prompts-clip", CIFAR)
+    assert other.manifest.equals(source.manifest) and other.prompts == source.prompts
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
     templates_file = tmp_path / "t.txt"

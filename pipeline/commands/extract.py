@@ -8,7 +8,7 @@ import typer
 
 from pipeline.app import app, progress_option
 from stages.extract import ExtractOptions, extract
-from stages.prompts import SIMPLE, SOURCE, PromptSpec
+from stages.prompts import SIMPLE, SOURCE, PromptSpec, is_prompts_split
 from store import UserError
 
 
@@ -27,7 +27,9 @@ def extract_command(
         help="digits | pairs:FILE | coco:ROOT | imagefolder:ROOT | torchvision:NAME "
         "(default: the dataset name).",
     ),
-    split: str = typer.Option("train", help="train, test, ... or `prompts` (class prompts)."),
+    split: str = typer.Option(
+        "train", help="train, test, ... or `prompts` (class prompts; also prompts-NAME)."
+    ),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     batch_size: int = typer.Option(64, min=1, help="Images (or texts) per forward pass."),
     block_rows: int = typer.Option(512, min=1, help="Rows per store block (resume unit)."),
@@ -79,8 +81,11 @@ def extract_command(
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
     prompts = PromptSpec(templates, classnames, protocol_dataset, dataset)
-    if split != "prompts" and prompts != PromptSpec(dataset=dataset):
-        raise UserError("--templates, --classnames and --protocol-dataset apply to --split prompts")
+    if not is_prompts_split(split) and prompts != PromptSpec(dataset=dataset):
+        raise UserError(
+            "--templates, --classnames and --protocol-dataset apply to --split prompts "
+            "(or prompts-NAME)"
+        )
     opts = ExtractOptions(
         batch_size=batch_size,
         block_rows=block_rows,
