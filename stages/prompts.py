@@ -34,7 +34,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.encoders.arguments import checked_class_names, checked_templates, fill_template
+from stages.encoders.arguments import (
+    checked_class_names,
+    checked_templates,
+    clip_form,
+    fill_template,
+)
 from store.errors import UserError
 
 SIMPLE = "simple"
@@ -150,16 +155,19 @@ def read_lines(path: str, option: str) -> list[str]:
 
 
 def resolve_templates(spec: str, dataset: str | None) -> list[str]:
-    """`simple`, `clip` (of the CLIP_benchmark `dataset`) or a FILE of templates."""
+    """`simple`, `clip` (of the CLIP_benchmark `dataset`) or a FILE of templates, in CLIP's
+    form (`{c}`, as CLIP_benchmark fills them)."""
     from stages.datasets import PROMPT_TEMPLATES
 
     if spec == SIMPLE:
-        return list(PROMPT_TEMPLATES)
-    if spec == CLIP:
+        templates = checked_templates(list(PROMPT_TEMPLATES))
+    elif spec == CLIP:
         if dataset is None:
             raise UserError("--templates clip needs the dataset's CLIP_benchmark name")
-        return checked_templates(clip_data("templates")[dataset], f"CLIP_benchmark's {dataset}")
-    return checked_templates(read_lines(spec, "--templates"), f"--templates {spec}")
+        templates = checked_templates(clip_data("templates")[dataset], f"CLIP's {dataset}")
+    else:
+        templates = checked_templates(read_lines(spec, "--templates"), f"--templates {spec}")
+    return [clip_form(t) for t in templates]  # one form in records: {c}
 
 
 def clip_class_names(dataset: str, label_names: Sequence[str]) -> list[str]:

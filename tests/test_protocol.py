@@ -103,13 +103,18 @@ def test_prompts_split_by_protocol(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
     templates_file = tmp_path / "t.txt"
-    templates_file.write_text("a scan of {c}.\n\nthe handwritten {c}\n")
+    templates_file.write_text("a scan of {c}.\n\nthe handwritten {}\n{{set}} {c}\n")
     source = load_source("digits", "prompts", PromptSpec(str(templates_file), str(names)))
-    assert source.manifest["caption"].tolist()[:3] == [
+    assert source.manifest["caption"].tolist()[:4] == [
         "a scan of digit 0.",
         "the handwritten digit 0",
+        "{set} digit 0",
         "a scan of digit 1.",
     ]
+    # recorded in CLIP's form, as CLIP_benchmark fills them: template.format(c=name)
+    recorded = source.prompts["template_list"]
+    assert recorded == ["a scan of {c}.", "the handwritten {c}", "{{set}} {c}"]
+    assert [t.format(c="digit 0") for t in recorded] == source.manifest["caption"].tolist()[:3]
     assert source.prompts["classnames"] == f"file:{names}"
 
 

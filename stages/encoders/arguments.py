@@ -100,6 +100,17 @@ def fill_template(template: str, class_name: str) -> str:
     return template.format(class_name, c=class_name)
 
 
+def clip_form(template: str) -> str:
+    """A checked template in CLIP's form, its field `{c}` (what `template.format(c=name)`, as
+    CLIP_benchmark fills them, takes); literal braces stay escaped."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            parts.append("{c}")
+    return "".join(parts)
+
+
 def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ArgumentTypeError(f"{name} must be an integer, not {type(value).__name__}")
