@@ -4,6 +4,7 @@ retrieval code run on `as_open_clip()`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -357,3 +358,24 @@ def test_classify_with_template_protocols(checked, tmp_path, capsys):
     table = pd.read_csv(out)
     assert table["class"].tolist() == [names[int(c)] for c in result.top_classes[0]]
     np.testing.assert_allclose(table["probability"], result.top_probs[0].numpy(), atol=1e-6)
+
+
+def test_table_names_the_protocol_of_each_row(tmp_path):
+    from types import SimpleNamespace
+
+    from stages.table import write_table_files
+
+    jobs = []
+    for method, protocol in (("linear-last", "clip/clip (cifar10)"), ("csa-similar-rs", None)):
+        run = tmp_path / method
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"head": method.split("-")[0]}))
+        zero_shot = {"top1": 50.0, "top5": 90.0, **({"protocol": protocol} if protocol else {})}
+        retrieval = {f"{d}_r{k}": 10.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+        metrics = {"zero_shot": zero_shot, "retrieval": retrieval}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        jobs.append(SimpleNamespace(method=method, run_dir=run))
+    write_table_files(tmp_path, pd.DataFrame(), jobs)
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert table["zs protocol"].tolist() == ["clip/clip (cifar10)", "unrecorded"]
+    assert "| clip/clip (cifar10) |" in (tmp_path / "table.md").read_text()
