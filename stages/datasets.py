@@ -365,9 +365,18 @@ def prompts_source(label_names: list[str], record: dict) -> Source:
 
 
 def prompt_labels(spec: str) -> list[str]:
-    """The class names of a source's labels (a pairs file's: the whole file's)."""
+    """The class names of a source's labels: a pairs file's whole file's; an image folder's
+    from its first split folder of test, val, train (ROOT/val/<class>/: ImageNet's layout),
+    else its own class folders; other sources' from their test split."""
     kind, _, arg = spec.partition(":")
-    names = read_pairs(arg)[4] if kind == "pairs" and arg else load_source(spec, "test").label_names
+    if kind == "pairs" and arg:
+        names = read_pairs(arg)[4]
+    elif kind == "imagefolder" and arg:
+        root = Path(arg).expanduser()
+        split = next((s for s in ("test", "val", "train") if (root / s).is_dir()), "test")
+        names = load_source(spec, split).label_names
+    else:
+        names = load_source(spec, "test").label_names
     if not names:
         raise UserError("this source has no class labels, so it has no `prompts` split")
     check_class_names(list(names), "this source")

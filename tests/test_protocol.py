@@ -379,3 +379,21 @@ def test_table_names_the_protocol_of_each_row(tmp_path):
     table = pd.read_csv(tmp_path / "table.csv")
     assert table["zs protocol"].tolist() == ["clip/clip (cifar10)", "unrecorded"]
     assert "| clip/clip (cifar10) |" in (tmp_path / "table.md").read_text()
+
+
+def test_imagenet_folder_of_wordnet_ids_gets_the_curated_names(tmp_path):
+    for wnid in ("n01440764", "n02123045"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / wnid / "a.png")
+    spec = PromptSpec(dataset="imagenet")  # the defaults: simple templates, the labels' names
+    source = load_source(f"imagefolder:{tmp_path}", "prompts", spec)
+    assert source.prompts["class_names"] == ["tench", "tabby cat"]
+    assert source.prompts["classnames"] == "wordnet"
+    captions = source.manifest["caption"].tolist()
+    assert captions[:2] == ["a photo of a tench.", "a blurry photo of a tench."]
+    # the labels keep their folder names: the test split's images and the prompts agree on them
+    assert set(source.manifest["label_name"]) == {"n01440764", "n02123045"}
+    spec = PromptSpec("clip", "clip", dataset="imagenet")
+    clip = load_source(f"imagefolder:{tmp_path}", "prompts", spec)
+    assert clip.prompts["protocol_dataset"] == "imagenet1k"
+    assert len(clip.prompts["template_list"]) == 80 == len(clip_data("templates")["imagenet1k"])
