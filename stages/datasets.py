@@ -13,11 +13,12 @@ Sources (`--source`, default: the dataset name):
   torchvision:NAME       a torchvision classification set (CIFAR10, STL10, Food101, ...), downloaded
                          to ~/.cache/structure-align on the user's machine
 
-Every labelled source also has the text-only split `prompts`: each class name in every template
-of `PROMPT_TEMPLATES`, for zero-shot classification (a pairs file's classes are those of the
-whole file, so it needs no `train` rows). Empty and NaN labels are no class; class names that
-are the same but for case or surrounding spaces are refused, as their prompts would split one
-class's probability between them.
+Every labelled source also has the text-only split `prompts`: each class name in every template,
+for zero-shot classification (by default the labels' names in the five `PROMPT_TEMPLATES`;
+`stages.prompts` makes them by protocol, e.g. CLIP's templates and curated names; a pairs file's
+classes are those of the whole file, so it needs no `train` rows). Empty and NaN labels are no
+class; class names that are the same but for case or surrounding spaces are refused, as their
+prompts would split one class's probability between them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from stages.prompts import PromptSpec, is_prompts_split, prompt_texts
 from store.errors import UserError
 
 PROMPT_TEMPLATES = (
@@ -61,6 +63,7 @@ class Source:
     manifest: pd.DataFrame
     load_image: Callable[[int], Image.Image] | None
     label_names: list[str]
+    prompts: dict | None = None  # the prompts split's record (stages.prompts.prompt_record)
 
 
 # -- digits ---------------------------------------------------------------------------------------
@@ -344,32 +347,51 @@ def torchvision_source(name: str, split: str) -> Source:
     )
 
 
-def prompts_source(label_names: list[str], templates: tuple[str, ...] = PROMPT_TEMPLATES) -> Source:
-    """Text-only split: every class name in every template (zero-shot classifier prompts)."""
-    if not label_names:
-        raise UserError("this source has no class labels, so it has no `prompts` split")
-    check_class_names(list(label_names), "this source")
-    rows = [(y, name, t.format(name)) for y, name in enumerate(label_names) for t in templates]
+def prompts_source(label_names: list[str], record: dict) -> Source:
+    """Text-only split: every class in every template of the record (zero-shot classifier
+    prompts). `label_name` stays the label's own name (what the image splits call the class);
+    the prompts use the record's class names."""
+    rows = prompt_texts(record)
     manifest = pd.DataFrame(
         {
             "image_row": -1,
-            "sample_id": [f"class-{y}" for y, _, _ in rows],
+            "sample_id": [f"class-{y}" for y, _ in rows],
             "image_path": "",
-            "caption": [text for _, _, text in rows],
-            "label": [y for y, _, _ in rows],
-            "label_name": [name for _, name, _ in rows],
+            "caption": [text for _, text in rows],
+            "label": [y for y, _ in rows],
+            "label_name": [label_names[y] for y, _ in rows],
         }
     )
-    return Source(manifest, None, list(label_names))
+    return Source(manifest, None, list(label_names), record)
 
 
-def load_source(spec: str, split: str) -> Source:
-    """Resolve `--source` (see the module docstring) for one split."""
+def prompt_labels(spec: str) -> list[str]:
+    """The class names of a source's labels: a pairs file's whole file's; an image folder's
+    from its first split folder of test, val, train (ROOT/val/<class>/: ImageNet's layout),
+    else its own class folders; other sources' from their test split."""
     kind, _, arg = spec.partition(":")
-    if split == "prompts":
-        if kind == "pairs" and arg:  # the whole file's classes: no split, no image needed
-            return prompts_source(read_pairs(arg)[4])
-        return prompts_source(load_source(spec, "test").label_names)
+    if kind == "pairs" and arg:
+        names = read_pairs(arg)[4]
+    elif kind == "imagefolder" and arg:
+        root = Path(arg).expanduser()
+        split = next((s for s in ("test", "val", "train") if (root / s).is_dir()), "test")
+        names = load_source(spec, split).label_names
+    else:
+        names = load_source(spec, "test").label_names
+    if not names:
+        raise UserError("this source has no class labels, so it has no `prompts` split")
+    check_class_names(list(names), "this source")
+    return list(names)
+
+
+def load_source(spec: str, split: str, prompts: PromptSpec | None = None) -> Source:
+    """Resolve `--source` (see the module docstring) for one split; the `prompts` split (and
+    any `prompts-NAME`) is made as `prompts` says (default: the simple templates over the
+    labels' names)."""
+    kind, _, arg = spec.partition(":")
+    if is_prompts_split(split):
+        names = prompt_labels(spec)
+        return prompts_source(names, (prompts or PromptSpec()).record(names, spec))
     if kind == "digits":
         return digits_source(split)
     if not arg:

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from stages.heads import load_run
+from stages.prompts import protocol_summary
 from stages.vectors import ArrayLike, as_index, as_matrix, class_embeddings, unit_rows
 from store import FeatureStore, UserError, image_table, pair_rows, write_text_atomic
 
@@ -160,6 +161,13 @@ def _layer(store: FeatureStore, dataset: str, split: str, modality: str, model: 
     return array.read_layer(layer), f"{modality} features {array.path} layer {layer}"
 
 
+def prompts_record(store: FeatureStore, dataset: str, split: str, model: str) -> dict | None:
+    """The templates and class names the stored prompts were made of (stages.prompts), None
+    for prompts extracted before they were recorded."""
+    record = store.open(dataset, split, "text", model).attrs.get("prompts")
+    return record if isinstance(record, dict) else None
+
+
 def _check_rows(values: np.ndarray, expected: int, what: str) -> None:
     if values.shape[0] != expected:
         raise UserError(
@@ -274,10 +282,13 @@ def evaluate_run(
             )
         classes = class_embeddings(project(text_head, values, what), prompts["label"], n_classes)
         rows = np.array(labelled["image_row"])
+        record = prompts_record(store, dataset, prompts_split, text_model)
         metrics["zero_shot"] = {
             **zero_shot_accuracy(image_emb[rows], classes, labelled["label"].to_numpy()),
             "n_images": len(rows),
             "n_classes": n_classes,
+            "protocol": protocol_summary(record),
+            "prompts": record,  # the templates and class names, as extracted
         }
 
     image_rows, text_rows = pair_rows(manifest)
@@ -342,6 +353,15 @@ EVAL_COLUMNS: tuple[EvalColumn, ...] = (
 COMPARE_COLUMNS = (
     "run", "head", "layers (img/txt)", "lambda", "n_pairs", *(c.header for c in EVAL_COLUMNS),
 )  # fmt: skip
+
+
+def metrics_protocol(metrics: Mapping[str, Any]) -> str:
+    """Which prompts a run's zero-shot numbers come from (`stages.prompts.protocol_summary`):
+    `unrecorded` for metrics written before it was, empty when zero-shot was skipped."""
+    zero_shot = metrics.get("zero_shot")
+    if not isinstance(zero_shot, Mapping) or "skipped" in zero_shot:
+        return ""
+    return str(zero_shot.get("protocol") or "unrecorded")
 
 
 def eval_column(name: str) -> EvalColumn:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from stages.device import resolve_device
 from stages.encoders import Encoder, load_encoder
 from stages.encoders.inputs import Batch, limit_manifest, row_batches, rows_to_embed
 from stages.progress import progress_bar
+from stages.prompts import PromptSpec
 from store import FeatureArray, FeatureStore, UserError, fingerprint, write_manifest
 from store.features import local_model_dir, model_key, width_summary
 from store.io import check_output
@@ -66,6 +67,7 @@ class ExtractOptions:
     retries: int = 2  # re-runs of a failed cluster task (a killed worker's are re-run anyway)
     name: str = ""  # the features' name in the store (default: the model spec, or for a local
     # folder its name, made unique: store.features.local_names)
+    prompts: PromptSpec = field(default_factory=PromptSpec)  # how the `prompts` split is made
 
 
 class BlockBatches(Sampler[list[int]]):
@@ -113,7 +115,8 @@ def _sync_manifest(
         elif not overwrite:
             raise UserError(
                 f"the samples of {dataset}/{split} differ from those already in the store "
-                "(another source, --limit or file contents); pass --overwrite to replace them, "
+                "(another source, --limit, file contents or prompt --templates/--classnames); "
+                "pass --overwrite to replace them, "
                 "or give this data another --dataset name"
             )
     return write_manifest(path, manifest)
@@ -184,14 +187,15 @@ class ExtractJob:
 
 def load_inputs(
     source_spec: str, split: str, model: str, opts: ExtractOptions
-) -> tuple[pd.DataFrame, Encoder, Callable[[int], Any], list[str]]:
-    """The split's manifest (limited), the encoder, and how to fetch each row to embed: what
-    the coordinator and every cluster worker load alike."""
-    source = load_source(source_spec, split)
+) -> tuple[pd.DataFrame, Encoder, Callable[[int], Any], list[str], dict | None]:
+    """The split's manifest (limited), the encoder, how to fetch each row to embed, and the
+    prompts' record (stages.prompts; None for other splits): what the coordinator and every
+    cluster worker load alike."""
+    source = load_source(source_spec, split, opts.prompts)
     manifest = with_file_stats(limit_manifest(normalise_manifest(source.manifest), opts.limit))
     encoder = load_encoder(model, opts.revision, opts.trust_remote_code, opts.weights or None)
     fetch, names = rows_to_embed(source, manifest, encoder.modality)
-    return manifest, encoder, fetch, names
+    return manifest, encoder, fetch, names, source.prompts
 
 
 def plan_extraction(
@@ -206,7 +210,7 @@ def plan_extraction(
     """Load the source and the model, take the array's lock (held by `held` until the caller
     is done writing), sync the manifest, create (or reopen) the array, and list the incomplete
     blocks. Only this coordinator creates arrays and writes attributes."""
-    manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
+    manifest, encoder, fetch, names, prompts = load_inputs(source_spec, split, model, opts)
 
     store = FeatureStore(store_path, create=True)
     locked = store.locate(dataset, split, encoder.modality, opts.name or encoder.spec)
@@ -223,6 +227,7 @@ def plan_extraction(
         "source": source_spec,
         "source_fingerprint": fingerprint(manifest, encoder.modality),
         "model_fingerprint": encoder.fingerprint(),
+        **({"prompts": prompts} if prompts else {}),  # the templates and names (evaluate's)
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
     if array.path != locked:  # a local folder's free name was taken meanwhile
@@ -326,7 +331,7 @@ def load_worker_job(
 ) -> WorkerJob:
     """Runs on each worker (LoadOnce plugin): the model, the source and the array the
     coordinator created, refusing a worker that sees other samples or other weights."""
-    manifest, encoder, fetch, names = load_inputs(source_spec, split, model, opts)
+    manifest, encoder, fetch, names, _ = load_inputs(source_spec, split, model, opts)
     array = FeatureStore(store_path, write=True).open(
         dataset, split, encoder.modality, opts.name or encoder.spec, check_source=False
     )

@@ -48,6 +48,7 @@ from stages.encoders.arguments import (
     as_image,
     checked_class_names,
     checked_templates,
+    fill_template,
     image_list,
     missing_image_files,
     positive_int,
@@ -261,11 +262,9 @@ class AlignedModel:
     ) -> torch.Tensor:
         """Rows 0..len(names)-1 fetched by `fetch` -> (N, d) float32 unit vectors on the CPU,
         through extraction's prepare / collate / embed path, then the head."""
-        encoder, layer, head = self.encoders[side], self.layers[side], self.heads[side]
+        encoder = self.encoders[side]
         if not len(names):
             return torch.zeros(0, self.output_dim(side))
-        cuda = self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
         unit = " img" if side == "image" else " txt"
         bar = progress_bar(total=len(names), unit=unit, desc=f"embed {side}", enabled=progress)
         batches = row_batches(
@@ -278,20 +277,36 @@ class AlignedModel:
                 bad = [i for i, err in enumerate(errors) if err]
                 if bad:
                     raise UserError(f"cannot read image {names[rows[bad[0]]]}: {errors[bad[0]]}")
-                batch = {k: v.to(self.device) for k, v in batch.items()}
                 with torch.inference_mode():
-                    with autocast:
-                        features = encoder.embed(batch)[layer].float()
-                    try:  # the head in float32, as on the stored features
-                        outputs.append(unit_rows(head(features).float()).cpu())
-                    except RuntimeError as err:  # a shape mismatch: another model or layer
-                        raise UserError(
-                            f"the {side} head cannot take {encoder.spec} layer "
-                            f"{encoder.layer_names[layer]} (dim {features.shape[1]}): "
-                            f"{str(err).splitlines()[0]}"
-                        ) from err
+                    outputs.append(self.project_batch(side, batch).cpu())
                 bar.update(len(rows))
         return torch.cat(outputs)
+
+    def project_batch(self, side: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One collated batch (the encoder's `collate` output) -> (B, d) float32 unit rows on
+        the model's device: the encoder up to the chosen layer (bf16 autocast on CUDA, as
+        extraction), then the head in float32, as on the stored features."""
+        encoder, layer, head = self.encoders[side], self.layers[side], self.heads[side]
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        cuda = self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            features = encoder.embed(batch)[layer].float()
+        try:
+            return unit_rows(head(features).float())
+        except RuntimeError as err:  # a shape mismatch: another model or layer
+            raise UserError(
+                f"the {side} head cannot take {encoder.spec} layer "
+                f"{encoder.layer_names[layer]} (dim {features.shape[1]}): "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+
+    def as_open_clip(self):
+        """`(model, preprocess, tokenizer)` as open_clip's `create_model_and_transforms` and
+        `get_tokenizer` give them, so that tools written for open_clip models (CLIP_benchmark,
+        clip-retrieval) run on this model unchanged (stages.open_clip_api)."""
+        from stages.open_clip_api import open_clip_triple
+
+        return open_clip_triple(self)
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64):
         """Images (one or a list) -> (B, d) float32 unit vectors. An image is a PIL image, a
@@ -330,7 +345,7 @@ class AlignedModel:
         """(C, d): every class name in every template, averaged as `evaluate` does."""
         class_names = checked_class_names(class_names)
         templates = checked_templates(templates)
-        prompts = [t.format(c) for c in class_names for t in templates]
+        prompts = [fill_template(t, c) for c in class_names for t in templates]
         labels = np.repeat(np.arange(len(class_names)), len(templates))
         return class_embeddings(self.encode_text(prompts), labels, len(class_names))
 

@@ -32,11 +32,18 @@ import pandas as pd
 
 from stages.align import run_align
 from stages.cluster import check_scheduler
-from stages.evaluate import EVAL_COLUMNS, METRICS, eval_column, evaluate_run
+from stages.evaluate import (
+    EVAL_COLUMNS,
+    METRICS,
+    eval_column,
+    evaluate_run,
+    metrics_protocol,
+    prompts_record,
+)
 from stages.heads import head_kind, head_kinds, read_run
 from stages.pairs import PairSpec
 from stages.train import AlignSettings, check_finite_settings
-from store import UserError, write_json_atomic, write_text_atomic
+from store import FeatureStore, UserError, write_json_atomic, write_text_atomic
 
 VARIANTS = {
     "last": "Last",
@@ -255,6 +262,17 @@ def completed(job: SweepJob) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return config, metrics
 
 
+def stale_prompts(job: SweepJob, metrics: dict[str, Any]) -> bool:
+    """Whether a complete run's zero-shot numbers came from other prompts than the store now
+    holds (its heads stay valid: only the evaluation is redone)."""
+    zero_shot = metrics.get("zero_shot")
+    if not isinstance(zero_shot, dict) or "skipped" in zero_shot:
+        return False
+    store = FeatureStore(job.spec.store)
+    now = prompts_record(store, job.spec.dataset, job.prompts_split, job.spec.text_model)
+    return zero_shot.get("prompts") != now
+
+
 def run_job(job: SweepJob) -> dict[str, Any]:
     """Train and evaluate one run (in a worker process or here), or take it as it is when it is
     complete with the same settings; its sweep.csv row (`resumed`: taken as it was)."""
@@ -282,6 +300,11 @@ def run_job(job: SweepJob) -> dict[str, Any]:
         write_json_atomic(job.run_dir / METRICS, metrics)
     else:
         config, metrics = done
+        if stale_prompts(job, metrics):  # prompts extracted again, with other templates/names
+            metrics = evaluate_run(
+                job.run_dir, job.spec.store, job.spec.dataset, job.eval_split, job.prompts_split
+            )
+            write_json_atomic(job.run_dir / METRICS, metrics)
     row: dict[str, Any] = {
         "method": job.method,
         "n_pairs": job.settings.n_pairs,
@@ -303,6 +326,7 @@ def run_job(job: SweepJob) -> dict[str, Any]:
     }
     for column in EVAL_COLUMNS:  # sweep.csv: every evaluation metric, by its machine name
         row[column.name] = column.read(metrics)
+    row["zs_protocol"] = metrics_protocol(metrics)  # which templates and class names
     row["resumed"] = done is not None
     return row
 
@@ -399,7 +423,9 @@ def write_sweep(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataF
     summary = summarise(rows)
     rows = rows.drop(columns="resumed")
     write_text_atomic(out / "sweep.csv", rows.to_csv(index=False, float_format="%.4f"))
-    write_text_atomic(out / "summary.md", summary_markdown(summary))
+    protocols = ", ".join(sorted(set(rows["zs_protocol"]) - {""})) or "none"
+    note = f"\nZero-shot prompts (templates/class names): {protocols}.\n"
+    write_text_atomic(out / "summary.md", summary_markdown(summary) + note)
     plot_scaling(summary, out / "scaling.png")
     return summary
 

@@ -9,13 +9,14 @@ same settings is kept) are the sweep's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from stages.evaluate import comparison_table, eval_column, write_table
+from stages.evaluate import METRICS, comparison_table, eval_column, metrics_protocol, write_table
 from stages.pairs import PairSpec
 from stages.sweep import (
     TABLE_VARIANTS,
@@ -38,6 +39,7 @@ TABLE_COLUMNS = [
     "layers (img/txt)",
     "lambda",
     *(eval_column(name).header for name in ("zs_top1", "zs_top5", "i2t_r1", "t2i_r1")),
+    "zs protocol",  # which templates / class names the zero-shot numbers come from
 ]
 
 
@@ -80,6 +82,10 @@ def write_table_files(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd
     """out/table.md and out/table.csv from the runs' metrics; returns the table."""
     names = [method_display(job.method) for job in jobs]
     result = comparison_table([job.run_dir for job in jobs], names)
+    result["zs protocol"] = [
+        metrics_protocol(json.loads((job.run_dir / METRICS).read_text(encoding="utf-8")))
+        for job in jobs
+    ]  # read back as comparison_table just did
     result = result.rename(columns={"run": "method"})[TABLE_COLUMNS]
     write_table(result, out / "table.md", out / "table.csv")
     return result

@@ -299,8 +299,8 @@ def worker_sabotage(monkeypatch, action) -> None:
 
     real = extract_module.load_source
 
-    def load_source(spec, split):
-        source = real(spec, split)
+    def load_source(spec, split, *prompts):
+        source = real(spec, split, *prompts)
         load = source.load_image
 
         def load_image(row):

@@ -10,8 +10,10 @@ import typer
 from pipeline.app import app
 from pipeline.commands.export import RUN_HELP
 from stages.encoders.arguments import checked_class_names
+from stages.evaluate import prompts_record
 from stages.model import AlignedModel
-from store import UserError
+from stages.prompts import CLIP, SIMPLE, protocol_dataset, resolve_templates
+from store import FeatureStore, UserError
 from store.io import atomic_file, check_output
 
 
@@ -50,14 +52,45 @@ def classify_command(
     labels_file: Path = typer.Option(None, help="A UTF-8 file with one class name per line."),
     top_k: int = typer.Option(3, min=1, help="Classes shown per image."),
     csv: Path = typer.Option(None, "--csv", help="Write the table as CSV instead of printing it."),
+    templates: str = typer.Option(
+        SIMPLE,
+        help="With --labels: simple, clip (with --protocol-dataset) or a FILE of templates "
+        "with {c}, one per line.",
+    ),
+    protocol_dataset_name: str = typer.Option(
+        "", "--protocol-dataset", help="CLIP_benchmark's dataset of --templates clip."
+    ),
+    prompts_dataset: str = typer.Option(
+        None,
+        help="Instead of --labels: the class names and templates recorded with this dataset's "
+        "prompts in the store (the ones `evaluate` uses).",
+        show_default=False,
+    ),
+    store: Path = typer.Option(Path("features.zarr"), help="Feature store of --prompts-dataset."),
+    prompts_split: str = typer.Option("prompts", help="The prompts split of --prompts-dataset."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Each image's top-k classes and probabilities (templates averaged as in `evaluate`)."""
     if csv:
         check_output(csv, "file", "--csv")
-    names = read_labels(labels, labels_file)
+    if prompts_dataset is None:
+        names = read_labels(labels, labels_file)
+        wanted = protocol_dataset(protocol_dataset_name) if templates == CLIP else None
+        template_list = resolve_templates(templates, wanted)
+    elif labels or labels_file or templates != SIMPLE:
+        raise UserError("--prompts-dataset takes the class names and templates from the store; "
+                        "give it without --labels, --labels-file and --templates")  # fmt: skip
     model = AlignedModel.load(run, device)
-    result = model.classify([str(p) for p in images], names, k=top_k)
+    if prompts_dataset is not None:
+        text_model = model.config["text_model"]
+        record = prompts_record(FeatureStore(store), prompts_dataset, prompts_split, text_model)
+        if record is None:
+            raise UserError(
+                f"{prompts_dataset}/{prompts_split} in {store} records no templates (extracted "
+                "before they were); extract it again with --overwrite, or give --labels"
+            )
+        names, template_list = record["class_names"], record["template_list"]
+    result = model.classify([str(p) for p in images], names, template_list, k=top_k)
     table = pd.DataFrame(
         [
             {"image": str(image), "rank": r + 1, "class": names[int(c)], "probability": float(p)}

@@ -23,7 +23,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     else:
         lines.append(
             f"zero-shot  top1 {zs['top1']:5.1f}  top5 {zs['top5']:5.1f}"
-            f"   ({zs['n_images']} images, {zs['n_classes']} classes)"
+            f"   ({zs['n_images']} images, {zs['n_classes']} classes, "
+            f"prompts {zs.get('protocol', 'unrecorded')})"
         )
     if "skipped" in rt:
         lines.append(f"retrieval  skipped: {rt['skipped']}")

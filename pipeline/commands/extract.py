@@ -8,6 +8,8 @@ import typer
 
 from pipeline.app import app, progress_option
 from stages.extract import ExtractOptions, extract
+from stages.prompts import SIMPLE, SOURCE, PromptSpec, is_prompts_split
+from store import UserError
 
 
 @app.command("extract")
@@ -25,7 +27,9 @@ def extract_command(
         help="digits | pairs:FILE | coco:ROOT | imagefolder:ROOT | torchvision:NAME "
         "(default: the dataset name).",
     ),
-    split: str = typer.Option("train", help="train, test, ... or `prompts` (class prompts)."),
+    split: str = typer.Option(
+        "train", help="train, test, ... or `prompts` (class prompts; also prompts-NAME)."
+    ),
     store: Path = typer.Option(Path("features.zarr"), help="Feature store path."),
     batch_size: int = typer.Option(64, min=1, help="Images (or texts) per forward pass."),
     block_rows: int = typer.Option(512, min=1, help="Rows per store block (resume unit)."),
@@ -58,9 +62,30 @@ def extract_command(
         help="The features' name in the store, for later commands' --image-model/--text-model "
         "(default: the model spec; a local folder's name, made unique if another folder has it).",
     ),
+    templates: str = typer.Option(
+        SIMPLE,
+        help="With --split prompts: simple (five generic templates), clip (CLIP's set for the "
+        "dataset, from CLIP_benchmark) or a FILE with one template per line, each with {c}.",
+    ),
+    classnames: str = typer.Option(
+        SOURCE,
+        help="With --split prompts: source (the labels' names; ImageNet WordNet ids become "
+        "the curated names), clip (CLIP_benchmark's) or a FILE with one name per label, in order.",
+    ),
+    protocol_dataset: str = typer.Option(
+        "",
+        help="CLIP_benchmark's name of the dataset for clip (cifar10, imagenet1k, pets, ...); "
+        "by default from --dataset or the source (imagenet -> imagenet1k).",
+    ),
     progress: bool = progress_option(),
 ) -> None:
     """Extract every layer's pooled embedding of MODEL over one split into the store."""
+    prompts = PromptSpec(templates, classnames, protocol_dataset, dataset)
+    if not is_prompts_split(split) and prompts != PromptSpec(dataset=dataset):
+        raise UserError(
+            "--templates, --classnames and --protocol-dataset apply to --split prompts "
+            "(or prompts-NAME)"
+        )
     opts = ExtractOptions(
         batch_size=batch_size,
         block_rows=block_rows,
@@ -77,5 +102,6 @@ def extract_command(
         retries=retries,
         name=name,
         progress=progress,
+        prompts=prompts,
     )
     extract(str(store), dataset, split, source or dataset, model, opts)

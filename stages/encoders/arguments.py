@@ -76,22 +76,39 @@ def checked_class_names(value: Any, name: str = "class_names") -> list[str]:
 
 
 def checked_templates(value: Any, name: str = "templates") -> list[str]:
-    """Prompt templates: at least one, each with exactly one `{}` for the class name."""
+    """Prompt templates: at least one, each with exactly one `{c}` (CLIP's and CLIP_benchmark's
+    form) or `{}` for the class name."""
     templates = string_list(value, name)
     if not templates:
-        raise ArgumentError(f"{name}: give at least one template, each with a {{}} for the class")
+        raise ArgumentError(f"{name}: give at least one template, each with a {{c}} for the class")
     for i, template in enumerate(templates):
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
         except ValueError as err:  # an unmatched brace
             raise ArgumentError(f"{name}[{i}] {template!r} is not a template: {err}") from err
-        if fields != [""]:
+        if fields not in ([""], ["c"]):
             raise ArgumentError(
-                f"{name}[{i}] {template!r} must hold exactly one {{}} for the class name (and no "
+                f"{name}[{i}] {template!r} must hold exactly one {{c}} for the class name (and no "
                 f"other braces; write {{{{ }}}} for a literal brace), it has {len(fields)} "
                 f"field(s) {fields}"
             )
     return templates
+
+
+def fill_template(template: str, class_name: str) -> str:
+    """A checked template with the class name in its `{c}` (or `{}`)."""
+    return template.format(class_name, c=class_name)
+
+
+def clip_form(template: str) -> str:
+    """A checked template in CLIP's form, its field `{c}` (what `template.format(c=name)`, as
+    CLIP_benchmark fills them, takes); literal braces stay escaped."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is not None:
+            parts.append("{c}")
+    return "".join(parts)
 
 
 def positive_int(value: Any, name: str) -> int:
