@@ -30,6 +30,7 @@ from stages.prompts import (
     protocol_dataset,
     resolve_class_names,
 )
+from stages.serve.service import run_protocol
 from stages.sweep import SweepSettings, run_sweep
 from stages.train import AlignSettings
 from store import FeatureStore, UserError
@@ -313,6 +314,19 @@ def test_classify_uses_the_recorded_prompts(checked, capsys):
     np.testing.assert_allclose(table["probability"], result.top_probs[0].numpy(), atol=1e-6)
     code, _, err = run_cli([*args[:-1], "--labels", "a,b", image], capsys)
     assert code == 2 and "--prompts-dataset takes" in one_line_error(err)
+
+
+def test_serve_names_the_protocol_evaluate_recorded(checked, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(checked["run"], run)
+    metrics = evaluate_run(run, checked["store"], "digits", "test")
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    found = run_protocol(run)
+    assert found["protocol"] == "clip/source (cifar10)"
+    assert found["prompts"] == metrics["zero_shot"]["prompts"]
+    assert found["prompts"]["template_list"][0].count("{c}") == 1
+    assert found["evaluated_on"] == {"eval_dataset": "digits", "split": "test",
+                                     "prompts_split": "prompts"}  # fmt: skip
 
 
 def test_sweep_records_the_protocol_and_follows_new_prompts(checked, tmp_path):

@@ -127,13 +127,8 @@ def test_info_names_the_run_models_layers_and_index(server, pics):
     assert requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]["/api/search"]
 
 
-def test_protocol_comes_from_metrics_json(tmp_path):
-    assert run_protocol(tmp_path) == {}
-    metrics = {"protocol": {"templates": 5}, "run": {"eval_dataset": "digits", "split": "test"}}
-    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    found = run_protocol(tmp_path)
-    assert found["protocol"] == {"templates": 5}
-    assert found["evaluated_on"] == {"eval_dataset": "digits", "split": "test"}
+def test_a_run_without_metrics_has_no_protocol(tmp_path):
+    assert run_protocol(tmp_path) == {}  # evaluated runs: tests/test_protocol.py
 
 
 def test_concurrent_clients_get_the_sequential_answers(server):

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.evaluate import METRICS
+from stages.evaluate import METRICS, metrics_protocol
 from stages.heads import load_run
 from stages.index import check_model_matches, open_index, search
 from stages.model import AlignedModel, run_id
@@ -99,7 +99,9 @@ def run_protocol(run_dir: Path) -> dict[str, Any]:
         return {}
     if not isinstance(metrics, dict):
         return {}
-    found = {k: metrics[k] for k in ("protocol", "prompts") if k in metrics}
+    zero_shot = metrics.get("zero_shot") if isinstance(metrics.get("zero_shot"), dict) else {}
+    found = {"protocol": metrics_protocol(metrics), "prompts": zero_shot.get("prompts")}
+    found = {k: v for k, v in found.items() if v}
     run = metrics.get("run") if isinstance(metrics.get("run"), dict) else {}
     evaluated = {k: run[k] for k in ("eval_dataset", "split", "prompts_split") if k in run}
     return {**found, **({"evaluated_on": evaluated} if evaluated else {})}
