@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, precision_option
 from pipeline.commands.export import RUN_HELP
 from stages.encoders.arguments import checked_class_names
 from stages.model import AlignedModel
@@ -51,12 +51,13 @@ def classify_command(
     top_k: int = typer.Option(3, min=1, help="Classes shown per image."),
     csv: Path = typer.Option(None, "--csv", help="Write the table as CSV instead of printing it."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = precision_option(),
 ) -> None:
     """Each image's top-k classes and probabilities (templates averaged as in `evaluate`)."""
     if csv:
         check_output(csv, "file", "--csv")
     names = read_labels(labels, labels_file)
-    model = AlignedModel.load(run, device)
+    model = AlignedModel.load(run, device, precision=precision)
     result = model.classify([str(p) for p in images], names, k=top_k)
     table = pd.DataFrame(
         [

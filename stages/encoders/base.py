@@ -141,8 +141,9 @@ def cls_token(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_mean(maps: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) feature maps -> (B, C): global average pooling, a CNN's usual embedding."""
-    return maps.float().mean(dim=(2, 3))
+    """(B, C, H, W) feature maps -> (B, C): global average pooling, a CNN's usual embedding,
+    summed in float32 (bf16 maps are not copied to float32 first)."""
+    return maps.mean(dim=(2, 3), dtype=torch.float32)
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,18 @@ def device_normaliser(
         return (batch.float() * scale - mean_d) / std_d
 
     return to_pixels
+
+
+def model_input(pixels: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """Pixels in the dtype and memory format of the model's weights as placed
+    (`stages.encoders.precision.place_encoder`: bf16, channels-last CNNs)."""
+    weight = next((p for p in model.parameters() if p.ndim == 4), None)
+    if weight is None:
+        weight = next(model.parameters())
+    nhwc = weight.ndim == 4 and not weight.is_contiguous()
+    nhwc = nhwc and weight.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    return pixels.to(dtype=weight.dtype, memory_format=layout)
 
 
 def stack_pixels(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
