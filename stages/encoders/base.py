@@ -50,6 +50,8 @@ class Encoder:
     processor: Any = None  # the HF image processor or tokenizer (saved by `export`)
     blocks_run: int | None = None  # set by `truncate_encoder`: the blocks / stages still run
     family: str = "hf"
+    # modules replaced by stages.encoders.fold (batch norms folded for inference), by name
+    unfolded: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
