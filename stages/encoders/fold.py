@@ -64,7 +64,8 @@ def conv_norm_pairs(model: nn.Module, batch: dict[str, torch.Tensor], embed) -> 
     finally:
         for hook in hooks:
             hook.remove()
-    del outputs, produced
+    del outputs
+    produced.clear()
     return [(names[c], names[n]) for c, n in seen if calls[c] == 1 and calls[n] == 1]
 
 
