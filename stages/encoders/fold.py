@@ -2,12 +2,14 @@
 
 In eval mode a BatchNorm after a convolution is an affine map per channel, so it folds exactly
 into the convolution's weight and bias: y = (W x + b - mean) * g / sqrt(var + eps) + beta. On a
-CPU the separate norm pass over every feature map is a memory-bound third of an
-EfficientNet's forward; folded, it costs nothing. Which norm follows which convolution is
-observed on one probe batch (a norm whose input is a convolution's output, each module run
-once), and the folded encoder must give the same pooled layers on that batch, else the model
-is left as it was. Only `embed` paths fold (extraction, the aligned model's encoding): an
-export saves the weights as loaded.
+CPU the separate norm pass over every feature map is a memory-bound quarter of an
+EfficientNet's forward; folded, it costs nothing. timm's norm + activation modules go further
+on the CPU: the activation runs inside oneDNN's convolution (a post-op), one more pass over the
+map saved. Which norm follows which convolution is observed on one probe batch (a norm whose
+input is a convolution's output, each module run once), and the folded encoder must give the
+same pooled layers on that batch, else the model is left as it was. The replaced modules are
+kept: `unfold_batch_norms` (called by `save_encoder`) puts them back, so an export saves the
+weights as loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +22,69 @@ from PIL import Image
 from torch import nn
 
 from stages.encoders.base import Encoder
+
+
+def onednn_activation(act: nn.Module) -> tuple[str, list[float], str] | None:
+    """The oneDNN post-op (name, scalars, algorithm) computing `act`, or None."""
+    if type(act) is nn.ReLU:
+        return "relu", [], ""
+    if type(act) in (nn.ReLU6, nn.Hardtanh):
+        return "hardtanh", [float(act.min_val), float(act.max_val)], ""
+    if type(act) is nn.SiLU:
+        return "swish", [], ""
+    if type(act) is nn.Hardswish:
+        return "hardswish", [], ""
+    if type(act) is nn.GELU:
+        return "gelu", [], act.approximate
+    return None
+
+
+def fusable_convolutions() -> bool:
+    """Whether this torch has oneDNN's convolution with a fused activation (CPU builds)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(
+            torch.ops.mkldnn._convolution_pointwise
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class ConvActivation(nn.Module):
+    """A convolution and the activation after it as one oneDNN call on the CPU (the activation
+    applied to the output while it is still in cache: one pass over the map less); elsewhere,
+    the two modules."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, post_op: tuple[str, list[float], str]):
+        super().__init__()
+        self.conv, self.act, self.post_op = conv, act, post_op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if x.device.type != "cpu":
+            return self.act(conv(x))
+        name, scalars, algorithm = self.post_op
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, name, scalars, algorithm,
+        )  # fmt: skip
+
+
+def fused(conv: nn.Module, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(what replaces the convolution, what replaces its folded norm): timm's norm + activation
+    on the CPU becomes the convolution with a fused activation and nothing."""
+    act = getattr(norm, "act", None)
+    post_op = onednn_activation(act) if act is not None else None
+    plain_conv = type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+    plain_conv = plain_conv and not isinstance(conv.padding, str)
+    if (
+        post_op is None
+        or not plain_conv
+        or type(norm.drop) is not nn.Identity
+        or conv.weight.device.type != "cpu"
+        or not fusable_convolutions()
+    ):
+        return conv, norm_replacement(norm)
+    return ConvActivation(conv, act, post_op), nn.Identity()
 
 
 def norm_replacement(norm: nn.Module) -> nn.Module | None:
@@ -102,9 +167,11 @@ def fold_batch_norms(encoder: Encoder) -> int:
         before = [x.float() for x in encoder.embed(batch)]
     saved = {name: copy.deepcopy(model.get_submodule(name)) for pair in pairs for name in pair}
     for conv_name, norm_name in pairs:
-        norm = model.get_submodule(norm_name)
-        fold_pair(model.get_submodule(conv_name), norm)
-        model.set_submodule(norm_name, norm_replacement(norm))
+        conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
+        fold_pair(conv, norm)
+        new_conv, new_norm = fused(conv, norm)
+        model.set_submodule(norm_name, new_norm)
+        model.set_submodule(conv_name, new_conv)
     with torch.inference_mode():
         after = [x.float() for x in encoder.embed(batch)]
     encoder.unfolded.update(saved)
