@@ -11,7 +11,7 @@ from PIL import Image
 
 from stages.encoders import load_encoder, save_encoder
 from stages.encoders.base import Encoder, spatial_mean, stack_pixels
-from stages.encoders.fold import fold_batch_norms
+from stages.encoders.fold import OneDNNLinear, fuse_for_inference
 from stages.encoders.precision import AUTO_ENV, place_encoder, resolve_precision
 from stages.extract import ExtractOptions, extract
 from stages.model import AlignedModel
@@ -132,6 +132,32 @@ def test_folded_norms_give_the_unfolded_features_and_are_put_back_on_save(tmp_pa
         assert all(torch.equal(saved[k], state[k]) for k in state)
 
 
+def test_fused_linears_give_the_loaded_features_and_are_put_back_on_save(tmp_path):
+    """Transformers (image and text) on the CPU: linears computed by oneDNN with the GELU after
+    them fused give the features of the model as loaded (float32); the state dict keeps its
+    keys, and save_encoder writes the loaded modules."""
+    inputs = {"tiny-random-vit": images(4, 32), "tiny-random-text": ["a 7.", "a photo of a 3."]}
+    for spec, items in inputs.items():
+        encoder = load_encoder(spec)
+        state = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+        batch = encoder.collate([encoder.prepare(x) for x in items])
+        with torch.inference_mode():
+            want = [x.double() for x in encoder.embed(batch)]
+        place_encoder(encoder, CPU, "fp32")
+        fused = [m for m in encoder.model.modules() if isinstance(m, OneDNNLinear)]
+        assert len(fused) >= 4 * 6, spec  # q, k, v, out, and the two MLP linears per block
+        assert sum(m.post_op[0] == "gelu" for m in fused) == 4, spec  # each block's MLP
+        assert encoder.model.state_dict().keys() == state.keys()
+        with torch.inference_mode():
+            got = [x.double() for x in encoder.embed(batch)]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        save_encoder(encoder, tmp_path / spec)
+        assert not any(isinstance(m, OneDNNLinear) for m in encoder.model.modules())
+        saved = encoder.model.state_dict()
+        assert all(torch.equal(saved[k], state[k]) for k in state)
+
+
 class SkipsPastTheNorm(torch.nn.Module):
     """conv -> norm, but the convolution's output is also added after the norm: folding would
     change the sum, so the fold is refused."""
@@ -159,7 +185,7 @@ def test_a_norm_that_cannot_fold_is_left_as_it_was():
         collate=stack_pixels, embed=lambda batch: [spatial_mean(model(batch["pixel_values"]))],
     )  # fmt: skip
     want = pooled(encoder, images(2))
-    assert fold_batch_norms(encoder) == 0
+    assert fuse_for_inference(encoder) == 0
     assert isinstance(model.norm, torch.nn.BatchNorm2d) and not encoder.unfolded
     torch.testing.assert_close(pooled(encoder, images(2)), want, rtol=0, atol=0)
 

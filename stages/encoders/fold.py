@@ -1,4 +1,5 @@
-"""Inference-only folding of batch norms into the convolutions before them (CNNs).
+"""Inference-only fusions: batch norms folded into the convolutions before them (CNNs), and on
+the CPU oneDNN's linears and convolutions with their bias and activation fused.
 
 In eval mode a BatchNorm after a convolution is an affine map per channel, so it folds exactly
 into the convolution's weight and bias: y = (W x + b - mean) * g / sqrt(var + eps) + beta. On a
@@ -8,7 +9,7 @@ on the CPU: the activation runs inside oneDNN's convolution (a post-op), one mor
 map saved. Which norm follows which convolution is observed on one probe batch (a norm whose
 input is a convolution's output, each module run once), and the folded encoder must give the
 same pooled layers on that batch, else the model is left as it was. The replaced modules are
-kept: `unfold_batch_norms` (called by `save_encoder`) puts them back, so an export saves the
+kept: `unfuse` (called by `save_encoder`) puts them back, so an export saves the
 weights as loaded.
 """
 
@@ -36,14 +37,17 @@ def onednn_activation(act: nn.Module) -> tuple[str, list[float], str] | None:
         return "hardswish", [], ""
     if type(act) is nn.GELU:
         return "gelu", [], act.approximate
+    hf_gelu = type(act).__name__ == "GELUActivation" and type(act).__module__.startswith("trans")
+    if hf_gelu and getattr(act, "act", None) is nn.functional.gelu:  # transformers' exact GELU
+        return "gelu", [], "none"
     return None
 
 
-def fusable_convolutions() -> bool:
-    """Whether this torch has oneDNN's convolution with a fused activation (CPU builds)."""
+def fusable_kernels() -> bool:
+    """Whether this torch has oneDNN's convolution and linear with fused activations (CPU)."""
     try:
         return torch.backends.mkldnn.is_available() and bool(
-            torch.ops.mkldnn._convolution_pointwise
+            torch.ops.mkldnn._convolution_pointwise and torch.ops.mkldnn._linear_pointwise
         )
     except (AttributeError, RuntimeError):
         return False
@@ -69,6 +73,24 @@ class ConvActivation(nn.Module):
         )  # fmt: skip
 
 
+class OneDNNLinear(nn.Linear):
+    """An nn.Linear (same parameters, same state-dict keys: its class is swapped in place)
+    computed on the CPU by oneDNN with its bias, and the activation after it when there is
+    one, fused: torch's addmm first copies the bias into the whole output, a third of a ViT's
+    linear time. `post_op`: (oneDNN name, scalars, algorithm, the activation module or None)."""
+
+    post_op: tuple[str, list[float], str, nn.Module | None] = ("none", [], "", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name, scalars, algorithm, act = self.post_op
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.weight, self.bias, name, scalars, algorithm
+            )
+        out = nn.functional.linear(x, self.weight, self.bias)
+        return out if act is None else act(out)
+
+
 def fused(conv: nn.Module, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(what replaces the convolution, what replaces its folded norm): timm's norm + activation
     on the CPU becomes the convolution with a fused activation and nothing."""
@@ -81,7 +103,7 @@ def fused(conv: nn.Module, norm: nn.Module) -> tuple[nn.Module, nn.Module]:
         or not plain_conv
         or type(norm.drop) is not nn.Identity
         or conv.weight.device.type != "cpu"
-        or not fusable_convolutions()
+        or not fusable_kernels()
     ):
         return conv, norm_replacement(norm)
     return ConvActivation(conv, act, post_op), nn.Identity()
@@ -97,9 +119,11 @@ def norm_replacement(norm: nn.Module) -> nn.Module | None:
     return None
 
 
-def conv_norm_pairs(model: nn.Module, batch: dict[str, torch.Tensor], embed) -> list[tuple]:
-    """(conv name, norm name) pairs where, on `batch`, the norm's input was the convolution's
-    output (the same tensor), both run once."""
+def direct_pairs(
+    model: nn.Module, batch: dict[str, torch.Tensor], embed, first, second
+) -> list[tuple[str, str]]:
+    """(name, name) of the modules A, B (first(A), second(B) true) where, on `batch`, B's input
+    was A's output (the same tensor), both run once."""
     names = {module: name for name, module in model.named_modules()}
     calls: dict[nn.Module, int] = {}
     # id of a convolution's output -> (the convolution, the output: kept alive, so that no
@@ -107,11 +131,11 @@ def conv_norm_pairs(model: nn.Module, batch: dict[str, torch.Tensor], embed) -> 
     produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     seen: list[tuple[nn.Module, nn.Module]] = []
 
-    def after_conv(module, args, output):
+    def after_first(module, args, output):
         calls[module] = calls.get(module, 0) + 1
         produced[id(output)] = (module, output)
 
-    def before_norm(module, args):
+    def before_second(module, args):
         calls[module] = calls.get(module, 0) + 1
         conv, _ = produced.get(id(args[0]), (None, None))
         if conv is not None:
@@ -119,10 +143,10 @@ def conv_norm_pairs(model: nn.Module, batch: dict[str, torch.Tensor], embed) -> 
 
     hooks = []
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(after_conv))
-        elif norm_replacement(module) is not None and module.track_running_stats:
-            hooks.append(module.register_forward_pre_hook(before_norm))
+        if first(module):
+            hooks.append(module.register_forward_hook(after_first))
+        elif second(module):
+            hooks.append(module.register_forward_pre_hook(before_second))
     try:
         with torch.inference_mode():
             outputs = embed(batch)
@@ -146,46 +170,87 @@ def fold_pair(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
 
 
 def probe_batch(encoder: Encoder, device: torch.device) -> dict[str, torch.Tensor]:
-    """One seeded noise image, prepared and collated as extraction does, on `device`."""
-    pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
-    batch = encoder.collate([encoder.prepare(Image.fromarray(pixels))])
+    """One seeded noise image (or a sentence), prepared and collated as extraction does."""
+    if encoder.modality == "image":
+        pixels = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+        item = Image.fromarray(pixels)
+    else:
+        item = "A probe sentence, with 7 words and digits 0-9."
+    batch = encoder.collate([encoder.prepare(item)])
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def fold_batch_norms(encoder: Encoder) -> int:
-    """Fold, in place, every batch norm that directly follows a convolution into it (the model
-    in float32 on its device); return how many. The replaced modules are kept in
-    `encoder.unfolded` for `unfold_batch_norms`."""
+def is_norm(module: nn.Module) -> bool:
+    return norm_replacement(module) is not None and module.track_running_stats
+
+
+def fuse_for_inference(encoder: Encoder) -> int:
+    """Fold, in place, every batch norm that directly follows a convolution into it and, on
+    the CPU, compute linears (and convolutions before timm's norm + activation) with oneDNN,
+    fusing the activation that directly follows them. The model is in float32 on its device.
+    Returns how many modules changed; the replaced ones are kept in `encoder.unfolded`."""
     model = encoder.model
-    if model.training or not any(norm_replacement(m) for m in model.modules()):
+    device = next(model.parameters()).device
+    cpu = device.type == "cpu" and fusable_kernels()
+    has_norms = any(is_norm(m) for m in model.modules())
+    if model.training or not (has_norms or cpu):
         return 0
-    batch = probe_batch(encoder, next(model.parameters()).device)
-    pairs = conv_norm_pairs(model, batch, encoder.embed)
-    if not pairs:
+    batch = probe_batch(encoder, device)
+    norms = direct_pairs(model, batch, encoder.embed, is_conv, is_norm) if has_norms else []
+    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear] if cpu else []
+    acts = direct_pairs(model, batch, encoder.embed, is_linear, is_activation) if cpu else []
+    if not (norms or linears):
         return 0
     with torch.inference_mode():
         before = [x.float() for x in encoder.embed(batch)]
-    saved = {name: copy.deepcopy(model.get_submodule(name)) for pair in pairs for name in pair}
-    for conv_name, norm_name in pairs:
+    saved = {name: copy.deepcopy(model.get_submodule(name)) for pair in norms for name in pair}
+    saved.update({act: model.get_submodule(act) for _, act in acts})
+    encoder.unfolded.update(saved)
+    for conv_name, norm_name in norms:
         conv, norm = model.get_submodule(conv_name), model.get_submodule(norm_name)
         fold_pair(conv, norm)
         new_conv, new_norm = fused(conv, norm)
         model.set_submodule(norm_name, new_norm)
         model.set_submodule(conv_name, new_conv)
-    with torch.inference_mode():
-        after = [x.float() for x in encoder.embed(batch)]
-    encoder.unfolded.update(saved)
-    if not all(same_rows(a, b) for a, b in zip(before, after, strict=True)):
-        unfold_batch_norms(encoder)  # the probe disagrees: leave the model as it was
+    for name in linears:
+        model.get_submodule(name).__class__ = OneDNNLinear
+    for linear_name, act_name in acts:
+        act = model.get_submodule(act_name)
+        model.get_submodule(linear_name).post_op = (*onednn_activation(act), act)
+        model.set_submodule(act_name, nn.Identity())
+    try:
+        with torch.inference_mode():
+            after = [x.float() for x in encoder.embed(batch)]
+        agree = all(same_rows(a, b) for a, b in zip(before, after, strict=True))
+    except RuntimeError:  # a kernel oneDNN does not have for these shapes
+        agree = False
+    if not agree:
+        unfuse(encoder)  # the probe disagrees: leave the model as it was
         return 0
-    return len(pairs)
+    return len(norms) + len(linears) + len(acts)
 
 
-def unfold_batch_norms(encoder: Encoder) -> None:
-    """Put back the convolutions and norms as loaded (before saving the weights)."""
+def unfuse(encoder: Encoder) -> None:
+    """Put back the modules as loaded (before saving the weights)."""
     for name, module in encoder.unfolded.items():
         encoder.model.set_submodule(name, module)
     encoder.unfolded.clear()
+    for module in encoder.model.modules():
+        if isinstance(module, OneDNNLinear):
+            module.__class__ = nn.Linear
+            module.__dict__.pop("post_op", None)
+
+
+def is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def is_activation(module: nn.Module) -> bool:
+    return onednn_activation(module) is not None
 
 
 def same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:

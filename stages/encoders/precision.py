@@ -17,7 +17,7 @@ import os
 import torch
 
 from stages.encoders.base import Encoder
-from stages.encoders.fold import fold_batch_norms
+from stages.encoders.fold import fuse_for_inference
 from store.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -57,13 +57,12 @@ def uses_channels_last(encoder: Encoder) -> bool:
 
 
 def place_encoder(encoder: Encoder, device: torch.device, precision: str) -> None:
-    """Ready the encoder's model for inference on `device`: a CNN's batch norms folded into
-    its convolutions (in float32), the floating-point weights cast to `precision` (fp32 or
-    bf16, resolved) and, for a CNN, channels-last. Take the fingerprint before: it hashes the
-    weights as loaded (`save_encoder` puts folded norms back)."""
+    """Ready the encoder's model for inference on `device`: batch norms folded and oneDNN's
+    fused kernels on the CPU (stages.encoders.fold, in float32), the floating-point weights
+    cast to `precision` (fp32 or bf16, resolved) and, for a CNN, channels-last. Take the
+    fingerprint before: it hashes the weights as loaded (`save_encoder` puts them back)."""
     encoder.model.to(device=device)
-    if uses_channels_last(encoder):
-        fold_batch_norms(encoder)
+    fuse_for_inference(encoder)
     encoder.model.to(dtype=DTYPES[precision])
     if uses_channels_last(encoder):
         encoder.model.to(memory_format=torch.channels_last)
