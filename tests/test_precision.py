@@ -1,7 +1,6 @@
 """Compute precision (--precision fp32|bf16|auto), channels-last CNNs and folded batch norms:
 what each changes in the features, and that a store never mixes precisions."""
 
-import errno
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +15,14 @@ from stages.encoders.precision import AUTO_ENV, place_encoder, resolve_precision
 from stages.extract import ExtractOptions, extract
 from stages.model import AlignedModel
 from store import FeatureStore, UserError
-from tests.helpers import files, one_line_error, run_cli, save_random_timm, save_tiny_resnet
+from tests.helpers import (
+    files,
+    fill_disk_after,
+    one_line_error,
+    run_cli,
+    save_random_timm,
+    save_tiny_resnet,
+)
 from tests.model_helpers import tiny_run
 
 CPU = torch.device("cpu")
@@ -217,21 +223,10 @@ def test_precision_is_recorded_and_never_mixed_in_one_array(tmp_path, capsys, ti
 def test_a_bf16_run_resumed_is_byte_identical(tmp_path, monkeypatch, tiny_resnet):
     """The disk fills up after one block of a bf16 CNN run (folded, channels-last); the same
     command finishes it byte-identical to an uninterrupted bf16 run."""
-    import zarr.storage._local as local
-
     opts = replace(FAST, precision="bf16")
     clean = tmp_path / "clean.zarr"
     extract(str(clean), "digits", "train", "digits", tiny_resnet, opts)
-    real_put, writes = local._put, []
-
-    def filling(path, value, exclusive=False):
-        if "/layers/" in str(path) and "/c/" in str(path):
-            writes.append(path)
-            if len(writes) > 7:  # block 0's 6 layers, then 1 layer of block 1
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(path, value, exclusive=exclusive)
-
-    monkeypatch.setattr(local, "_put", filling)
+    fill_disk_after(monkeypatch, 7)  # block 0's 6 layers, then 1 layer of block 1
     store = tmp_path / "s.zarr"
     with pytest.raises(Exception, match="no space left on the device"):
         extract(str(store), "digits", "train", "digits", tiny_resnet, opts)
