@@ -1,26 +1,41 @@
-"""Extraction throughput: the whole pipeline against the bare model forward, same process.
+"""Extraction throughput against the machine's limit: a roofline, the bare forward, the whole
+`extract` command, and (with --baseline) an older checkout's `extract` on the same data.
 
 The model is a real-size architecture with random weights (no download): DINOv2 (`small`,
 `base`, `large`) saved to a temporary directory and loaded through the Hugging Face code path,
-like a user's local model, or timm's ResNet-50 (`resnet50`: a CNN whose five stored layers are
-64 to 2,048 wide) saved to a safetensors file and loaded with `timm:resnet50 --weights FILE`.
-The data are N random JPEG files listed in a pairs CSV, so decoding and preprocessing are real.
+like a user's local model, or a timm CNN (`resnet50`, `efficientnet_lite0`) saved to a
+safetensors file and loaded with `timm:NAME --weights FILE`. The data are N random JPEG files
+listed in a pairs CSV, so decoding and preprocessing are real.
 
-    python -m benchmarks.extract --arch small --n 256                                  # CPU
-    python -m benchmarks.extract --arch resnet50 --n 64 --batch-size 16                # CPU
+    python -m benchmarks.extract --arch small --n 128                            # CPU
+    python -m benchmarks.extract --arch efficientnet_lite0 --n 256 --baseline /path/to/main
     python -m benchmarks.extract --arch large --n 8192 --batch-size 256 --num-workers 12  # GPU
 
-Prints rows/s of (a) the bare forward over one pre-made batch already on the device (the floor:
-no decoding, preprocessing, pooling, copies or store writes), (b) the extract loop, and (c)
-extract all in (model loading and fingerprinting included, a one-off per run), and the ratios.
+Prints, all measured in this run:
+  - the matmul rate (2048 x 2048) in float32 and in the compute dtype (the roofline's roof);
+  - the model's FLOPs per image (torch.utils.flop_counter on one batch of its extraction path);
+  - rows/s and achieved GFLOPS (and the share of the matmul rate) of the bare forward over one
+    pre-made batch on the device (placed as extraction places it: precision, channels-last,
+    folded norms), of the encoder's `embed` on that batch (every layer pooled), and of
+    `python -m pipeline extract` (its loop: decoding, preprocessing, pooling, store writes;
+    model loading excluded);
+  - with --baseline DIR: the same `extract` command run from the checkout DIR (e.g. the main
+    branch before a change; its own defaults), alternated --repeats times with this one, and
+    the ratio of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +45,11 @@ from PIL import Image
 
 from stages.device import resolve_device
 from stages.encoders import load_encoder
-from stages.extract import ExtractOptions, extract
-from store.features import width_summary
+from stages.encoders.precision import DTYPES, place_encoder, resolve_precision
 
+ROOT = Path(__file__).resolve().parents[1]
 ARCHS = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+TIMM = ("resnet50", "efficientnet_lite0")
 
 
 def save_random_dinov2(arch: str, directory: Path, image_size: int) -> None:
@@ -48,11 +64,11 @@ def save_random_dinov2(arch: str, directory: Path, image_size: int) -> None:
     BitImageProcessor(size={"shortest_edge": 256}, crop_size=crop).save_pretrained(directory)
 
 
-def save_random_resnet50(path: Path) -> None:
+def save_random_timm(name: str, path: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
-    model = timm.create_model("resnet50", pretrained=False)
+    model = timm.create_model(name, pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
@@ -70,81 +86,145 @@ def write_pairs(directory: Path, n: int) -> Path:
     return directory / "pairs.csv"
 
 
-def bare_forward(encoder, pairs: Path, n: int, batch_size: int, device) -> float:
-    """Rows/s of the model alone (its plain forward) on one batch prepared beforehand, already
-    on the device."""
-    encoder.model.to(device)
-    images = [Image.open(pairs.parent / f"img/{i}.jpg").convert("RGB") for i in range(batch_size)]
-    pixels = encoder.collate([encoder.prepare(im) for im in images])["pixel_values"].to(device)
-    if encoder.spec.startswith("timm:"):
-        pixels = pixels.float()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-        def forward():
-            return encoder.model(pixels)
-    else:
 
-        def forward():
-            return encoder.model(pixel_values=pixels, output_hidden_states=True)
+def timed_rate(step, units: float, device: torch.device, repeats: int) -> float:
+    """units/s of `step` (after one warm-up call)."""
+    step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync(device)
+    return units * repeats / (time.perf_counter() - started)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    n_batches = -(-n // batch_size)
-    with torch.inference_mode(), autocast:
-        forward()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(n_batches):
-            forward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return n_batches * batch_size / (time.perf_counter() - started)
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    repeats = 50 if device.type == "cuda" else 5
+    return timed_rate(lambda: a @ b, 2 * size**3 / 1e9, device, repeats)
+
+
+def forward_path(encoder, pixels: torch.Tensor, spec: str):
+    """The plain forward of the model (no hidden states kept, no pooling), in its dtype and
+    layout as placed."""
+    from stages.encoders.base import model_input
+
+    model = encoder.model
+    if spec.startswith("timm:"):
+        return lambda: model(model_input(pixels.float() / 255, model))
+    return lambda: model(pixel_values=model_input(pixels.float(), model))
+
+
+def flops_per_row(step, rows: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / rows
+
+
+def run_extract(checkout: Path, model: str, pairs: Path, store: Path, args, extra: list[str]):
+    """rows/s of `python -m pipeline extract` run from `checkout` (the embedding loop, as the
+    command prints it)."""
+    command = [
+        sys.executable, "-m", "pipeline", "--params", "/dev/null", "extract", "--model", model,
+        "--source", f"pairs:{pairs}", "--dataset", "bench", "--store", str(store),
+        "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
+        "--device", args.device, "--no-progress", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+    found = re.search(r"\(([\d.]+) rows/s", done.stdout)
+    if done.returncode or not found:
+        raise SystemExit(f"extract from {checkout} failed:\n{done.stdout}\n{done.stderr}")
+    return float(found.group(1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=[*sorted(ARCHS), "resnet50"], default="small")
-    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--arch", choices=[*sorted(ARCHS), *TIMM], default="small")
+    parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto")
+    parser.add_argument("--baseline", type=Path, help="a checkout whose extract to compare")
+    parser.add_argument("--repeats", type=int, default=2, help="extract runs of each checkout")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    dtype = DTYPES[precision]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = ""
-        if args.arch == "resnet50":  # timm's preprocessing for resnet50: 224 px crops
-            model, weights = "timm:resnet50", str(tmp / "resnet50.safetensors")
-            save_random_resnet50(Path(weights))
+        if args.arch in TIMM:  # timm's preprocessing for the model: 224 px crops
+            model, weights = f"timm:{args.arch}", str(tmp / f"{args.arch}.safetensors")
+            save_random_timm(args.arch, Path(weights))
         else:
             model = str(tmp / f"dinov2-{args.arch}-random")
             save_random_dinov2(args.arch, Path(model), args.image_size)
         pairs = write_pairs(tmp, args.n)
+
+        roof = {"float32": matmul_gflops(torch.float32, device)}
+        roof[str(dtype).removeprefix("torch.")] = matmul_gflops(dtype, device)
         encoder = load_encoder(model, weights=weights or None)
-        floor = bare_forward(encoder, pairs, args.n, args.batch_size, device)
-        del encoder
-        opts = ExtractOptions(
-            batch_size=args.batch_size,
-            block_rows=1024,
-            device=args.device,
-            num_workers=args.num_workers,
-            weights=weights,
-            progress=False,
-        )
-        started = time.perf_counter()
-        result = extract(str(tmp / "bench.zarr"), "bench", "train", f"pairs:{pairs}", model, opts)
-        all_in = args.n / (time.perf_counter() - started)
-    loop = result.rows / result.seconds
+        images = [Image.open(tmp / f"img/{i}.jpg").convert("RGB") for i in range(args.batch_size)]
+        batch = encoder.collate([encoder.prepare(im) for im in images])
+        with torch.inference_mode():  # the model as loaded: fused kernels count no FLOPs
+            flops = flops_per_row(partial(encoder.embed, batch), args.batch_size)
+        place_encoder(encoder, device, precision)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        forward = forward_path(encoder, batch["pixel_values"], model)
+        n_batches = max(1, args.n // args.batch_size)
+        with torch.inference_mode():
+            bare = timed_rate(forward, args.batch_size, device, n_batches)
+            embed = timed_rate(partial(encoder.embed, batch), args.batch_size, device, n_batches)
+        del encoder, forward  # the extract runs below load their own
+
+        runs: dict[str, list[float]] = {"this": [], "baseline": []}
+        weights_flag = ["--weights", weights] if weights else []
+        for i in range(args.repeats):  # alternated: a machine's load drifts
+            if args.baseline:
+                store = tmp / f"base{i}.zarr"
+                rate = run_extract(args.baseline, model, pairs, store, args, weights_flag)
+                runs["baseline"].append(rate)
+            extra = ["--precision", precision, *weights_flag]
+            runs["this"].append(run_extract(ROOT, model, pairs, tmp / f"s{i}.zarr", args, extra))
+
+    best = roof[str(dtype).removeprefix("torch.")]
     print(
-        f"device {device}; {'' if args.arch == 'resnet50' else 'dinov2-'}{args.arch} random "
-        f"weights; layer widths {width_summary(result.array.layer_dims)}; n={args.n}; "
-        f"batch {args.batch_size}; {args.num_workers} workers; "
-        f"{224 if args.arch == 'resnet50' else args.image_size} px"
+        f"device {device}; {args.arch} random weights; precision {precision}; n={args.n}; "
+        f"batch {args.batch_size}; {args.num_workers} workers; {os.cpu_count()} CPUs"
     )
-    print(f"bare forward      {floor:9.1f} rows/s")
-    print(f"extract loop      {loop:9.1f} rows/s   overhead {floor / loop:.3f}x (goal <= 1.10)")
-    print(f"extract all in    {all_in:9.1f} rows/s   overhead {floor / all_in:.3f}x")
+    print("matmul 2048^2    " + "   ".join(f"{k} {v:7.1f} GFLOPS" for k, v in roof.items()))
+    print(f"model            {flops / 1e9:7.2f} GFLOPs per image (extraction path)")
+
+    def line(name: str, rate: float) -> str:
+        achieved = rate * flops / 1e9
+        return (
+            f"{name:<16} {rate:7.1f} rows/s  {achieved:7.1f} GFLOPS = "
+            f"{achieved / best:5.1%} of the {precision} matmul"
+        )
+
+    print(line("bare forward", bare))
+    print(line("embed", embed) + "   (every layer pooled: extraction's path, no data loading)")
+    this = statistics.median(runs["this"])
+    print(line("extract loop", this) + f"   (runs: {', '.join(f'{r:.1f}' for r in runs['this'])})")
+    if args.baseline:
+        base = statistics.median(runs["baseline"])
+        print(
+            line("baseline loop", base)
+            + f"   (runs: {', '.join(f'{r:.1f}' for r in runs['baseline'])}; {args.baseline})"
+        )
+        print(f"speed-up         {this / base:7.2f}x this checkout's extract over the baseline's")
 
 
 if __name__ == "__main__":

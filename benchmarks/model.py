@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 
 from stages.encoders import Encoder, family_of, load_encoder
+from stages.encoders.base import model_input
+from stages.encoders.precision import place_encoder
 from stages.heads import build_head, save_run
 from stages.index import make_index
 from stages.model import AlignedModel, export_model
@@ -128,7 +130,7 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
     model = AlignedModel.from_run(run, device=args.device)
     full = load_encoder(image_model, weights=weights)  # the same encoder, whole
     device = model.device
-    full.model.to(device)
+    place_encoder(full, device, model.precision)  # as the model's: precision, fused kernels
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rng = np.random.default_rng(0)
@@ -143,17 +145,16 @@ def encode_benchmark(args: argparse.Namespace, tmp: Path) -> None:
         for c in chunks
     ]
     # the baseline gets its pixels ready-made, as a user of the model would
-    pixels = [bare_pixels(full, c).to(device) for c in chunks]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    pixels = [model_input(bare_pixels(full, c).to(device), full.model) for c in chunks]
     timm_model = family_of(full).name == "timm"
 
     def bare_forward() -> None:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             for x in pixels:
                 full.model(x) if timm_model else full.model(pixel_values=x)
 
     def truncated_forward() -> None:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             for batch in batches:
                 encoder.embed(batch)
 

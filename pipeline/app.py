@@ -164,6 +164,15 @@ def progress_option() -> Any:
     )
 
 
+def precision_option() -> Any:
+    """The `--precision` option of every command that runs an encoder."""
+    return typer.Option(
+        "auto",
+        help="fp32, bf16 or auto: bf16 on CUDA and on CPUs with native bf16 (AVX-512 BF16, "
+        "AMX), else fp32 (STRUCTURE_PRECISION=fp32|bf16 changes what auto means).",
+    )
+
+
 def echo_error(message: str) -> None:
     """A stage's `log` for warnings: to stderr, beside the command's own output."""
     typer.echo(message, err=True)

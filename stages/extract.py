@@ -32,6 +32,7 @@ from stages.datasets import load_source
 from stages.device import resolve_device
 from stages.encoders import Encoder, load_encoder
 from stages.encoders.inputs import Batch, limit_manifest, row_batches, rows_to_embed
+from stages.encoders.precision import place_encoder, resolve_precision
 from stages.progress import progress_bar
 from stages.prompts import PromptSpec
 from store import FeatureArray, FeatureStore, UserError, fingerprint, write_manifest
@@ -55,6 +56,7 @@ class ExtractOptions:
     block_rows: int = 512
     dtype: str = "float16"
     device: str = "auto"
+    precision: str = "auto"  # fp32 | bf16 | auto (stages.encoders.precision); resolved when planned
     num_workers: int = 2
     limit: int = 0
     overwrite: bool = False
@@ -146,7 +148,7 @@ def open_array(
         wanted = {**attrs, "dtype": opts.dtype}
         changed = [
             k
-            for k in ("source_fingerprint", "model_fingerprint", "dtype")
+            for k in ("source_fingerprint", "model_fingerprint", "precision", "dtype")
             if array.attrs.get(k) != wanted[k]
         ]
         if array.n_rows != n_rows or array.layer_dims != encoder.layer_dims:
@@ -227,6 +229,7 @@ def plan_extraction(
         "source": source_spec,
         "source_fingerprint": fingerprint(manifest, encoder.modality),
         "model_fingerprint": encoder.fingerprint(),
+        "precision": opts.precision,  # resolved by `extract`: never two precisions in one array
         **({"prompts": prompts} if prompts else {}),  # the templates and names (evaluate's)
     }
     array = open_array(store, dataset, split, encoder, len(names), attrs, opts)
@@ -259,6 +262,7 @@ def extract(
     """Extract every layer of `model` over one split into the store; resumes where it stopped.
     With opts.scheduler the blocks run as tasks on a dask cluster (stages.cluster). The array's
     lock is held throughout: a second writer of it stops with one line."""
+    opts = replace(opts, precision=planned_precision(opts))  # a bad one: before any write
     store = Path(store_path)
     manifest = store / dataset / split / "manifest.parquet"
     if not store.exists() or opts.overwrite or not manifest.is_file():  # it surely writes
@@ -276,7 +280,7 @@ def extract(
             seconds = extract_on_cluster(job, store_path, dataset, split, source_spec, model, opts)
         else:
             device = resolve_device(opts.device)
-            encoder.model.to(device)
+            place_encoder(encoder, device, opts.precision)
             started = time.perf_counter()
             embed_blocks(array, encoder, job.fetch, job.names, job.todo, device, opts)
             seconds = time.perf_counter() - started
@@ -285,9 +289,19 @@ def extract(
         print(
             f"{array.path}: {n_todo} rows x {len(encoder.layer_names)} layers of width "
             f"{width_summary(encoder.layer_dims)} "
-            f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s)"
+            f"in {seconds:.1f} s ({n_todo / seconds:.1f} rows/s, {opts.precision})"
         )
         return ExtractResult(array, n_todo, seconds)
+
+
+def planned_precision(opts: ExtractOptions) -> str:
+    """The one precision of this run's array (fp32 or bf16). On a cluster, `auto` is decided by
+    the coordinator's hardware (its GPU unless --device cpu), so that every worker computes in
+    the same precision; pass --precision for a cluster of other machines."""
+    if opts.scheduler:
+        cuda = opts.device != "cpu" and torch.cuda.is_available()
+        return resolve_precision(opts.precision, torch.device("cuda" if cuda else "cpu"))
+    return resolve_precision(opts.precision, resolve_device(opts.device))
 
 
 def embed_blocks(
@@ -338,6 +352,7 @@ def load_worker_job(
     seen = {
         "source_fingerprint": fingerprint(manifest, encoder.modality),
         "model_fingerprint": encoder.fingerprint(),
+        "precision": opts.precision,  # resolved by the coordinator
     }
     differs = [k for k, v in seen.items() if array.attrs.get(k) != v]
     if differs or array.n_rows != len(names):
@@ -346,7 +361,7 @@ def load_worker_job(
             f"coordinator for {array.path}; give every worker the same data, model and store"
         )
     device = resolve_device(opts.device)
-    encoder.model.to(device)
+    place_encoder(encoder, device, opts.precision)
     # daemonic worker processes cannot start DataLoader workers; one bar is on the client
     worker_opts = replace(opts, num_workers=0, progress=False)
     return WorkerJob(array, encoder, fetch, names, device, worker_opts)
@@ -423,7 +438,6 @@ def run_blocks(
     """
     # one (rows, sum of widths) buffer per block: the layers side by side, split on the host
     offsets = np.cumsum([0, *encoder.layer_dims])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     unit = " img" if encoder.modality == "image" else " txt"
     bar = progress_bar(
         total=n_todo,
@@ -459,7 +473,7 @@ def run_blocks(
                     slice(lo, hi) if not bad else torch.as_tensor(np.delete(rows, bad) - span.start)
                 )
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with torch.inference_mode(), autocast:
+                with torch.inference_mode():  # in the weights' dtype (place_encoder)
                     buffer[good] = torch.cat(encoder.embed(batch), dim=1).float()
             filled += len(rows)
             if filled == len(buffer):

@@ -55,6 +55,7 @@ from stages.encoders.arguments import (
     string_list,
 )
 from stages.encoders.inputs import even_batches, limit_manifest, row_batches, rows_to_embed
+from stages.encoders.precision import place_encoder, resolve_precision
 from stages.heads import CHECKPOINT, CONFIG, load_run
 from stages.progress import progress_bar
 from stages.vectors import class_embeddings, unit_rows
@@ -160,6 +161,7 @@ class AlignedModel:
         heads: dict[str, torch.nn.Module],
         run_id: str,
         device: str = "auto",
+        precision: str = "auto",
     ):
         self.config, self.encoders, self.layers, self.heads = config, encoders, layers, heads
         self.run_id = run_id  # which run's heads these are (see `run_id`)
@@ -172,21 +174,30 @@ class AlignedModel:
             for side in SIDES
         }  # (blocks run, blocks of the whole encoder)
         self.device = resolve_device(device)
+        # the encoders' compute precision (fp32 or bf16); the heads stay float32
+        self.precision = resolve_precision(precision, self.device)
         for side in SIDES:
-            encoders[side].model.to(self.device)
+            place_encoder(encoders[side], self.device, self.precision)
             heads[side].to(self.device).eval()
         self.temperature = float(config.get("temperature") or 0.05)
 
     # -- loading --------------------------------------------------------------------------------
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, device: str = "auto", trust_remote_code: bool = False
+        cls,
+        run_dir: str | Path,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        precision: str = "auto",
     ) -> AlignedModel:
-        """The model of an align run directory (config.json + head.safetensors)."""
-        return cls._of_run(run_dir, load_run(run_dir), device, trust_remote_code)
+        """The model of an align run directory (config.json + head.safetensors). `precision`:
+        the encoders' (fp32, bf16, or auto: bf16 where the device computes it natively)."""
+        return cls._of_run(run_dir, load_run(run_dir), device, trust_remote_code, precision)
 
     @classmethod
-    def _of_run(cls, run_dir, loaded, device: str, trust_remote_code: bool) -> AlignedModel:
+    def _of_run(
+        cls, run_dir, loaded, device: str, trust_remote_code: bool, precision: str = "auto"
+    ) -> AlignedModel:
         config, image_head, text_head = loaded
         missing = [
             f"{s}_{k}" for s in SIDES for k in ("model", "layer") if f"{s}_{k}" not in config
@@ -202,11 +213,15 @@ class AlignedModel:
             encoders[side] = load_checked_encoder(spec, info, trust_remote_code, where)
             layers[side] = layer_position(encoders[side], config[f"{side}_layer"], where)
         heads = {"image": image_head, "text": text_head}
-        return cls(config, encoders, layers, heads, run_id(run_dir), device)
+        return cls(config, encoders, layers, heads, run_id(run_dir), device, precision)
 
     @classmethod
     def from_pretrained(
-        cls, export_dir: str | Path, device: str = "auto", trust_remote_code: bool = False
+        cls,
+        export_dir: str | Path,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        precision: str = "auto",
     ) -> AlignedModel:
         """The model of a directory written by `export`: its own truncated encoders when it
         holds them (offline, nothing downloaded), else the encoders named in its config. Every
@@ -232,15 +247,21 @@ class AlignedModel:
             # a truncated encoder keeps the names of the layers it still computes
             layers[side] = layer_position(encoders[side], info["layer"], where)
         heads = {"image": image_head, "text": text_head}
-        return cls(config, encoders, layers, heads, run_id(export_dir), device)
+        return cls(config, encoders, layers, heads, run_id(export_dir), device, precision)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", trust_remote_code: bool = False):
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        precision: str = "auto",
+    ):
         """An export directory (`from_pretrained`) or an align run directory (`from_run`)."""
         loaded = load_run(path)  # the run reader: one line for a missing or unreadable run
         if "export" in loaded[0]:
-            return cls.from_pretrained(path, device, trust_remote_code)
-        return cls._of_run(path, loaded, device, trust_remote_code)
+            return cls.from_pretrained(path, device, trust_remote_code, precision)
+        return cls._of_run(path, loaded, device, trust_remote_code, precision)
 
     # -- encoding -------------------------------------------------------------------------------
     def output_dim(self, side: str) -> int:
@@ -284,13 +305,11 @@ class AlignedModel:
 
     def project_batch(self, side: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One collated batch (the encoder's `collate` output) -> (B, d) float32 unit rows on
-        the model's device: the encoder up to the chosen layer (bf16 autocast on CUDA, as
-        extraction), then the head in float32, as on the stored features."""
+        the model's device: the encoder up to the chosen layer in its precision (as extraction),
+        then the head in float32, as on the stored features."""
         encoder, layer, head = self.encoders[side], self.layers[side], self.heads[side]
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        cuda = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            features = encoder.embed(batch)[layer].float()
+        features = encoder.embed(batch)[layer].float()
         try:
             return unit_rows(head(features).float())
         except RuntimeError as err:  # a shape mismatch: another model or layer
@@ -417,7 +436,7 @@ def export_model(
     out = check_output(out, "dir")
     if out.is_dir() and any(out.iterdir()) and export_section(out) is None:
         raise UserError(f"{out} exists and is not an export; choose another --out")
-    model = AlignedModel.from_run(run_dir, device="cpu")
+    model = AlignedModel.from_run(run_dir, device="cpu", precision="fp32")  # weights as loaded
     export: dict[str, Any] = {"format": EXPORT_FORMAT, "run": str(Path(run_dir).resolve())}
 
     def fill(tmp: Path) -> dict[str, Any]:

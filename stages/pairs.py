@@ -33,6 +33,7 @@ PROVENANCE_KEYS = (
     "source",
     "source_fingerprint",
     "model_fingerprint",
+    "precision",
 )
 
 

@@ -417,12 +417,12 @@ def read_selection(select_dir: Path, required: bool = False) -> dict | None:
 
 def features_identity(spec: PairSpec) -> dict[str, str]:
     """What a selection was computed from: the store folder and both arrays' source and model
-    fingerprints, so that a selection.json of another store (or re-extracted features) is not
-    reused."""
+    fingerprints and precisions, so that a selection.json of another store (or re-extracted
+    features) is not reused."""
     _, image, text = spec.arrays()
     identity = {"store": str(Path(spec.store).resolve())}
     for side, array in (("image", image), ("text", text)):
-        keys = ("source_fingerprint", "model_fingerprint")
+        keys = ("source_fingerprint", "model_fingerprint", "precision")
         identity[side] = ":".join(str(array.attrs.get(k, "")) for k in keys)
     return identity
 

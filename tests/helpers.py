@@ -199,3 +199,22 @@ def one_line_error(stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     return errors[0]
+
+
+def fill_disk_after(monkeypatch, chunk_writes: int) -> None:
+    """Make the local store refuse (ENOSPC) every feature chunk write after the first
+    `chunk_writes`, until `monkeypatch.undo()`: a disk filling up in the middle of a run."""
+    import errno
+
+    import zarr.storage._local as local
+
+    real_put, writes = local._put, []
+
+    def filling(path, value, exclusive=False):
+        if "/layers/" in str(path) and "/c/" in str(path):
+            writes.append(path)
+            if len(writes) > chunk_writes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_put(path, value, exclusive=exclusive)
+
+    monkeypatch.setattr(local, "_put", filling)

@@ -33,7 +33,7 @@ import pytest
 import stages.extract as extract_module
 from stages.extract import ExtractOptions, extract
 from store import FeatureStore
-from tests.helpers import files, one_line_error, run_cli
+from tests.helpers import files, fill_disk_after, one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ExtractOptions(batch_size=8, block_rows=16, num_workers=0, progress=False)
@@ -183,20 +183,9 @@ def test_a_refused_chunk_write_is_one_line_and_no_block_complete(
 def test_a_write_failing_after_some_blocks_leaves_exactly_those_complete(tmp_path, monkeypatch):
     """Unlisted: the disk fills up in the middle of the run. The blocks written before stay
     complete; the one being written is not; the same command then finishes byte-identical."""
-    import zarr.storage._local as local
-
     clean = tmp_path / "clean.zarr"
     extract(str(clean), "digits", "train", "digits", MODEL, replace(FAST, limit=48))
-    real_put, writes = local._put, []
-
-    def filling(path, value, exclusive=False):
-        if "/layers/" in str(path) and "/c/" in str(path):
-            writes.append(path)
-            if len(writes) > 7:  # block 0's 5 layers, then 2 layers of block 1
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(path, value, exclusive=exclusive)
-
-    monkeypatch.setattr(local, "_put", filling)
+    fill_disk_after(monkeypatch, 7)  # block 0's 5 layers, then 2 layers of block 1
     store = tmp_path / "s.zarr"
     with pytest.raises(Exception, match="no space left on the device"):
         extract(str(store), "digits", "train", "digits", MODEL, replace(FAST, limit=48))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, precision_option
 from pipeline.commands.export import RUN_HELP
 from stages.encoders.arguments import checked_class_names
 from stages.evaluate import prompts_record
@@ -69,6 +69,7 @@ def classify_command(
     store: Path = typer.Option(Path("features.zarr"), help="Feature store of --prompts-dataset."),
     prompts_split: str = typer.Option("prompts", help="The prompts split of --prompts-dataset."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = precision_option(),
 ) -> None:
     """Each image's top-k classes and probabilities (templates averaged as in `evaluate`)."""
     if csv:
@@ -80,7 +81,7 @@ def classify_command(
     elif labels or labels_file or templates != SIMPLE:
         raise UserError("--prompts-dataset takes the class names and templates from the store; "
                         "give it without --labels, --labels-file and --templates")  # fmt: skip
-    model = AlignedModel.load(run, device)
+    model = AlignedModel.load(run, device, precision=precision)
     if prompts_dataset is not None:
         text_model = model.config["text_model"]
         record = prompts_record(FeatureStore(store), prompts_dataset, prompts_split, text_model)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app, progress_option
+from pipeline.app import app, precision_option, progress_option
 from stages.extract import ExtractOptions, extract
 from stages.prompts import SIMPLE, SOURCE, PromptSpec, is_prompts_split
 from store import UserError
@@ -34,7 +34,8 @@ def extract_command(
     batch_size: int = typer.Option(64, min=1, help="Images (or texts) per forward pass."),
     block_rows: int = typer.Option(512, min=1, help="Rows per store block (resume unit)."),
     dtype: str = typer.Option("float16", help="float16 or float32."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = precision_option(),
     num_workers: int = typer.Option(
         2,
         min=0,
@@ -91,6 +92,7 @@ def extract_command(
         block_rows=block_rows,
         dtype=dtype,
         device=device,
+        precision=precision,
         num_workers=num_workers,
         limit=limit,
         overwrite=overwrite,

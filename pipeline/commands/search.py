@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, precision_option
 from stages.heads import CHECKPOINT
 from stages.index import check_model_matches, index_model_path, open_index, search
 from stages.model import AlignedModel, run_id
@@ -26,6 +26,7 @@ def search_command(
     ),
     k: int = typer.Option(10, "-k", "--top-k", min=1, help="How many results to show."),
     device: str = typer.Option("auto", help="Where the encoders run: auto, cpu or cuda."),
+    precision: str = precision_option(),
 ) -> None:
     """Rank, score (cosine), id and path of the top-k images for the query."""
     if (query is None) == (image is None):
@@ -36,7 +37,7 @@ def search_command(
     model_path = index_model_path(meta, index, run)
     if (model_path / CHECKPOINT).is_file():  # refused before any encoder is loaded
         check_model_matches(meta, run_id(model_path), index, model_path)
-    model = AlignedModel.load(model_path, device)
+    model = AlignedModel.load(model_path, device, precision=precision)
     check_model_matches(meta, model.run_id, index, model_path)
     vector = model.encode_image(image) if image is not None else model.encode_text([query])
     hits = search(faiss_index, rows, vector.numpy(), k)[0]

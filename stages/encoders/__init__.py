@@ -35,6 +35,7 @@ from stages.encoders.base import (
     register_family,
     spatial_mean,
 )
+from stages.encoders.fold import unfuse
 from stages.encoders.huggingface import ALIASES
 from stages.encoders.tiny import TINY
 from store.errors import UserError
@@ -106,6 +107,7 @@ def save_encoder(encoder: Encoder, folder: Path) -> dict[str, Any]:
     """Write the encoder as it is now (cut by `truncate_encoder`) into `folder` (safetensors
     weights, and what its family needs besides: config, processor or tokenizer files). Returns
     what rebuilds it, for the export's config.json: its family and the family's recipe."""
+    unfuse(encoder)  # the modules and weights as loaded, whatever placing fused
     return {"family": encoder.family, **family_of(encoder).save(encoder, folder)}
 
 

@@ -27,6 +27,7 @@ from stages.encoders.base import (
     device_normaliser,
     download_hint,
     masked_mean,
+    model_input,
     probe_widths,
     register_family,
     save_weights,
@@ -112,7 +113,7 @@ def hf_image_encoder(spec: str, model, processor, revision: str) -> Encoder:
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        pixels = to_pixels(batch["pixel_values"])
+        pixels = model_input(to_pixels(batch["pixel_values"]), model)
         out = model(pixel_values=pixels, output_hidden_states=True)
         if maps:  # Swin's hidden_states are token lists; its reshaped_hidden_states are maps
             stages = getattr(out, "reshaped_hidden_states", None) or out.hidden_states

@@ -21,6 +21,7 @@ from stages.encoders.base import (
     as_json,
     device_normaliser,
     download_hint,
+    model_input,
     register_family,
     save_weights,
     spatial_mean,
@@ -143,7 +144,7 @@ def timm_embed(
         return out[1][:, 0] if pooling == "cls" else out.mean(1)
 
     def embed(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        pixels = to_pixels(batch["pixel_values"])
+        pixels = model_input(to_pixels(batch["pixel_values"]), model)
         if stop is not None:
             layers = model.forward_intermediates(
                 pixels, indices=list(range(stop)), norm=False, stop_early=True,
