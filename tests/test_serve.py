@@ -124,6 +124,7 @@ def test_info_names_the_run_models_layers_and_index(server, pics):
     assert info["layers"] == {"image": config["image_layer"], "text": config["text_layer"]}
     assert info["index"]["rows"] == N_PICS and info["index"]["captions"] is True
     assert info["limits"]["max_k"] == LIMITS.max_k and "protocol" not in info
+    assert info["precision"] == "fp32"  # tests/conftest.py: auto means fp32 in the suite
     assert requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]["/api/search"]
 
 
@@ -240,7 +241,8 @@ def test_a_recorded_file_swapped_for_a_symlink_is_not_served(server, pics, tmp_p
 
 
 def test_without_an_index_search_is_off_and_the_rest_works(pics):
-    with running(Service(pics["run"], None, "cpu")) as url:
+    with running(Service(pics["run"], None, "cpu", precision="bf16")) as url:
+        assert requests.get(f"{url}/api/info", timeout=30).json()["precision"] == "bf16"
         response = requests.get(f"{url}/api/search", params={"q": "a"}, timeout=30)
         assert response.status_code == 404 and "without --index" in response.json()["detail"]
         assert requests.get(f"{url}/images/0", timeout=30).status_code == 404

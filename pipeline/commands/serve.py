@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.app import app
+from pipeline.app import app, precision_option
 from pipeline.commands.export import RUN_HELP
 from stages.serve import Service, serve
 
@@ -23,8 +23,9 @@ def serve_command(
     ),
     port: int = typer.Option(8000, min=0, max=65535, help="Port; 0 picks a free one."),
     device: str = typer.Option("auto", help="Where the encoders run: auto, cpu or cuda."),
+    precision: str = precision_option(),
 ) -> None:
     """A search page at / and a JSON API under /api (search, classify, embed, info); the run and
     the index are checked and loaded once, before the server listens."""
-    service = Service(run, index, device)
+    service = Service(run, index, device, precision=precision)
     serve(service, host, port, echo=lambda line: typer.echo(line, err=line.startswith("warn")))

@@ -157,6 +157,7 @@ class Service:
         index: str | Path | None = None,
         device: str = "auto",
         limits: Limits | None = None,
+        precision: str = "auto",
     ):
         self.run = Path(run).resolve()
         self.limits = limits or Limits()
@@ -164,7 +165,7 @@ class Service:
         if self.index:  # a damaged run, then another run's index: refused before any encoder
             load_run(self.run)
             check_model_matches(self.index.meta, run_id(self.run), self.index.path, self.run)
-        self.model = AlignedModel.load(self.run, device)
+        self.model = AlignedModel.load(self.run, device, precision=precision)
         if self.index:
             check_model_matches(self.index.meta, self.model.run_id, self.index.path, self.run)
         self.dim = self.model.output_dim("text")
@@ -287,6 +288,7 @@ class Service:
             "dim": self.dim,
             "temperature": model.temperature,
             "device": str(model.device),
+            "precision": model.precision,
             "index": index,
             **({"protocol": self.protocol} if self.protocol else {}),
             "limits": asdict(self.limits),
