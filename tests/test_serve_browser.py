@@ -100,5 +100,9 @@ def test_search_page_in_chromium(tmp_path):
             screenshot(browser, tmp_path, "serve-classify.png")
             errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
             assert all("400" in e["message"] for e in errors), errors  # only the refused query
+
+            browser.get(f"{url}/docs")  # the OpenAPI docs render offline: no CDN is reachable
+            wait.until(lambda b: "/api/search" in b.find_element(By.TAG_NAME, "body").text)
+            screenshot(browser, tmp_path, "serve-docs.png")
         finally:
             browser.quit()

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from stages.serve.images import (
@@ -92,7 +93,8 @@ def validation_message(err: RequestValidationError) -> str:
 def create_app(service: Service) -> FastAPI:
     """The FastAPI app answering from `service` (a model and an optional index, loaded)."""
     limits = service.limits
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs from the package's own Swagger UI files, not a CDN
+        redoc_url=None,
         title="structure-align",
         summary="Search, classify and embed with an aligned model (STRUCTURE, NeurIPS 2025).",
         version="1",
