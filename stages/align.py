@@ -20,6 +20,7 @@ import pandas as pd
 
 from stages import similarity
 from stages.heads import head_kind, head_kinds, write_run
+from stages.lambda_cv import LambdaSearch, ZeroShotData, search_lambda
 from stages.pairs import (
     MemoryPairs,
     PairSpec,
@@ -34,7 +35,7 @@ from stages.pairs import (
 )
 from stages.select import SelectSettings, features_identity, read_selection, run_selection
 from stages.train import AlignSettings, TrainResult, train_heads
-from store import UserError
+from store import FeatureStore, UserError, pair_labels
 from store.io import check_output
 
 
@@ -208,6 +209,24 @@ def pairs_digest(train: np.ndarray, val: np.ndarray) -> str:
     return hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
 
 
+def zeroshot_data(
+    spec: PairSpec, prompts_split: str, text_layer: str, train: np.ndarray
+) -> tuple[ZeroShotData | None, np.ndarray]:
+    """For --lambda-criterion zeroshot: (the prompts of `prompts_split` at the text layer with
+    their labels, or None when the split was not extracted; the label of every training pair
+    `train`, -1 where none)."""
+    store = FeatureStore(spec.store)
+    labels = pair_labels(store.manifest(spec.dataset, spec.split))[train]
+    try:
+        prompts = store.open(spec.dataset, prompts_split, "text", spec.text_model)
+        prompt_labels = store.manifest(spec.dataset, prompts_split)["label"].to_numpy(np.int64)
+    except UserError:
+        return None, labels
+    if len(prompt_labels) == 0 or (prompt_labels < 0).any():
+        return None, labels
+    return ZeroShotData(prompts.read_layer(text_layer), prompt_labels), labels
+
+
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -222,6 +241,9 @@ def run_align(
     extra_n: int = 0,
     eval_split: str | None = None,
     allow_overlap: bool = False,
+    lambda_search: LambdaSearch | None = None,
+    prompts_split: str = "prompts",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Load the pairs of `spec` at `layers` (image, text), split, train, and write the run
     directory (atomically: a previous run at `out` is replaced only by a complete one); returns
@@ -234,9 +256,17 @@ def run_align(
     to the training pairs (the paper's in-domain mixing; validation stays on `spec`).
     eval_split: the split the run will be evaluated on (SPLIT of spec's dataset, or
     DATASET/SPLIT); none of the extra data may come from it, nor from the training split,
-    unless allow_overlap (recorded in config.json)."""
+    unless allow_overlap (recorded in config.json).
+    lambda_search: choose settings.lam by cross-validation on the training pairs first
+    (stages.lambda_cv; the zeroshot criterion embeds the classes of `prompts_split`); the
+    table goes to `log`, config.json records it under `lambda_search`."""
     out = check_output(out, "dir")  # before any work
     check_overlap(spec, eval_split, allow_overlap, extra_pairs, unpaired)
+    if lambda_search is not None and (extra_pairs or any(unpaired)):
+        raise UserError(
+            "--lambda auto cross-validates the training pairs alone: it does not take "
+            "--extra-pairs or --unpaired-*; give a number to --lambda"
+        )
     kind = head_kind(settings.head)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
@@ -275,6 +305,25 @@ def run_align(
             unpaired_texts=unpaired[1],
             n_unpaired=[0 if r is None else len(r) for r in rows],
         )
+    if lambda_search is not None:
+        if not isinstance(train_source, MemoryPairs):
+            raise UserError("--lambda auto needs the training pairs in memory: raise --memory-cap")
+        zeroshot, labels = None, None
+        if lambda_search.criterion == "zeroshot":
+            zeroshot, labels = zeroshot_data(spec, prompts_split, names[1], train)
+        added["lambda_search"] = search_lambda(
+            train_source,
+            val_source,
+            pairs.image_rows[train],
+            settings,
+            lambda_search,
+            trainer(kind.name),
+            zeroshot=zeroshot,
+            train_labels=labels,
+            progress=progress,
+            log=log,
+        )
+        settings = replace(settings, lam=added["lambda_search"]["chosen"])
     result = trainer(kind.name)(train_source, val_source, settings, progress=progress, **kwargs)
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
