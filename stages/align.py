@@ -34,6 +34,7 @@ from stages.pairs import (
     split_pairs,
 )
 from stages.select import SelectSettings, features_identity, read_selection, run_selection
+from stages.threads import step_flops, threads_for
 from stages.train import AlignSettings, TrainResult, train_heads
 from store import FeatureStore, UserError, pair_labels
 from store.io import check_output
@@ -305,26 +306,35 @@ def run_align(
             unpaired_texts=unpaired[1],
             n_unpaired=[0 if r is None else len(r) for r in rows],
         )
-    if lambda_search is not None:
-        if not isinstance(train_source, MemoryPairs):
-            raise UserError("--lambda auto needs the training pairs in memory: raise --memory-cap")
-        zeroshot, labels = None, None
-        if lambda_search.criterion == "zeroshot":
-            zeroshot, labels = zeroshot_data(spec, prompts_split, names[1], train)
-        added["lambda_search"] = search_lambda(
-            train_source,
-            val_source,
-            pairs.image_rows[train],
-            settings,
-            lambda_search,
-            trainer(kind.name),
-            zeroshot=zeroshot,
-            train_labels=labels,
-            progress=progress,
-            log=log,
-        )
-        settings = replace(settings, lam=added["lambda_search"]["chosen"])
-    result = trainer(kind.name)(train_source, val_source, settings, progress=progress, **kwargs)
+    batch = batch_plan(len(train_source), settings.batch_size)[1]
+    rs = settings.lam > 0 or lambda_search is not None
+    flops = step_flops(batch, pairs.dims, settings.out_dim, settings.hidden_dim, rs)
+    # one thread for small heads (stages.threads): the search's runs and the final one
+    with threads_for(flops) as threads:
+        if lambda_search is not None:
+            if not isinstance(train_source, MemoryPairs):
+                raise UserError(
+                    "--lambda auto needs the training pairs in memory: raise --memory-cap"
+                )
+            zeroshot, labels = None, None
+            if lambda_search.criterion == "zeroshot":
+                zeroshot, labels = zeroshot_data(spec, prompts_split, names[1], train)
+            added["lambda_search"] = search_lambda(
+                train_source,
+                val_source,
+                pairs.image_rows[train],
+                settings,
+                lambda_search,
+                trainer(kind.name),
+                zeroshot=zeroshot,
+                train_labels=labels,
+                progress=progress,
+                log=log,
+            )
+            settings = replace(settings, lam=added["lambda_search"]["chosen"])
+        fit = trainer(kind.name)
+        result = fit(train_source, val_source, settings, progress=progress, **kwargs)
+    added["torch_threads"] = threads
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
     config = {

@@ -174,6 +174,43 @@ def fold_score(
 
 
 # -- the search ---------------------------------------------------------------------------------
+def fold_scores(
+    train: MemoryPairs,
+    val: MemoryPairs,
+    groups: np.ndarray,
+    fold: np.ndarray,
+    settings: AlignSettings,
+    grid: tuple[float, ...],
+    fit: Callable[..., TrainResult],
+    criteria: tuple[str, ...],
+    *,
+    zeroshot: ZeroShotData | None = None,
+    train_labels: np.ndarray | None = None,
+    progress: bool = True,
+) -> dict[str, dict[float, list[float]]]:
+    """{criterion: {λ: score of each fold}}: for every fold k and λ, one run of `fit` on the
+    pairs outside fold k (settings with λ), scored on fold k under every criterion (the runs
+    are shared by the criteria)."""
+    scores: dict[str, dict[float, list[float]]] = {c: {lam: [] for lam in grid} for c in criteria}
+    folds = int(fold.max()) + 1
+    bar = progress_bar(total=len(grid) * folds, desc="lambda cv", unit="run", enabled=progress)
+    for k in range(folds):
+        held_idx, fit_idx = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+        fit_pairs = MemoryPairs(train.image[fit_idx], train.text[fit_idx])
+        held = MemoryPairs(train.image[held_idx], train.text[held_idx])
+        held_labels = None if train_labels is None else train_labels[held_idx]
+        for lam in grid:
+            result = fit(fit_pairs, val, replace(settings, lam=lam), progress=False)
+            for c in criteria:
+                score = fold_score(
+                    c, result, held, groups[held_idx], settings, zeroshot, held_labels
+                )
+                scores[c][lam].append(float(score))
+            bar.update(1)
+    bar.close()
+    return scores
+
+
 def search_lambda(
     train: MemoryPairs,
     val: MemoryPairs,
@@ -199,25 +236,12 @@ def search_lambda(
             "--lambda-criterion zeroshot needs class labels on the training pairs and a "
             "prompts split; use retrieval or clip"
         )
-    fold = image_folds(groups, search.folds, settings.seed)
-    scores: dict[float, list[float]] = {lam: [] for lam in grid}
     started = time.perf_counter()
-    bar = progress_bar(
-        total=len(grid) * search.folds, desc="lambda cv", unit="run", enabled=progress
-    )
-    for k in range(search.folds):
-        held_idx, fit_idx = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
-        fit_pairs = MemoryPairs(train.image[fit_idx], train.text[fit_idx])
-        held = MemoryPairs(train.image[held_idx], train.text[held_idx])
-        held_labels = None if train_labels is None else train_labels[held_idx]
-        for lam in grid:
-            result = fit(fit_pairs, val, replace(settings, lam=lam), progress=False)
-            score = fold_score(
-                search.criterion, result, held, groups[held_idx], settings, zeroshot, held_labels
-            )
-            scores[lam].append(float(score))
-            bar.update(1)
-    bar.close()
+    fold = image_folds(groups, search.folds, settings.seed)
+    scores = fold_scores(
+        train, val, groups, fold, settings, grid, fit, (search.criterion,),
+        zeroshot=zeroshot, train_labels=train_labels, progress=progress,
+    )[search.criterion]  # fmt: skip
     chosen = choose_lambda(scores, higher)
     record = {
         "criterion": search.criterion,
