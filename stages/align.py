@@ -133,6 +133,60 @@ def resolve_layers(
     )
 
 
+def layer_agreement(
+    select_dir: Path, metric: str, spec: PairSpec, layers: tuple[str, str]
+) -> dict[str, Any] | None:
+    """How much the two chosen layers agree, from a selection of these features scored by
+    `metric` (select_dir, or the metric's own folder, `selection_place`): the score and, when
+    the selection was calibrated, the calibrated score and p-value of this pair, and for the
+    selected pair also the p-value of the max (corrected for the search over pairs). None when
+    no such selection scored this pair."""
+    _, image, text = spec.arrays()
+    select_dir = Path(select_dir)
+    for place in dict.fromkeys((select_dir, selection_place(select_dir, metric))):
+        info = read_selection(place)
+        pair = _usable_pair(info, metric, spec, image, text)
+        if pair is None:
+            continue
+        table = pd.read_parquet(place / "scores.parquet")
+        row = table[(table["image_layer"] == layers[0]) & (table["text_layer"] == layers[1])]
+        if row.empty or metric not in table:
+            continue
+        record = {"metric": metric, "score": float(row[metric].iloc[0]), "selection": str(place)}
+        if f"{metric}_calibrated" in table:
+            record.update(
+                calibrated=float(row[f"{metric}_calibrated"].iloc[0]),
+                p_value=float(row[f"{metric}_p_value"].iloc[0]),
+                permutations=info["permutations"],
+                alpha=info["alpha"],
+            )
+            if (pair["image_layer"], pair["text_layer"]) == tuple(layers):
+                record["max_p_value"] = pair["p_value"]  # the selected pair: the max's p
+        return record
+    return None
+
+
+def agreement_lines(agreement: dict[str, Any] | None, lam: float) -> list[str]:
+    """What align prints about the layers' agreement; with lam > 0 on a pair not above the
+    null (p-value, the max's for a selected pair, above alpha), one line saying so."""
+    if agreement is None:
+        return []
+    a = agreement
+    line = f"layer agreement: {a['metric']} {a['score']:.4f}"
+    if "calibrated" not in a:
+        return [line + " (not calibrated: `select --calibrate 100` tells whether it is chance)"]
+    p = a.get("max_p_value", a["p_value"])
+    which = "p of the max over pairs" if "max_p_value" in a else "p"
+    lines = [line + f", calibrated {a['calibrated']:.4f}, {which} {p:.3g}"]
+    if lam > 0 and p > a["alpha"]:
+        lines.append(
+            f"warning: these layers agree no more than chance ({which} {p:.3g} > "
+            f"{a['alpha']}): R_S with lambda {lam:g} preserves a structure the other side does "
+            "not share (try --lambda auto or 0)"
+        )
+    return lines
+
+
 # -- data beyond the training pairs: never the evaluation split or the training split ----------
 def check_overlap(
     spec: PairSpec,

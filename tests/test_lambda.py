@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -185,3 +187,67 @@ def test_bad_auto_options_are_one_line_errors_and_write_nothing(
 def test_align_lambda_auto_in_params_leaves_sweep_and_table_their_own_lambda():
     settings = settings_from({"align": {"lam": "auto", "out_dim": 8}}, "align", AlignSettings)
     assert settings.lam == AlignSettings.lam and settings.out_dim == 8
+
+
+def test_align_says_how_much_the_layers_agree_and_warns_on_chance_agreement(
+    store, tmp_path, capsys
+):
+    params = params_file(tmp_path)
+    select_dir = tmp_path / "select"
+    code, _, err = run_cli(
+        ["--params", params, "select", "--store", store, "--out", select_dir, "--calibrate", "19",
+         "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    table = pd.read_parquet(select_dir / "scores.parquet").set_index(["image_layer", "text_layer"])
+    base = ["--params", params, "align", "--store", store, "--select-dir", select_dir,
+            "--no-progress", "--max-steps", "2", "--lambda", "1"]  # fmt: skip
+    seen = {}
+    for layers in ("final_norm,embeddings", "block.0,layer.0"):  # planted pair; two noise layers
+        run = tmp_path / layers.replace(",", "-")
+        code, out, err = run_cli([*base, "--layers", layers, "--out", run], capsys)
+        assert code == 0, err
+        record = json.loads((run / "config.json").read_text())["layer_agreement"]
+        row = table.loc[tuple(layers.split(","))]
+        assert record["score"] == pytest.approx(row["mutual_knn"])
+        assert record["calibrated"] == pytest.approx(row["mutual_knn_calibrated"])
+        assert record["p_value"] == pytest.approx(row["mutual_knn_p_value"])
+        seen[layers] = (record["p_value"], out)
+    p, out = seen["final_norm,embeddings"]
+    assert p == pytest.approx(1 / 20) and "layer agreement: mutual_knn" in out  # above every null
+    assert "agree no more than chance" not in out
+    p, out = seen["block.0,layer.0"]
+    assert p > 0.05 and "agree no more than chance" in out
+
+
+def test_sweep_lambdas_and_the_auto_variant(store, tmp_path, capsys):
+    params = yaml.safe_load(Path(params_file(tmp_path)).read_text())
+    params["select"] = {"n_samples": 100}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "sweep"
+    code, _, err = run_cli(
+        ["--params", tmp_path / "params.yaml", "sweep", "--store", store, "--out", out,
+         "--select-dir", tmp_path / "select",
+         "--methods", "linear-similar-rs,linear-similar-rs-auto",
+         "--lambdas", "2,0", "--n-pairs", "40,0", "--seeds", "0,1", "--lambda-grid", "0,2",
+         "--cv-folds", "2", "--workers", "1", "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = pd.read_csv(out / "sweep.csv")
+    assert len(rows) == 2 * 2 * 3 and (out / "lambda.png").stat().st_size > 0
+    fixed = rows[rows["method"] == "linear-similar-rs"]
+    assert sorted(fixed["lambda_setting"].astype(str).unique()) == ["0", "2"]
+    assert (fixed["lambda"].astype(float) == fixed["lambda_setting"].astype(float)).all()
+    # an auto run equals the fixed run at the λ it chose (same pairs, seed, settings)
+    for _, auto in rows[rows["method"] == "linear-similar-rs-auto"].iterrows():
+        twin = fixed[(fixed["n_pairs"] == auto["n_pairs"]) & (fixed["seed"] == auto["seed"])]
+        twin = twin[twin["lambda"].astype(float) == float(auto["lambda"])].iloc[0]
+        for column in ("zs_top1", "i2t_r1", "t2i_r1"):
+            assert auto[column] == pytest.approx(twin[column], abs=1e-3)
+    summary = (out / "summary.md").read_text()
+    assert "| method | λ | n_pairs |" in summary
+    group = fixed[(fixed["n_pairs"] == 40) & (fixed["lambda_setting"].astype(str) == "2")]
+    mean, std = group["zs_top1"].mean(), group["zs_top1"].std()
+    assert f"| linear-similar-rs | 2 | 40 | 40 | 2 | {mean:.1f} ± {std:.1f} |" in summary

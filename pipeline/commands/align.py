@@ -9,7 +9,7 @@ import typer
 
 from pipeline.app import app, echo_error, progress_option
 from pipeline.config import section_settings
-from stages.align import resolve_layers, run_align
+from stages.align import agreement_lines, layer_agreement, resolve_layers, run_align
 from stages.heads import head_help
 from stages.lambda_cv import CSA_GRID, DEFAULT_GRID, LambdaSearch, parse_grid, parse_lambda
 from stages.pairs import PairSpec, parse_memory_cap
@@ -179,13 +179,18 @@ def align(
     select = replace(section_settings(ctx, "select", SelectSettings), seed=seed, metric=metric)
     chosen = resolve_layers(layers, spec, select_dir, select, log=echo_error, progress=progress)
     typer.echo(f"layers: image {chosen[0]}, text {chosen[1]}")
+    agreement = layer_agreement(select_dir, metric, spec, chosen)
     config, result = run_align(
         spec,
         chosen,
         settings,
         out,
         progress=progress,
-        extra_config={"layers": layers, "layer_metric": metric if layers == "auto" else None},
+        extra_config={
+            "layers": layers,
+            "layer_metric": metric if layers == "auto" else None,
+            "layer_agreement": agreement,
+        },
         memory_cap=cap,
         unpaired=(unpaired_images or None, unpaired_texts or None),
         extra_pairs=extra_pairs or None,
@@ -198,6 +203,8 @@ def align(
     )
     if search is not None:
         typer.echo(f"lambda {config['lambda']:g} (auto), final run on every training pair")
+    for line in agreement_lines(agreement, config["lambda"]):
+        typer.echo(line)
     kept = (
         f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"
         if config["n_val"]
