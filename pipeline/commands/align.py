@@ -38,7 +38,7 @@ def align(
     ),
     head: str = typer.Option(D.head, help=head_help()),
     lam: str = typer.Option(
-        f"{D.lam:g}",
+        str(D.lam),
         "--lambda",
         help="Weight of R_S (0 = plain CLIP baseline), or auto: chosen from --lambda-grid by "
         "--cv-folds cross-validation on the training pairs under --lambda-criterion.",
