@@ -15,7 +15,14 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import settings_from
-from stages.lambda_cv import LambdaSearch, choose_lambda, image_folds, parse_grid, search_lambda
+from stages.lambda_cv import (
+    CSA_GRID,
+    LambdaSearch,
+    choose_lambda,
+    image_folds,
+    parse_grid,
+    search_lambda,
+)
 from stages.pairs import MemoryPairs
 from stages.train import AlignSettings, train_heads
 from store import UserError
@@ -251,3 +258,19 @@ def test_sweep_lambdas_and_the_auto_variant(store, tmp_path, capsys):
     group = fixed[(fixed["n_pairs"] == 40) & (fixed["lambda_setting"].astype(str) == "2")]
     mean, std = group["zs_top1"].mean(), group["zs_top1"].std()
     assert f"| linear-similar-rs | 2 | 40 | 40 | 2 | {mean:.1f} ± {std:.1f} |" in summary
+
+
+def test_csa_auto_searches_its_own_grid_and_equals_the_fixed_run(store, tmp_path, capsys):
+    base = ["--params", params_file(tmp_path), "align", "--store", store, "--no-progress",
+            "--head", "csa", "--out-dim", "4", "--csa-steps", "10"]  # fmt: skip
+    code, _, err = run_cli([*base, "--out", tmp_path / "auto", "--lambda", "auto",
+                            "--cv-folds", "2"], capsys)  # fmt: skip
+    assert code == 0, err
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["lambda_search"]["grid"] == list(CSA_GRID)
+    code, _, err = run_cli([*base, "--out", tmp_path / "fixed", "--lambda",
+                            str(config["lambda"])], capsys)  # fmt: skip
+    assert code == 0, err
+    a = load_file(tmp_path / "auto" / "head.safetensors")
+    b = load_file(tmp_path / "fixed" / "head.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
