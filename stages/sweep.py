@@ -416,32 +416,46 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_scaling(summary: pd.DataFrame, path: Path) -> None:
-    """scaling.png: a panel per PLOTTED metric that has values; x = pairs used (log), a line per
-    method with the band mean ± std over seeds."""
+def plot_bands(
+    frame: pd.DataFrame,
+    path: Path,
+    lines: list[tuple[str, pd.DataFrame]],
+    x: str,
+    xlabel: str,
+    **xscale: Any,
+) -> None:
+    """A panel per PLOTTED metric that has values in `frame`; each (label, rows) of `lines` a
+    line against column `x` with the band mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [c for c in PLOTTED if summary[f"{c}_mean"].notna().any()]
+    panels = [c for c in PLOTTED if frame[f"{c}_mean"].notna().any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    by = ["method", "lambda_setting"] if lambda_settings(summary) > 1 else ["method"]
     for ax, column in zip(axes[0], panels, strict=True):
-        for key, group in summary.groupby(by, sort=False):
-            label = key[0] if len(by) == 1 else f"{key[0]} (λ {key[1]})"
-            group = group.sort_values("pairs_used")
-            x, mean = group["pairs_used"], group[f"{column}_mean"]
-            std = group[f"{column}_std"].fillna(0.0)
-            line = ax.plot(x, mean, marker="o", label=label)[0]
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_xscale("log")
-        ax.set(xlabel="training pairs", ylabel=PLOTTED[column], title=PLOTTED[column])
+        for label, group in lines:
+            group = group.sort_values(x)
+            mean, std = group[f"{column}_mean"], group[f"{column}_std"].fillna(0.0)
+            line = ax.plot(group[x], mean, marker="o", label=label)[0]
+            ax.fill_between(group[x], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_xscale(**xscale)
+        ax.set(xlabel=xlabel, ylabel=PLOTTED[column], title=PLOTTED[column])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_scaling(summary: pd.DataFrame, path: Path) -> None:
+    """scaling.png: x = pairs used (log), a line per method (per method and λ with --lambdas)."""
+    by = ["method", "lambda_setting"] if lambda_settings(summary) > 1 else ["method"]
+    lines = [
+        (key[0] if len(by) == 1 else f"{key[0]} (λ {key[1]})", group)
+        for key, group in summary.groupby(by, sort=False)
+    ]
+    plot_bands(summary, path, lines, "pairs_used", "training pairs", value="log")
 
 
 def lambda_settings(summary: pd.DataFrame) -> int:
@@ -452,35 +466,16 @@ def lambda_settings(summary: pd.DataFrame) -> int:
 
 
 def plot_lambda(summary: pd.DataFrame, path: Path) -> None:
-    """lambda.png (sweep --lambdas): a panel per PLOTTED metric that has values; x = λ
-    (symmetric log: 0 shows), a line per (method, n_pairs) of the methods run at several λ,
-    with the band mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """lambda.png (sweep --lambdas): x = λ (symmetric log: 0 shows), a line per (method,
+    n_pairs) of the methods run at several λ."""
     fixed = summary[summary["lambda_setting"] != "auto"].copy()
     fixed["lam"] = fixed["lambda_setting"].astype(float)
-    several = fixed.groupby("method")["lam"].transform("nunique") > 1
-    fixed = fixed[several]
-    panels = [c for c in PLOTTED if fixed[f"{c}_mean"].notna().any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, column in zip(axes[0], panels, strict=True):
-        for (method, n), group in fixed.groupby(["method", "n_pairs"], sort=False):
-            group = group.sort_values("lam")
-            x, mean = group["lam"], group[f"{column}_mean"]
-            std = group[f"{column}_std"].fillna(0.0)
-            label = f"{method}, {n or 'all'} pairs"
-            line = ax.plot(x, mean, marker="o", label=label)[0]
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set(xlabel="λ (weight of R_S)", ylabel=PLOTTED[column], title=PLOTTED[column])
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fixed = fixed[fixed.groupby("method")["lam"].transform("nunique") > 1]
+    lines = [
+        (f"{method}, {n or 'all'} pairs", group)
+        for (method, n), group in fixed.groupby(["method", "n_pairs"], sort=False)
+    ]
+    plot_bands(fixed, path, lines, "lam", "λ (weight of R_S)", value="symlog", linthresh=1.0)
 
 
 def write_sweep(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataFrame:
