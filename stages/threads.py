@@ -2,9 +2,9 @@
 
 Small heads do too little work per step to share among threads: each matmul waits for its
 slowest thread, and on a machine whose cores are busy with other work that wait is a time
-slice. Measured on 2 shared cores (benchmarks/threads.py, docs/training.md "Threads"): 1,000
-full-batch pairs of 384-d features at d 512 ran 3x slower on 2 threads than on 1, and a 100-pair
-run up to 17x slower; on one thread the same runs barely notice a competing process. So a step
+slice. Measured on 2 shared cores (benchmarks/threads.py; docs/training.md, "Threads on a busy
+machine"): 1,000 full-batch pairs of 384-d features at d 512 ran 3x slower on 2 threads than
+on 1, and a 100-pair run with R_S up to 17x slower. So a step
 under SMALL_STEP_FLOPS runs on one thread, chosen from the work alone (never from the load of
 the moment: the same run must give the same weights), and the caller's setting is restored
 after; no environment variable is needed.
