@@ -137,11 +137,13 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-micro", action="store_true")
+    parser.add_argument("--no-default", action="store_true", help="skip the torch-default pass")
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
     print(f"{os.cpu_count()} cores, torch default {torch.get_num_threads()} threads")
     work = Path(tempfile.mkdtemp(prefix="threads_"))
-    for label, default in (("threads chosen by stages.threads", False), ("torch default", True)):
+    passes = [("threads chosen by stages.threads", False), ("torch default", True)]
+    for label, default in passes[: 1 if args.no_default else 2]:
         seconds = {}
         with torch_default_threads(default):
             for busy in (False, True):
