@@ -190,8 +190,12 @@ def section_settings(ctx: typer.Context, command: str, cls: type[Settings]) -> S
 
 def settings_from(defaults: dict[str, Any], command: str, cls: type[Settings]) -> Settings:
     """`section_settings` from a `default_map` (for scripts outside the command line)."""
-    section = defaults.get(command, {})
+    section = dict(defaults.get(command, {}))
     kinds = {f.name: type(f.default) for f in fields(cls)}
+    # `align: {lambda: auto}` is align's own (cross-validated); a command that reuses the align
+    # section (sweep, table) sets lambda per method, so the dataclass default stands in for it
+    if str(section.get("lam", "")).strip().lower() == "auto":
+        section.pop("lam")
     return cls(**{k: _coerce(command, k, v, kinds[k]) for k, v in section.items() if k in kinds})
 
 

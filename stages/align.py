@@ -20,6 +20,7 @@ import pandas as pd
 
 from stages import similarity
 from stages.heads import head_kind, head_kinds, write_run
+from stages.lambda_cv import LambdaSearch, ZeroShotData, search_lambda
 from stages.pairs import (
     MemoryPairs,
     PairSpec,
@@ -33,8 +34,9 @@ from stages.pairs import (
     split_pairs,
 )
 from stages.select import SelectSettings, features_identity, read_selection, run_selection
+from stages.threads import step_flops, threads_for
 from stages.train import AlignSettings, TrainResult, train_heads
-from store import UserError
+from store import FeatureStore, UserError, pair_labels
 from store.io import check_output
 
 
@@ -131,6 +133,60 @@ def resolve_layers(
     )
 
 
+def layer_agreement(
+    select_dir: Path, metric: str, spec: PairSpec, layers: tuple[str, str]
+) -> dict[str, Any] | None:
+    """How much the two chosen layers agree, from a selection of these features scored by
+    `metric` (select_dir, or the metric's own folder, `selection_place`): the score and, when
+    the selection was calibrated, the calibrated score and p-value of this pair, and for the
+    selected pair also the p-value of the max (corrected for the search over pairs). None when
+    no such selection scored this pair."""
+    _, image, text = spec.arrays()
+    select_dir = Path(select_dir)
+    for place in dict.fromkeys((select_dir, selection_place(select_dir, metric))):
+        info = read_selection(place)
+        pair = _usable_pair(info, metric, spec, image, text)
+        if pair is None:
+            continue
+        table = pd.read_parquet(place / "scores.parquet")
+        row = table[(table["image_layer"] == layers[0]) & (table["text_layer"] == layers[1])]
+        if row.empty or metric not in table:
+            continue
+        record = {"metric": metric, "score": float(row[metric].iloc[0]), "selection": str(place)}
+        if f"{metric}_calibrated" in table:
+            record.update(
+                calibrated=float(row[f"{metric}_calibrated"].iloc[0]),
+                p_value=float(row[f"{metric}_p_value"].iloc[0]),
+                permutations=info["permutations"],
+                alpha=info["alpha"],
+            )
+            if (pair["image_layer"], pair["text_layer"]) == tuple(layers):
+                record["max_p_value"] = pair["p_value"]  # the selected pair: the max's p
+        return record
+    return None
+
+
+def agreement_lines(agreement: dict[str, Any] | None, lam: float) -> list[str]:
+    """What align prints about the layers' agreement; with lam > 0 on a pair not above the
+    null (p-value, the max's for a selected pair, above alpha), one line saying so."""
+    if agreement is None:
+        return []
+    a = agreement
+    line = f"layer agreement: {a['metric']} {a['score']:.4f}"
+    if "calibrated" not in a:
+        return [line + " (not calibrated: `select --calibrate 100` tells whether it is chance)"]
+    p = a.get("max_p_value", a["p_value"])
+    which = "p of the max over pairs" if "max_p_value" in a else "p"
+    lines = [line + f", calibrated {a['calibrated']:.4f}, {which} {p:.3g}"]
+    if lam > 0 and p > a["alpha"]:
+        lines.append(
+            f"warning: these layers agree no more than chance ({which} {p:.3g} > "
+            f"{a['alpha']}): R_S with lambda {lam:g} preserves a structure the other side does "
+            "not share (try --lambda auto or 0)"
+        )
+    return lines
+
+
 # -- data beyond the training pairs: never the evaluation split or the training split ----------
 def check_overlap(
     spec: PairSpec,
@@ -208,6 +264,24 @@ def pairs_digest(train: np.ndarray, val: np.ndarray) -> str:
     return hashlib.sha256(chosen.tobytes()).hexdigest()[:16]
 
 
+def zeroshot_data(
+    spec: PairSpec, prompts_split: str, text_layer: str, train: np.ndarray
+) -> tuple[ZeroShotData | None, np.ndarray]:
+    """For --lambda-criterion zeroshot: (the prompts of `prompts_split` at the text layer with
+    their labels, or None when the split was not extracted; the label of every training pair
+    `train`, -1 where none)."""
+    store = FeatureStore(spec.store)
+    labels = pair_labels(store.manifest(spec.dataset, spec.split))[train]
+    try:
+        prompts = store.open(spec.dataset, prompts_split, "text", spec.text_model)
+        prompt_labels = store.manifest(spec.dataset, prompts_split)["label"].to_numpy(np.int64)
+    except UserError:
+        return None, labels
+    if len(prompt_labels) == 0 or (prompt_labels < 0).any():
+        return None, labels
+    return ZeroShotData(prompts.read_layer(text_layer), prompt_labels), labels
+
+
 def run_align(
     spec: PairSpec,
     layers: tuple[str, str],
@@ -222,6 +296,9 @@ def run_align(
     extra_n: int = 0,
     eval_split: str | None = None,
     allow_overlap: bool = False,
+    lambda_search: LambdaSearch | None = None,
+    prompts_split: str = "prompts",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], TrainResult]:
     """Load the pairs of `spec` at `layers` (image, text), split, train, and write the run
     directory (atomically: a previous run at `out` is replaced only by a complete one); returns
@@ -234,9 +311,17 @@ def run_align(
     to the training pairs (the paper's in-domain mixing; validation stays on `spec`).
     eval_split: the split the run will be evaluated on (SPLIT of spec's dataset, or
     DATASET/SPLIT); none of the extra data may come from it, nor from the training split,
-    unless allow_overlap (recorded in config.json)."""
+    unless allow_overlap (recorded in config.json).
+    lambda_search: choose settings.lam by cross-validation on the training pairs first
+    (stages.lambda_cv; the zeroshot criterion embeds the classes of `prompts_split`); the
+    table goes to `log`, config.json records it under `lambda_search`."""
     out = check_output(out, "dir")  # before any work
     check_overlap(spec, eval_split, allow_overlap, extra_pairs, unpaired)
+    if lambda_search is not None and (extra_pairs or any(unpaired)):
+        raise UserError(
+            "--lambda auto cross-validates the training pairs alone: it does not take "
+            "--extra-pairs or --unpaired-*; give a number to --lambda"
+        )
     kind = head_kind(settings.head)
     pairs = open_pairs(spec, image_layer=layers[0], text_layer=layers[1])
     train, val = split_pairs(
@@ -275,7 +360,35 @@ def run_align(
             unpaired_texts=unpaired[1],
             n_unpaired=[0 if r is None else len(r) for r in rows],
         )
-    result = trainer(kind.name)(train_source, val_source, settings, progress=progress, **kwargs)
+    batch = batch_plan(len(train_source), settings.batch_size)[1]
+    rs = settings.lam > 0 or lambda_search is not None
+    flops = step_flops(batch, pairs.dims, settings.out_dim, settings.hidden_dim, rs)
+    # one thread for small heads (stages.threads): the search's runs and the final one
+    with threads_for(flops) as threads:
+        if lambda_search is not None:
+            if not isinstance(train_source, MemoryPairs):
+                raise UserError(
+                    "--lambda auto needs the training pairs in memory: raise --memory-cap"
+                )
+            zeroshot, labels = None, None
+            if lambda_search.criterion == "zeroshot":
+                zeroshot, labels = zeroshot_data(spec, prompts_split, names[1], train)
+            added["lambda_search"] = search_lambda(
+                train_source,
+                val_source,
+                pairs.image_rows[train],
+                settings,
+                lambda_search,
+                trainer(kind.name),
+                zeroshot=zeroshot,
+                train_labels=labels,
+                progress=progress,
+                log=log,
+            )
+            settings = replace(settings, lam=added["lambda_search"]["chosen"])
+        fit = trainer(kind.name)
+        result = fit(train_source, val_source, settings, progress=progress, **kwargs)
+    added["torch_threads"] = threads
     hyper = asdict(settings)
     hyper["lambda"] = hyper.pop("lam")
     config = {

@@ -41,6 +41,7 @@ from stages.evaluate import (
     prompts_record,
 )
 from stages.heads import head_kind, head_kinds, read_run
+from stages.lambda_cv import LambdaSearch, parse_grid
 from stages.pairs import PairSpec
 from stages.train import AlignSettings, check_finite_settings
 from store import FeatureStore, UserError, write_json_atomic, write_text_atomic
@@ -51,6 +52,8 @@ VARIANTS = {
     "similar-rs": "Similar + R_S",
     # R_S also on unpaired images and texts (sweep --unpaired-images/-texts)
     "similar-rs-unpaired": "Similar + R_S + unpaired",
+    # λ chosen per run by cross-validation on its training pairs (align --lambda auto)
+    "similar-rs-auto": "Similar + R_S (λ auto)",
 }
 TABLE_VARIANTS = ("last", "similar", "similar-rs")  # the paper's table
 DEFAULT_HEADS = ("linear", "mlp", "lowrank", "csa")  # the built-in kinds: the default methods
@@ -124,6 +127,12 @@ class SweepSettings:
     seeds: tuple[int, ...] = (0, 1, 2)
     lam: float = 10.0  # R_S weight of the gradient-trained + R_S rows
     csa_lambda: float = 0.3  # R_S weight of CSA + Similar + R_S
+    lambdas: tuple[float, ...] = ()  # the `-rs` methods once per λ of these (all heads)
+    # the `-rs-auto` methods: the search (empty grids: stages.lambda_cv's defaults per head)
+    lambda_grid: tuple[float, ...] = ()
+    csa_lambda_grid: tuple[float, ...] = ()
+    cv_folds: int = 5
+    lambda_criterion: str = "retrieval"
     csa_dim: int = 32
     eval_split: str = "test"
     prompts_split: str = "prompts"
@@ -154,17 +163,37 @@ class SweepSettings:
         for lam, what in ((self.lam, "--lambda"), (self.csa_lambda, "--csa-lambda")):
             if lam <= 0:
                 raise UserError(f"{what} must be > 0: it is the R_S weight of the `+ R_S` rows")
+        if self.lambdas:
+            object.__setattr__(self, "lambdas", parse_grid(self.lambdas, "--lambdas"))
+        for head in ("linear", "csa"):
+            self.search(head)  # checks the grids, folds and criterion
+
+    def search(self, head: str) -> LambdaSearch:
+        """The λ search of the `-rs-auto` methods of `head`."""
+        grid = self.csa_lambda_grid if head == "csa" else self.lambda_grid
+        return LambdaSearch(tuple(grid), self.cv_folds, self.lambda_criterion)
+
+    def rs_lambdas(self, method: str) -> tuple[float | None, ...]:
+        """The λ of each run of `method` at one (n_pairs, seed): (None,) for the methods with
+        no R_S or λ auto, else --lambdas or the head's one value."""
+        head, variant = split_method(method)
+        if not variant.startswith("similar-rs") or variant.endswith("-auto"):
+            return (None,)
+        return self.lambdas or ((self.csa_lambda if head == "csa" else self.lam),)
 
 
-def method_settings(method: str, n_pairs: int, base: AlignSettings, sweep: SweepSettings):
-    """The align settings of one method: R_S only in the `similar-rs*` variants; CSA's own d
-    and lambda."""
+def method_settings(
+    method: str, n_pairs: int, base: AlignSettings, sweep: SweepSettings, lam: float | None = None
+):
+    """The align settings of one method: R_S only in the `similar-rs*` variants (at `lam` when
+    given, else the head's sweep value); CSA's own d and lambda."""
     head, variant = split_method(method)
     rs = variant.startswith("similar-rs")
     if head == "csa":
-        lam = sweep.csa_lambda if rs else 0.0
+        lam = (sweep.csa_lambda if lam is None else lam) if rs else 0.0
         return replace(base, head="csa", n_pairs=n_pairs, out_dim=sweep.csa_dim, lam=lam)
-    return replace(base, head=head, n_pairs=n_pairs, lam=sweep.lam if rs else 0.0)
+    lam = (sweep.lam if lam is None else lam) if rs else 0.0
+    return replace(base, head=head, n_pairs=n_pairs, lam=lam)
 
 
 # -- presets: where the runs go and what is written at the end ------------------------------------
@@ -193,6 +222,7 @@ class SweepJob:
     threads: int = 0  # torch threads in a worker process (0: leave as is)
     extra_config: dict[str, Any] = field(default_factory=dict)
     allow_overlap: bool = False
+    lambda_search: LambdaSearch | None = None  # the `-rs-auto` methods
 
     @property
     def digest(self) -> str:
@@ -206,6 +236,8 @@ class SweepJob:
             "eval": [self.eval_split, self.prompts_split],
             "config": self.extra_config,
         }
+        if self.lambda_search is not None:  # absent otherwise: older sweeps still resume
+            what["lambda_search"] = asdict(self.lambda_search)
         text = json.dumps(what, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -222,17 +254,22 @@ def sweep_jobs(
     preset = preset or SWEEP
     threads = 1 if sweep.workers > 1 or sweep.scheduler else 0
     jobs = []
+    runs = [(method, lam) for method in sweep.methods for lam in sweep.rs_lambdas(method)]
     for n in sweep.n_pairs:
         for seed in sweep.seeds:
-            for method in sweep.methods:
-                settings = method_settings(method, n, base, sweep)
-                variant = split_method(method)[1]
+            for method, lam in runs:
+                settings = method_settings(method, n, base, sweep, lam)
+                head, variant = split_method(method)
+                folder = preset.run_folder(n, seed, method)
                 jobs.append(
                     SweepJob(
                         spec=spec,
                         layers=layers["last" if variant == "last" else "similar"],
                         settings=replace(settings, seed=seed),
-                        run_dir=out / preset.run_folder(n, seed, method),
+                        # with --lambdas, one folder per λ under the method's
+                        run_dir=out / folder / f"lambda{lam:g}"
+                        if sweep.lambdas and lam is not None
+                        else out / folder,
                         method=method,
                         eval_split=sweep.eval_split,
                         prompts_split=sweep.prompts_split,
@@ -244,6 +281,7 @@ def sweep_jobs(
                         threads=threads,
                         extra_config=preset.run_config(method),
                         allow_overlap=sweep.allow_overlap,
+                        lambda_search=sweep.search(head) if variant.endswith("-auto") else None,
                     )
                 )
     return jobs
@@ -293,6 +331,8 @@ def run_job(job: SweepJob) -> dict[str, Any]:
             unpaired=job.unpaired,
             eval_split=job.eval_split,
             allow_overlap=job.allow_overlap,
+            lambda_search=job.lambda_search,
+            prompts_split=job.prompts_split,
         )
         metrics = evaluate_run(
             job.run_dir, job.spec.store, job.spec.dataset, job.eval_split, job.prompts_split
@@ -313,7 +353,9 @@ def run_job(job: SweepJob) -> dict[str, Any]:
         "pairs_digest": config["pairs_digest"],
         "n_train": config["n_train"],
         "n_val": config["n_val"],
-        "lambda": job.settings.lam,
+        "lambda": config["lambda"],  # with λ auto: the chosen one
+        # what set λ: its value, or auto (summaries group by it)
+        "lambda_setting": "auto" if job.lambda_search else f"{job.settings.lam:g}",
         "image_layer": config["image_layer"],
         "text_layer": config["text_layer"],
         "epochs_run": config["epochs_run"],
@@ -365,9 +407,13 @@ def _brief(row: dict[str, Any]) -> str:
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, n_pairs): the seeds, pairs used and the mean and sample std (ddof 1; NaN
-    for one seed) of each SUMMARY_COLUMNS column, in the order of first appearance."""
-    groups = rows.groupby(["method", "n_pairs"], sort=False)
+    """Per (method, n_pairs), and per λ setting when the rows record one (`lambda_setting`:
+    sweep --lambdas, the `-rs-auto` methods): the seeds, pairs used and the mean and sample std
+    (ddof 1; NaN for one seed) of each SUMMARY_COLUMNS column, in the order of first
+    appearance."""
+    has_setting = "lambda_setting" in rows
+    keys = ["method", "lambda_setting", "n_pairs"] if has_setting else ["method", "n_pairs"]
+    groups = rows.groupby(keys, sort=False)
     stats = groups[SUMMARY_COLUMNS].agg(["mean", "std"])
     stats.columns = [f"{col}_{stat}" for col, stat in stats.columns]
     stats.insert(0, "seeds", groups["seed"].count())
@@ -383,34 +429,42 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             return ""
         return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
-    header = ["method", "n_pairs", "pairs used", "seeds", *SUMMARY_COLUMNS]
+    lam = ["λ"] if "lambda_setting" in summary else []
+    header = ["method", *lam, "n_pairs", "pairs used", "seeds", *SUMMARY_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in summary.to_dict("records"):
-        cells = [r["method"], str(r["n_pairs"] or "all"), str(r["pairs_used"]), str(r["seeds"])]
+        cells = [r["method"], *([r["lambda_setting"]] if lam else [])]
+        cells += [str(r["n_pairs"] or "all"), str(r["pairs_used"]), str(r["seeds"])]
         cells += [cell(r[f"{c}_mean"], r[f"{c}_std"]) for c in SUMMARY_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_scaling(summary: pd.DataFrame, path: Path) -> None:
-    """scaling.png: a panel per PLOTTED metric that has values; x = pairs used (log), a line per
-    method with the band mean ± std over seeds."""
+def plot_bands(
+    frame: pd.DataFrame,
+    path: Path,
+    lines: list[tuple[str, pd.DataFrame]],
+    x: str,
+    xlabel: str,
+    **xscale: Any,
+) -> None:
+    """A panel per PLOTTED metric that has values in `frame`; each (label, rows) of `lines` a
+    line against column `x` with the band mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [c for c in PLOTTED if summary[f"{c}_mean"].notna().any()]
+    panels = [c for c in PLOTTED if frame[f"{c}_mean"].notna().any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, column in zip(axes[0], panels, strict=True):
-        for method, group in summary.groupby("method", sort=False):
-            group = group.sort_values("pairs_used")
-            x, mean = group["pairs_used"], group[f"{column}_mean"]
-            std = group[f"{column}_std"].fillna(0.0)
-            line = ax.plot(x, mean, marker="o", label=method)[0]
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_xscale("log")
-        ax.set(xlabel="training pairs", ylabel=PLOTTED[column], title=PLOTTED[column])
+        for label, group in lines:
+            group = group.sort_values(x)
+            mean, std = group[f"{column}_mean"], group[f"{column}_std"].fillna(0.0)
+            line = ax.plot(group[x], mean, marker="o", label=label)[0]
+            ax.fill_between(group[x], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_xscale(**xscale)
+        ax.set(xlabel=xlabel, ylabel=PLOTTED[column], title=PLOTTED[column])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -418,8 +472,39 @@ def plot_scaling(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_scaling(summary: pd.DataFrame, path: Path) -> None:
+    """scaling.png: x = pairs used (log), a line per method (per method and λ with --lambdas)."""
+    by = ["method", "lambda_setting"] if lambda_settings(summary) > 1 else ["method"]
+    lines = [
+        (key[0] if len(by) == 1 else f"{key[0]} (λ {key[1]})", group)
+        for key, group in summary.groupby(by, sort=False)
+    ]
+    plot_bands(summary, path, lines, "pairs_used", "training pairs", value="log")
+
+
+def lambda_settings(summary: pd.DataFrame) -> int:
+    """The most λ settings any one method has in the summary (1 without --lambdas)."""
+    if "lambda_setting" not in summary:
+        return 1
+    return int(summary.groupby("method")["lambda_setting"].nunique().max())
+
+
+def plot_lambda(summary: pd.DataFrame, path: Path) -> None:
+    """lambda.png (sweep --lambdas): x = λ (symmetric log: 0 shows), a line per (method,
+    n_pairs) of the methods run at several λ."""
+    fixed = summary[summary["lambda_setting"] != "auto"].copy()
+    fixed["lam"] = fixed["lambda_setting"].astype(float)
+    fixed = fixed[fixed.groupby("method")["lam"].transform("nunique") > 1]
+    lines = [
+        (f"{method}, {n or 'all'} pairs", group)
+        for (method, n), group in fixed.groupby(["method", "n_pairs"], sort=False)
+    ]
+    plot_bands(fixed, path, lines, "lam", "λ (weight of R_S)", value="symlog", linthresh=1.0)
+
+
 def write_sweep(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataFrame:
-    """out/sweep.csv, out/summary.md, out/scaling.png; returns the summary."""
+    """out/sweep.csv, out/summary.md, out/scaling.png, and with methods run at several λ
+    (--lambdas) out/lambda.png; returns the summary."""
     summary = summarise(rows)
     rows = rows.drop(columns="resumed")
     write_text_atomic(out / "sweep.csv", rows.to_csv(index=False, float_format="%.4f"))
@@ -427,6 +512,8 @@ def write_sweep(out: Path, rows: pd.DataFrame, jobs: list[SweepJob]) -> pd.DataF
     note = f"\nZero-shot prompts (templates/class names): {protocols}.\n"
     write_text_atomic(out / "summary.md", summary_markdown(summary) + note)
     plot_scaling(summary, out / "scaling.png")
+    if lambda_settings(summary) > 1:
+        plot_lambda(summary, out / "lambda.png")
     return summary
 
 

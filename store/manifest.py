@@ -95,10 +95,19 @@ def image_table(manifest: pd.DataFrame) -> pd.DataFrame:
     return images[[*columns, "image_stat"]]
 
 
+def _usable_pairs(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest[(manifest["image_row"] >= 0) & ~manifest["skipped"]]
+
+
 def pair_rows(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(image_row, text_row) of every usable image-text pair (skipped images left out)."""
-    usable = manifest[(manifest["image_row"] >= 0) & ~manifest["skipped"]]
+    usable = _usable_pairs(manifest)
     return usable["image_row"].to_numpy(), usable["text_row"].to_numpy()
+
+
+def pair_labels(manifest: pd.DataFrame) -> np.ndarray:
+    """The class label (-1: none) of every pair of `pair_rows`, in the same order."""
+    return _usable_pairs(manifest)["label"].to_numpy(dtype=np.int64)
 
 
 def file_stat(path: str) -> str:

@@ -9,8 +9,9 @@ import typer
 
 from pipeline.app import app, echo_error, progress_option
 from pipeline.config import section_settings
-from stages.align import resolve_layers, run_align
+from stages.align import agreement_lines, layer_agreement, resolve_layers, run_align
 from stages.heads import head_help
+from stages.lambda_cv import CSA_GRID, DEFAULT_GRID, LambdaSearch, parse_grid, parse_lambda
 from stages.pairs import PairSpec, parse_memory_cap
 from stages.select import SelectSettings
 from stages.train import AlignSettings
@@ -36,7 +37,31 @@ def align(
         help="--layers auto: the metric that picks the pair (see select --metric).",
     ),
     head: str = typer.Option(D.head, help=head_help()),
-    lam: float = typer.Option(D.lam, "--lambda", help="Weight of R_S; 0 = plain CLIP baseline."),
+    lam: str = typer.Option(
+        str(D.lam),
+        "--lambda",
+        help="Weight of R_S (0 = plain CLIP baseline), or auto: chosen from --lambda-grid by "
+        "--cv-folds cross-validation on the training pairs under --lambda-criterion.",
+    ),
+    lambda_grid: str = typer.Option(
+        "",
+        help="--lambda auto: the values tried (empty: "
+        + ",".join(f"{v:g}" for v in DEFAULT_GRID)
+        + "; --head csa: "
+        + ",".join(f"{v:g}" for v in CSA_GRID)
+        + ").",
+    ),
+    cv_folds: int = typer.Option(
+        LambdaSearch.folds, help="--lambda auto: folds of the training pairs (by image, seeded)."
+    ),
+    lambda_criterion: str = typer.Option(
+        LambdaSearch.criterion,
+        help="--lambda auto: what the held-out fold scores: retrieval (R@1, both directions), "
+        "zeroshot (top-1 over the split's labels, classes from --prompts-split) or clip (loss).",
+    ),
+    prompts_split: str = typer.Option(
+        "prompts", help="--lambda-criterion zeroshot: the split of class prompts."
+    ),
     levels: int = typer.Option(D.levels, help="R_S levels L (softmax powers), 1 to 5."),
     temperature: float = typer.Option(D.temperature, help="Temperature of CLIP and R_S."),
     n_pairs: int = typer.Option(D.n_pairs, help="Train on a seeded subset of N pairs (0 = all)."),
@@ -111,9 +136,19 @@ def align(
     --out-dim canonical dimensions, and refined with R_S when --lambda is above 0). Writes the
     run directory (head.safetensors, config.json, history.csv, curves.png); a previous run at
     --out is replaced only when the new one is complete."""
+    fixed = parse_lambda(lam)
+    search = None
+    if fixed is None:
+        search = LambdaSearch(
+            grid=parse_grid(lambda_grid) if lambda_grid.strip() else (),
+            folds=cv_folds,
+            criterion=lambda_criterion,
+        )
+    elif lambda_grid.strip():
+        raise UserError("--lambda-grid goes with --lambda auto")
     settings = AlignSettings(
         head=head,
-        lam=lam,
+        lam=D.lam if fixed is None else fixed,
         levels=levels,
         temperature=temperature,
         n_pairs=n_pairs,
@@ -144,20 +179,32 @@ def align(
     select = replace(section_settings(ctx, "select", SelectSettings), seed=seed, metric=metric)
     chosen = resolve_layers(layers, spec, select_dir, select, log=echo_error, progress=progress)
     typer.echo(f"layers: image {chosen[0]}, text {chosen[1]}")
+    agreement = layer_agreement(select_dir, metric, spec, chosen)
     config, result = run_align(
         spec,
         chosen,
         settings,
         out,
         progress=progress,
-        extra_config={"layers": layers, "layer_metric": metric if layers == "auto" else None},
+        extra_config={
+            "layers": layers,
+            "layer_metric": metric if layers == "auto" else None,
+            "layer_agreement": agreement,
+        },
         memory_cap=cap,
         unpaired=(unpaired_images or None, unpaired_texts or None),
         extra_pairs=extra_pairs or None,
         extra_n=extra_n,
         eval_split=eval_split,
         allow_overlap=allow_overlap,
+        lambda_search=search,
+        prompts_split=prompts_split,
+        log=typer.echo,
     )
+    if search is not None:
+        typer.echo(f"lambda {config['lambda']:g} (auto), final run on every training pair")
+    for line in agreement_lines(agreement, config["lambda"]):
+        typer.echo(line)
     kept = (
         f"best epoch {config['best_epoch']}, validation CLIP loss {config['best_val_loss']:.4f}"
         if config["n_val"]

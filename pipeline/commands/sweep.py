@@ -12,6 +12,7 @@ from pipeline.app import app, progress_option
 from pipeline.commands.table import last_and_similar_layers
 from pipeline.config import section_settings
 from stages.heads import head_kinds
+from stages.lambda_cv import parse_grid
 from stages.pairs import PairSpec
 from stages.sweep import (
     VARIANTS,
@@ -57,6 +58,20 @@ def sweep(
     lam: float = typer.Option(D.lam, "--lambda", help="R_S weight of the + R_S gradient rows."),
     csa_lambda: float = typer.Option(D.csa_lambda, help="R_S weight of CSA + Similar + R_S."),
     csa_dim: int = typer.Option(D.csa_dim, help="CSA's canonical dimensions d."),
+    lambdas: str = typer.Option(
+        "",
+        help="Comma-separated λ values: every `-rs` method runs once per value (CSA's too, "
+        "instead of --lambda/--csa-lambda); summary.md gains a λ column and lambda.png plots "
+        "every metric against λ, a line per n_pairs.",
+    ),
+    lambda_grid: str = typer.Option(
+        "", help="The `-rs-auto` methods: λ values tried (empty: align --lambda auto's default)."
+    ),
+    csa_lambda_grid: str = typer.Option("", help="The same for csa-similar-rs-auto."),
+    cv_folds: int = typer.Option(D.cv_folds, help="The `-rs-auto` methods: folds."),
+    lambda_criterion: str = typer.Option(
+        D.lambda_criterion, help="The `-rs-auto` methods: retrieval, zeroshot or clip."
+    ),
     unpaired_images: str = typer.Option(
         D.unpaired_images,
         help="DATASET/SPLIT of unpaired images (same image model) for the *-similar-rs-unpaired "
@@ -94,6 +109,13 @@ def sweep(
         lam=lam,
         csa_lambda=csa_lambda,
         csa_dim=csa_dim,
+        lambdas=parse_grid(lambdas, "--lambdas") if lambdas.strip() else (),
+        lambda_grid=parse_grid(lambda_grid) if lambda_grid.strip() else (),
+        csa_lambda_grid=parse_grid(csa_lambda_grid, "--csa-lambda-grid")
+        if csa_lambda_grid.strip()
+        else (),
+        cv_folds=cv_folds,
+        lambda_criterion=lambda_criterion,
         eval_split=eval_split,
         prompts_split=prompts_split,
         unpaired_images=unpaired_images,
@@ -109,4 +131,5 @@ def sweep(
     layers = last_and_similar_layers(ctx, spec, select_dir, seed, progress)
     summary = run_sweep(spec, layers, replace(base, seed=seed), settings, out, log=typer.echo)
     typer.echo(summary_markdown(summary), nl=False)
-    typer.echo(f"wrote {out}/sweep.csv, {out}/summary.md, {out}/scaling.png")
+    plots = f"{out}/scaling.png" + (f", {out}/lambda.png" if settings.lambdas else "")
+    typer.echo(f"wrote {out}/sweep.csv, {out}/summary.md, {plots}")
