@@ -146,11 +146,10 @@ def open_array(
     if store.has(dataset, split, encoder.modality, name) and not opts.overwrite:
         array = store.open(dataset, split, encoder.modality, name, check_source=False)
         wanted = {**attrs, "dtype": opts.dtype}
-        changed = [
-            k
-            for k in ("source_fingerprint", "model_fingerprint", "precision", "dtype")
-            if array.attrs.get(k) != wanted[k]
-        ]
+        keys = ["source_fingerprint", "model_fingerprint", "precision", "dtype"]
+        if "precision" not in array.attrs and array.complete:
+            keys.remove("precision")  # complete before precisions were recorded: nothing to mix
+        changed = [k for k in keys if array.attrs.get(k) != wanted[k]]
         if array.n_rows != n_rows or array.layer_dims != encoder.layer_dims:
             changed.append("shape")
         if changed:

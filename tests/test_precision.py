@@ -258,3 +258,22 @@ def test_aligned_model_runs_its_encoders_in_the_precision_asked(tmp_path):
         assert not torch.equal(a, b) and row_cosines(a, b).min() >= 0.99
     with pytest.raises(UserError, match="--precision must be one of"):
         AlignedModel.from_run(run, device="cpu", precision="fp16")
+
+
+def test_an_array_from_before_precisions_were_recorded(tmp_path):
+    """Complete: kept as it is (nothing is computed, so nothing can mix). Incomplete: refused,
+    since its rows' precision is unknown."""
+    import zarr
+
+    opts = replace(FAST, precision="bf16")
+    store = tmp_path / "s.zarr"
+    extract(str(store), "digits", "train", "digits", "tiny-random-vit", opts)
+    array = FeatureStore(store).open("digits", "train", "image", "tiny-random-vit")
+    group = zarr.open_group(str(store), mode="r+")[array.path]
+    del group.attrs["precision"]  # as an older version wrote it
+    before = files(store)
+    extract(str(store), "digits", "train", "digits", "tiny-random-vit", opts)
+    assert files(store) == before
+    group["complete"][1] = False  # an interrupted older run
+    with pytest.raises(UserError, match="different precision"):
+        extract(str(store), "digits", "train", "digits", "tiny-random-vit", opts)
