@@ -141,16 +141,23 @@ def protocol_dataset(name: str, *fallbacks: str) -> str:
 
 
 # -- templates and class names --------------------------------------------------------------------
-def read_lines(path: str, option: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped."""
+def read_lines(path: str | Path, option: str, hint: str = "") -> list[str]:
+    """The non-blank lines of a UTF-8 text file given to `option`, stripped; anything that is
+    not a readable regular file of UTF-8 text is one line, with `hint` after it."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        what = "is a directory" if file.is_dir() else "does not exist"
-        raise UserError(f"{option} {file} {what}; give {SIMPLE}, {CLIP} or a text file")
+    hint = f"; {hint}" if hint else ""
+    if file.is_dir():
+        raise UserError(f"{option} {file} is a directory, not a file{hint}")
+    if not file.exists():
+        raise UserError(f"{option} {file} does not exist{hint}")
+    if not file.is_file():  # a device or a pipe (/dev/urandom never ends)
+        raise UserError(f"{option} {file} is not a regular file{hint}")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{option} {file} is not UTF-8 text (byte {err.start})") from err
+        raise UserError(f"{option} {file} is not UTF-8 text (byte {err.start}){hint}") from err
+    except OSError as err:
+        raise UserError(f"cannot read {option} {file}: {err.strerror}{hint}") from err
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -166,7 +173,8 @@ def resolve_templates(spec: str, dataset: str | None) -> list[str]:
             raise UserError("--templates clip needs the dataset's CLIP_benchmark name")
         templates = checked_templates(clip_data("templates")[dataset], f"CLIP's {dataset}")
     else:
-        templates = checked_templates(read_lines(spec, "--templates"), f"--templates {spec}")
+        lines = read_lines(spec, "--templates", f"give {SIMPLE}, {CLIP} or a text file")
+        templates = checked_templates(lines, f"--templates {spec}")
     return [clip_form(t) for t in templates]  # one form in records: {c}
 
 
@@ -215,7 +223,7 @@ def resolve_class_names(spec: str, label_names: Sequence[str], dataset: str | No
     elif spec == SOURCE:
         names = wordnet_names(label_names) if is_wordnet(label_names) else list(label_names)
     else:
-        names = read_lines(spec, "--classnames")
+        names = read_lines(spec, "--classnames", f"give {SOURCE}, {CLIP} or a text file")
         if len(names) != len(label_names):
             raise UserError(
                 f"--classnames {spec} has {len(names)} names but the dataset has "

@@ -128,13 +128,16 @@ def test_prompts_split_by_protocol(tmp_path):
         (["--templates", "clip"], "no zero-shot protocol for dataset 'digits'"),
         (["--templates", "clip", "--protocol-dataset", "nope"], "for dataset 'nope'"),
         (["--classnames", "{t}/missing.txt"], "does not exist"),
+        (["--templates", "{d}"], "--templates {d} is a directory, not a file"),
+        (["--classnames", "/dev/zero"], "not a regular file; give source, clip or a text file"),
     ],
 )
 def test_bad_prompt_options_are_one_line(extra, message, tmp_path, capsys):
     bad_template, short_names = tmp_path / "templates.txt", tmp_path / "names.txt"
     bad_template.write_text("a photo of {c}.\na photo without the class.\n")
     short_names.write_text("one\ntwo\nthree\n")
-    extra = [a.format(t=bad_template, n=short_names) for a in extra]
+    extra = [a.format(t=bad_template, n=short_names, d=tmp_path) for a in extra]
+    message = message.replace("{d}", str(tmp_path))
     store = tmp_path / "features.zarr"
     args = ["extract", "--model", TEXT, "--split", "prompts", "--store", store, *extra]
     code, _, err = run_cli([*args, "--no-progress"], capsys)

@@ -12,7 +12,7 @@ from pipeline.commands.export import RUN_HELP
 from stages.encoders.arguments import checked_class_names
 from stages.evaluate import prompts_record
 from stages.model import AlignedModel
-from stages.prompts import CLIP, SIMPLE, protocol_dataset, resolve_templates
+from stages.prompts import CLIP, SIMPLE, protocol_dataset, read_lines, resolve_templates
 from store import FeatureStore, UserError
 from store.io import atomic_file, check_output
 
@@ -22,22 +22,7 @@ def read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     entries are skipped; a name given twice, or a missing-value marker (NaN), is refused."""
     names = [n.strip() for n in (labels or "").split(",")]
     if labels_file is not None:
-        if labels_file.is_dir():
-            raise UserError(f"--labels-file {labels_file} is a directory, not a file")
-        if not labels_file.exists():
-            raise UserError(f"--labels-file {labels_file} does not exist")
-        if not labels_file.is_file():  # a device or a pipe (/dev/urandom never ends)
-            raise UserError(f"--labels-file {labels_file} is not a regular file")
-        try:
-            text = labels_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(
-                f"--labels-file {labels_file} is not UTF-8 text (byte {err.start}); give one "
-                "class name per line"
-            ) from err
-        except OSError as err:
-            raise UserError(f"cannot read --labels-file {labels_file}: {err.strerror}") from err
-        names += [line.strip() for line in text.splitlines()]
+        names += read_lines(labels_file, "--labels-file", "give one class name per line")
     names = [n for n in names if n]
     if not names:
         raise UserError("give the class names with --labels a,b,c or --labels-file FILE")
