@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +68,20 @@ class Source:
 
 
 # -- digits ---------------------------------------------------------------------------------------
-def digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices into sklearn's digits, 8x8 images, labels) of the fixed seeded split."""
+DIGITS_SCHEME = "sklearn://digits/"  # the image_path the digits source records: + the index
+
+
+@cache
+def sklearn_digits():
+    """scikit-learn's digits, read once per process (extraction and `serve` read it often)."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    return load_digits()
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices into sklearn's digits, 8x8 images, labels) of the fixed seeded split."""
+    digits = sklearn_digits()
     order = np.random.default_rng(DIGITS_SEED).permutation(len(digits.target))
     n_test = round(len(order) * DIGITS_TEST_FRACTION)
     chosen = {"test": order[:n_test], "train": order[n_test:]}.get(split)
@@ -92,7 +102,7 @@ def digits_source(split: str) -> Source:
         {
             "image_row": np.arange(len(index)),
             "sample_id": [f"digits-{i}" for i in index],
-            "image_path": [f"sklearn://digits/{i}" for i in index],
+            "image_path": [f"{DIGITS_SCHEME}{i}" for i in index],
             "caption": captions,
             "label": labels,
             "label_name": [DIGIT_WORDS[y] for y in labels],

@@ -14,14 +14,12 @@ import io
 import os
 import stat
 import warnings
-from functools import cache
 
 from PIL import Image, UnidentifiedImageError
 
-from stages.datasets import digit_image, to_rgb
+from stages.datasets import DIGITS_SCHEME, digit_image, sklearn_digits, to_rgb
 
 THUMBNAIL_PX = 256  # the longest side of a thumbnail
-DIGITS_SCHEME = "sklearn://digits/"  # how the digits source records its images
 
 
 class ImageProblem(ValueError):
@@ -60,16 +58,9 @@ def decode_upload(data: bytes, max_pixels: int, field: str = "image") -> Image.I
     return rgb
 
 
-@cache
-def _digits_images():
-    from sklearn.datasets import load_digits
-
-    return load_digits().images
-
-
 def _digit(path: str) -> Image.Image:
     number = path[len(DIGITS_SCHEME) :]
-    images = _digits_images()
+    images = sklearn_digits().images
     if not number.isdigit() or int(number) >= len(images):
         raise NoImage(f"{path} is not one of scikit-learn's {len(images)} digits")
     return digit_image(images[int(number)])
