@@ -35,7 +35,7 @@ from stages.pairs import (
 )
 from stages.select import SelectSettings, features_identity, read_selection, run_selection
 from stages.threads import step_flops, threads_for
-from stages.train import AlignSettings, TrainResult, train_heads
+from stages.train import AlignSettings, TrainResult, train_heads, train_lambda_stack
 from store import FeatureStore, UserError, pair_labels
 from store.io import check_output
 
@@ -384,6 +384,7 @@ def run_align(
                 train_labels=labels,
                 progress=progress,
                 log=log,
+                fit_grid=train_lambda_stack if kind.gradient_trained else None,
             )
             settings = replace(settings, lam=added["lambda_search"]["chosen"])
         fit = trainer(kind.name)

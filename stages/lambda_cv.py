@@ -12,7 +12,10 @@ stopping) and is scored on the held-out fold under a criterion:
 - clip: held-out-fold CLIP loss (lower is better).
 
 The chosen λ has the best mean over folds (ties: the smaller λ, less regularisation). The
-folds share one process and one data load; only the heads are trained again.
+folds share one process and one data load; only the heads are trained again. Gradient-trained
+heads train a fold's whole grid at once (stages.train.train_lambda_stack: one loop, the batches
+and R_S targets shared), and the folds train side by side, one per core (`stages.threads.
+fold_lanes`), when each trains on one torch thread.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from stages.evaluate import project, retrieval_recall, zero_shot_accuracy
+from stages.head_stack import training_draws_random
 from stages.pairs import MemoryPairs
 from stages.progress import progress_bar
+from stages.threads import fold_lanes
 from stages.train import AlignSettings, TrainResult, mean_clip_loss
 from stages.vectors import class_embeddings
 from store import UserError
@@ -187,28 +193,47 @@ def fold_scores(
     zeroshot: ZeroShotData | None = None,
     train_labels: np.ndarray | None = None,
     progress: bool = True,
+    fit_grid: Callable[..., list[TrainResult]] | None = None,
+    lanes: int = 1,
 ) -> dict[str, dict[float, list[float]]]:
     """{criterion: {λ: score of each fold}}: for every fold k and λ, one run of `fit` on the
     pairs outside fold k (settings with λ), scored on fold k under every criterion (the runs
-    are shared by the criteria)."""
-    scores: dict[str, dict[float, list[float]]] = {c: {lam: [] for lam in grid} for c in criteria}
+    are shared by the criteria). `fit_grid(train, val, settings, grid)`: a trainer of the
+    whole grid at once (train_lambda_stack), used instead of `fit` when given; `lanes`: folds
+    trained at the same time, in threads (the scores do not depend on it)."""
     folds = int(fold.max()) + 1
     bar = progress_bar(total=len(grid) * folds, desc="lambda cv", unit="run", enabled=progress)
-    for k in range(folds):
+
+    def fold_run(k: int) -> dict[str, list[float]]:
+        """{criterion: the score of each λ} of fold k."""
         held_idx, fit_idx = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
         fit_pairs = MemoryPairs(train.image[fit_idx], train.text[fit_idx])
         held = MemoryPairs(train.image[held_idx], train.text[held_idx])
         held_labels = None if train_labels is None else train_labels[held_idx]
-        for lam in grid:
-            result = fit(fit_pairs, val, replace(settings, lam=lam), progress=False)
-            for c in criteria:
-                score = fold_score(
-                    c, result, held, groups[held_idx], settings, zeroshot, held_labels
-                )
-                scores[c][lam].append(float(score))
-            bar.update(1)
+        if fit_grid is not None:
+            results = fit_grid(fit_pairs, val, settings, grid, progress=False)
+        else:
+            results = [
+                fit(fit_pairs, val, replace(settings, lam=lam), progress=False) for lam in grid
+            ]
+        bar.update(len(grid))
+        return {
+            c: [
+                float(fold_score(c, r, held, groups[held_idx], settings, zeroshot, held_labels))
+                for r in results
+            ]
+            for c in criteria
+        }
+
+    if lanes <= 1:
+        per_fold = [fold_run(k) for k in range(folds)]
+    else:
+        with ThreadPoolExecutor(max_workers=lanes) as pool:
+            per_fold = list(pool.map(fold_run, range(folds)))  # in fold order
     bar.close()
-    return scores
+    return {
+        c: {lam: [run[c][i] for run in per_fold] for i, lam in enumerate(grid)} for c in criteria
+    }
 
 
 def search_lambda(
@@ -223,10 +248,12 @@ def search_lambda(
     train_labels: np.ndarray | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    fit_grid: Callable[..., list[TrainResult]] | None = None,
 ) -> dict[str, Any]:
     """Cross-validate every λ of the grid on `train` (pairs; `groups[i]` the image of pair i;
     `train_labels[i]` its class for the zeroshot criterion) with trainer `fit` and the run's
-    settings (λ replaced); `val` stays the validation set of every fold's run. Returns what
+    settings (λ replaced), or with `fit_grid` the whole grid at once (see fold_scores); `val`
+    stays the validation set of every fold's run. Returns what
     config.json records under `lambda_search` (the chosen λ under `chosen`)."""
     grid = search.grid_for(settings.head)
     description, higher = CRITERIA[search.criterion]
@@ -238,9 +265,13 @@ def search_lambda(
         )
     started = time.perf_counter()
     fold = image_folds(groups, search.folds, settings.seed)
+    lanes = 1
+    if fit_grid is not None:
+        lanes = fold_lanes(search.folds, training_draws_random(settings, train.dims))
     scores = fold_scores(
         train, val, groups, fold, settings, grid, fit, (search.criterion,),
         zeroshot=zeroshot, train_labels=train_labels, progress=progress,
+        fit_grid=fit_grid, lanes=lanes,
     )[search.criterion]  # fmt: skip
     chosen = choose_lambda(scores, higher)
     record = {
@@ -254,6 +285,7 @@ def search_lambda(
         "summary": summary_rows(scores),
         "chosen": chosen,
         "seconds": round(time.perf_counter() - started, 2),
+        "lanes": lanes,
     }
     if log is not None:
         log(search_table(record))

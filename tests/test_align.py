@@ -187,8 +187,8 @@ def test_early_stopping_waits_for_the_warm_up_and_counts_steps(monkeypatch):
     CLIP loss that ignored R_S)."""
     scores = iter(range(10_000))  # rises at every validation
 
-    def worse(heads, source, batch, settings):
-        value = float(next(scores))
+    def worse(heads, source, batch, settings, lambdas=None):
+        value = np.array(float(next(scores)))
         return value, value
 
     monkeypatch.setattr(train_module, "validation_losses", worse)
