@@ -6,13 +6,13 @@
         --n-pairs 100,1000 --seeds 0,1,2 --out lambda_auto.csv
 
 Per (layers, n_pairs, seed): one run per λ of the grid (the training settings of params.yaml's
-`align` section, evaluated on the test split), and the K-fold search on the training pairs
-alone under both criteria (retrieval and zeroshot score the same fold runs). `align --lambda
-auto`'s final run is the fixed run at the chosen λ (same seed, same weights: tests/test_lambda.py),
-so its test metrics are that run's. Prints, per configuration, the chosen λ, its test metrics,
-those of the best fixed λ and of λ = 0, and the cost: (search + final run) / one run at the
-default λ, all timed in this process.
-"""
+`align` section, evaluated on the test split), and the K-fold search on the training pairs alone
+under both criteria (retrieval and zeroshot score the same fold runs), as align runs it: each
+fold's grid stacked in one loop, the folds side by side (stages.threads.fold_lanes). `align
+--lambda auto`'s final run is the fixed run at the chosen λ (same seed, same weights:
+tests/test_lambda.py), so its test metrics are that run's. Prints, per configuration, the chosen λ,
+its test metrics, those of the best fixed λ and of λ = 0, and the cost: (search + final run) / one
+run at the default λ, all timed in this process."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import yaml  # noqa: E402
 from pipeline.config import default_map, settings_from  # noqa: E402
 from stages.align import run_align, zeroshot_data  # noqa: E402
 from stages.evaluate import evaluate_run  # noqa: E402
+from stages.head_stack import training_draws_random  # noqa: E402
 from stages.lambda_cv import (  # noqa: E402
     CRITERIA,
     DEFAULT_GRID,
@@ -40,8 +41,8 @@ from stages.lambda_cv import (  # noqa: E402
     image_folds,
 )
 from stages.pairs import PairSpec, batch_plan, open_pairs, pair_sources, split_pairs  # noqa: E402
-from stages.threads import step_flops, threads_for  # noqa: E402
-from stages.train import AlignSettings, train_heads  # noqa: E402
+from stages.threads import fold_lanes, step_flops, threads_for  # noqa: E402
+from stages.train import AlignSettings, train_heads, train_lambda_stack  # noqa: E402
 
 
 def main() -> None:
@@ -95,11 +96,12 @@ def main() -> None:
                 batch = batch_plan(len(train_source), settings.batch_size)[1]
                 flops = step_flops(batch, pairs.dims, settings.out_dim, settings.hidden_dim, True)
                 with threads_for(flops):
+                    lanes = fold_lanes(args.folds, training_draws_random(settings, pairs.dims))
                     scores = fold_scores(
                         train_source, val_source, groups,
                         image_folds(groups, args.folds, seed), settings, grid, train_heads,
                         tuple(CRITERIA)[:2], zeroshot=zeroshot, train_labels=labels,
-                        progress=False,
+                        progress=False, fit_grid=train_lambda_stack, lanes=lanes,
                     )  # fmt: skip
                 row["sec_search"] = time.perf_counter() - started
                 for criterion in ("retrieval", "zeroshot"):

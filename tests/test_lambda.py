@@ -4,6 +4,7 @@ float64 recomputation, and the command end to end (the final run equals `--lambd
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +20,14 @@ from stages.lambda_cv import (
     CSA_GRID,
     LambdaSearch,
     choose_lambda,
+    fold_scores,
     image_folds,
     parse_grid,
     search_lambda,
 )
 from stages.pairs import MemoryPairs
-from stages.train import AlignSettings, train_heads
+from stages.threads import threads_for
+from stages.train import AlignSettings, train_heads, train_lambda_stack
 from store import UserError
 from tests.helpers import (
     one_line_error,
@@ -110,7 +113,12 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
     train = MemoryPairs(x, y)
     empty = MemoryPairs(np.zeros((0, 10)), np.zeros((0, 8)))
     search = LambdaSearch(grid=(0.0, 2.0), folds=3)
-    record = search_lambda(train, empty, groups, SMALL, search, train_heads, progress=False)
+    with threads_for(0.0):  # one torch thread, as align trains small heads: folds in lanes
+        record = search_lambda(
+            train, empty, groups, SMALL, search, train_heads, progress=False,
+            fit_grid=train_lambda_stack,
+        )  # fmt: skip
+    assert record["lanes"] == min(3, len(os.sched_getaffinity(0)))  # linear heads: no draws
     fold = image_folds(groups, 3, SMALL.seed)
     for lam in (0.0, 2.0):
         for k in range(3):
@@ -126,6 +134,23 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
     means = {lam: np.mean(record["fold_scores"][str(lam)]) for lam in (0.0, 2.0)}
     assert record["chosen"] == max(means, key=lambda lam: (means[lam], -lam))
     assert record["fold_sizes"] == np.bincount(fold).tolist()
+
+
+def test_lanes_change_nothing_and_the_stack_equals_one_run_per_lambda():
+    """The folds trained side by side in threads give the scores of the folds one after the
+    other, exactly; and the stacked grid, those of one run per λ (up to float rounding)."""
+    rng = np.random.default_rng(1)
+    x, y = planted(60, rng, dx=10, dy=8, k=4)
+    groups, fold = np.arange(60), np.arange(60) % 3
+    train, empty = MemoryPairs(x, y), MemoryPairs(np.zeros((0, 10)), np.zeros((0, 8)))
+    grid, criteria = (0.0, 1.0, 4.0), ("retrieval", "clip")
+    args = (train, empty, groups, fold, SMALL, grid, train_heads, criteria)
+    one = fold_scores(*args, progress=False, fit_grid=train_lambda_stack, lanes=1)
+    assert fold_scores(*args, progress=False, fit_grid=train_lambda_stack, lanes=3) == one
+    alone = fold_scores(*args, progress=False)
+    for lam in grid:
+        assert np.allclose(one["clip"][lam], alone["clip"][lam], rtol=1e-5)
+        assert one["retrieval"][lam] == alone["retrieval"][lam]
 
 
 def params_file(tmp_path) -> str:
