@@ -13,9 +13,9 @@ stopping) and is scored on the held-out fold under a criterion:
 
 The chosen λ has the best mean over folds (ties: the smaller λ, less regularisation). The
 folds share one process and one data load; only the heads are trained again. Gradient-trained
-heads train a fold's whole grid at once (stages.train.train_lambda_stack: one loop, the batches
-and R_S targets shared), and the folds train side by side, one per core (`stages.threads.
-fold_lanes`), when each trains on one torch thread.
+heads train several λ at once (stages.train.train_lambda_stack: one loop, the batches and R_S
+targets shared), a fold's grid in two halves, and these units train side by side, one per core
+(`stages.threads.fold_lanes`), when each trains on one torch thread.
 """
 
 from __future__ import annotations
@@ -198,42 +198,52 @@ def fold_scores(
 ) -> dict[str, dict[float, list[float]]]:
     """{criterion: {λ: score of each fold}}: for every fold k and λ, one run of `fit` on the
     pairs outside fold k (settings with λ), scored on fold k under every criterion (the runs
-    are shared by the criteria). `fit_grid(train, val, settings, grid)`: a trainer of the
-    whole grid at once (train_lambda_stack), used instead of `fit` when given; `lanes`: folds
-    trained at the same time, in threads (the scores do not depend on it)."""
+    are shared by the criteria). `fit_grid(train, val, settings, lambdas)`: a trainer of
+    several λ at once (train_lambda_stack), used instead of `fit` when given, on each half of
+    the grid (two units of work a fold, so that two lanes share five folds evenly); `lanes`:
+    units trained at the same time, in threads. The units are the same whatever the lanes, and
+    so are the scores."""
     folds = int(fold.max()) + 1
+    parts = [grid[0::2], grid[1::2]] if fit_grid is not None and len(grid) > 1 else [grid]
+    units = [(k, part) for k in range(folds) for part in parts]
     bar = progress_bar(total=len(grid) * folds, desc="lambda cv", unit="run", enabled=progress)
 
-    def fold_run(k: int) -> dict[str, list[float]]:
-        """{criterion: the score of each λ} of fold k."""
+    def unit_run(unit: tuple[int, tuple[float, ...]]) -> dict[str, dict[float, float]]:
+        """{criterion: {λ: score}} of the λ of `unit` on its fold."""
+        k, lambdas = unit
         held_idx, fit_idx = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
         fit_pairs = MemoryPairs(train.image[fit_idx], train.text[fit_idx])
         held = MemoryPairs(train.image[held_idx], train.text[held_idx])
         held_labels = None if train_labels is None else train_labels[held_idx]
         if fit_grid is not None:
-            results = fit_grid(fit_pairs, val, settings, grid, progress=False)
+            results = fit_grid(fit_pairs, val, settings, lambdas, progress=False)
         else:
             results = [
-                fit(fit_pairs, val, replace(settings, lam=lam), progress=False) for lam in grid
+                fit(fit_pairs, val, replace(settings, lam=lam), progress=False) for lam in lambdas
             ]
-        bar.update(len(grid))
+        bar.update(len(lambdas))
         return {
-            c: [
-                float(fold_score(c, r, held, groups[held_idx], settings, zeroshot, held_labels))
-                for r in results
-            ]
+            c: {
+                lam: float(
+                    fold_score(c, r, held, groups[held_idx], settings, zeroshot, held_labels)
+                )
+                for lam, r in zip(lambdas, results, strict=True)
+            }
             for c in criteria
         }
 
     if lanes <= 1:
-        per_fold = [fold_run(k) for k in range(folds)]
+        done = [unit_run(u) for u in units]
     else:
         with ThreadPoolExecutor(max_workers=lanes) as pool:
-            per_fold = list(pool.map(fold_run, range(folds)))  # in fold order
+            done = list(pool.map(unit_run, units))  # in unit order
     bar.close()
-    return {
-        c: {lam: [run[c][i] for run in per_fold] for i, lam in enumerate(grid)} for c in criteria
-    }
+    scores: dict[str, dict[float, list[float]]] = {c: {lam: [] for lam in grid} for c in criteria}
+    for result in done:  # units in fold order: each λ's list is in fold order
+        for c in criteria:
+            for lam, value in result[c].items():
+                scores[c][lam].append(value)
+    return scores
 
 
 def search_lambda(
@@ -252,9 +262,9 @@ def search_lambda(
 ) -> dict[str, Any]:
     """Cross-validate every λ of the grid on `train` (pairs; `groups[i]` the image of pair i;
     `train_labels[i]` its class for the zeroshot criterion) with trainer `fit` and the run's
-    settings (λ replaced), or with `fit_grid` the whole grid at once (see fold_scores); `val`
-    stays the validation set of every fold's run. Returns what
-    config.json records under `lambda_search` (the chosen λ under `chosen`)."""
+    settings (λ replaced), or with `fit_grid` several λ at once (see fold_scores); `val` stays
+    the validation set of every fold's run. Returns what config.json records under
+    `lambda_search` (the chosen λ under `chosen`)."""
     grid = search.grid_for(settings.head)
     description, higher = CRITERIA[search.criterion]
     labelled = train_labels is not None and bool((train_labels >= 0).any())
@@ -267,7 +277,7 @@ def search_lambda(
     fold = image_folds(groups, search.folds, settings.seed)
     lanes = 1
     if fit_grid is not None:
-        lanes = fold_lanes(search.folds, training_draws_random(settings, train.dims))
+        lanes = fold_lanes(2 * search.folds, training_draws_random(settings, train.dims))
     scores = fold_scores(
         train, val, groups, fold, settings, grid, fit, (search.criterion,),
         zeroshot=zeroshot, train_labels=train_labels, progress=progress,

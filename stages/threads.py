@@ -48,13 +48,14 @@ def threads_for(flops: float) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def fold_lanes(folds: int, draws_random: bool) -> int:
-    """How many folds of `align --lambda auto` train at once, each in its own thread: one per
-    core the process may use (at most `folds`) when torch runs on one thread; else 1 (torch's
+def fold_lanes(units: int, draws_random: bool) -> int:
+    """How many units of `align --lambda auto`'s search (a fold's half grid each) train at once,
+    each in its own thread: one per core the process may use (at most `units`) when torch runs
+    on one thread; else 1 (torch's
     own threads already use the cores), and 1 when a training step draws from torch's global
     random generator (threads would interleave the draws: results would depend on timing).
     Threads on one torch thread each never wait on each other, unlike torch's threads inside
     one matmul: measured 1.7x on 2 cores where torch's 2 threads gave 1.3x."""
     if draws_random or torch.get_num_threads() > 1:
         return 1
-    return max(1, min(folds, len(os.sched_getaffinity(0))))
+    return max(1, min(units, len(os.sched_getaffinity(0))))

@@ -290,16 +290,19 @@ def batch_losses(
     settings: AlignSettings,
     targets: tuple[StructureTargets | None, StructureTargets | None] = (None, None),
     unpaired: Unpaired = (None, None),
-    rs: bool | None = None,
+    rs: bool | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CLIP, R_S image, R_S text) of one batch; each of shape (G,) for G stacked heads. CLIP
-    sees the pairs only; each R_S (when `rs`, default settings.lam > 0) sees the pairs plus
-    that modality's unpaired rows, if any: R_S needs no partner, the CLIP loss does. `targets`:
-    R_S targets of the pairs computed once (no unpaired)."""
+    sees the pairs only; each R_S sees the pairs plus that modality's unpaired rows, if any: R_S
+    needs no partner, the CLIP loss does. `rs`: whether R_S is computed (default settings.lam >
+    0), or for stacked heads a mask of the copies that need it (0 for the others: a copy at
+    λ 0 pays nothing for it). `targets`: R_S targets of the pairs computed once (no unpaired)."""
     s = settings
     z = [head(x) for head, x in zip(heads, pair, strict=True)]
     clip = clip_loss(z[0], z[1], s.temperature)
-    if not (s.lam > 0 if rs is None else rs):
+    on = s.lam > 0 if rs is None else rs
+    some = on.nonzero().squeeze(1) if isinstance(on, torch.Tensor) and not on.all() else None
+    if not bool(on.any() if isinstance(on, torch.Tensor) else on):
         return clip, torch.zeros(clip.shape), torch.zeros(clip.shape)
     rs_values = []
     for head, x, zx, extra, target in zip(heads, pair, z, unpaired, targets, strict=True):
@@ -308,7 +311,11 @@ def batch_losses(
             zx = torch.cat([zx, head(extra)], dim=-2)
         if target is None:
             target = structure_targets(x, s.levels, s.temperature)
-        rs_values.append(structure_regularizer(target, zx, s.levels, s.temperature))
+        if some is None:
+            rs_values.append(structure_regularizer(target, zx, s.levels, s.temperature))
+        else:
+            value = structure_regularizer(target, zx[some], s.levels, s.temperature)
+            rs_values.append(torch.zeros(clip.shape).index_put((some,), value))
     return clip, rs_values[0], rs_values[1]
 
 
@@ -326,7 +333,7 @@ def validation_losses(
     watches: the loss being trained, not a part of it (R_S trades CLIP loss for structure, so
     the CLIP part alone rises when R_S works)."""
     lam = settings.lam if lambdas is None else lambdas
-    rs = settings.lam > 0 if lambdas is None else bool((lambdas > 0).any())
+    rs = settings.lam > 0 if lambdas is None else lambdas > 0
     chunks = evaluation_chunks(len(source), batch)
     if not chunks:
         nan = np.full(() if lambdas is None else len(lambdas), np.nan)
@@ -415,7 +422,7 @@ def train_lambda_stack(
             for x, e in zip((source.image, source.text), extra, strict=True)
         )
     unpaired_draw = torch.Generator().manual_seed(s.seed + 1)
-    rs_on = (lams > 0).to(torch.float32)  # a copy at λ 0 records no R_S, as its own run would
+    rs = use_rs if size == 1 else lams > 0  # a copy at λ 0 computes no R_S, as its run would
 
     def states(g: int) -> Callable[[], list[dict[str, torch.Tensor]]]:
         return lambda: [stack.state(g) for stack in heads]
@@ -438,14 +445,13 @@ def train_lambda_stack(
             for group in optimizer.param_groups:
                 group["lr"] = lr_t
             batch_extra = tuple(unpaired_batch(e, s.batch_size, unpaired_draw) for e in extra)
-            loss_a, rs_i, rs_t = batch_losses(heads, (bi, bt), s, cached, batch_extra, use_rs)
+            loss_a, rs_i, rs_t = batch_losses(heads, (bi, bt), s, cached, batch_extra, rs)
             # one pair of heads: λ a Python number, the arithmetic of the unstacked loop
             weight = lam_t[0] if size == 1 else torch.tensor(lam_t)
             loss = loss_a + weight * (rs_i + rs_t)
             what = "the training loss" if size == 1 else "the training loss of a lambda"
             optimizer_step(optimizer, loss.sum(), step, what, clip=params, stacked=True)
             step += 1
-            rs_i, rs_t = (rs_i * rs_on, rs_t * rs_on) if size > 1 else (rs_i, rs_t)
             parts = [loss_a, rs_i, rs_t, loss]
             sums += np.stack([t.detach().reshape(size).numpy() for t in parts], axis=1)
         for stack in heads:
