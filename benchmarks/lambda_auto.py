@@ -8,7 +8,7 @@
 Per (layers, n_pairs, seed): one run per λ of the grid (the training settings of params.yaml's
 `align` section, evaluated on the test split), and the K-fold search on the training pairs alone
 under both criteria (retrieval and zeroshot score the same fold runs), as align runs it: each
-fold's grid stacked in two halves, the units side by side (stages.threads.fold_lanes). `align
+fold's grid stacked in one loop, the folds side by side (stages.threads.fold_lanes). `align
 --lambda auto`'s final run is the fixed run at the chosen λ (same seed, same weights:
 tests/test_lambda.py), so its test metrics are that run's. Prints, per configuration, the chosen λ,
 its test metrics, those of the best fixed λ and of λ = 0, and the cost: (search + final run) / one
@@ -39,6 +39,7 @@ from stages.lambda_cv import (  # noqa: E402
     choose_lambda,
     fold_scores,
     image_folds,
+    search_units,
 )
 from stages.pairs import PairSpec, batch_plan, open_pairs, pair_sources, split_pairs  # noqa: E402
 from stages.threads import fold_lanes, step_flops, threads_for  # noqa: E402
@@ -96,7 +97,10 @@ def main() -> None:
                 batch = batch_plan(len(train_source), settings.batch_size)[1]
                 flops = step_flops(batch, pairs.dims, settings.out_dim, settings.hidden_dim, True)
                 with threads_for(flops):
-                    lanes = fold_lanes(2 * args.folds, training_draws_random(settings, pairs.dims))
+                    lanes = fold_lanes(
+                        len(search_units(args.folds, grid)),
+                        training_draws_random(settings, pairs.dims),
+                    )
                     scores = fold_scores(
                         train_source, val_source, groups,
                         image_folds(groups, args.folds, seed), settings, grid, train_heads,

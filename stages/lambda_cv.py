@@ -13,9 +13,9 @@ stopping) and is scored on the held-out fold under a criterion:
 
 The chosen λ has the best mean over folds (ties: the smaller λ, less regularisation). The
 folds share one process and one data load; only the heads are trained again. Gradient-trained
-heads train several λ at once (stages.train.train_lambda_stack: one loop, the batches and R_S
-targets shared), a fold's grid in two halves, and these units train side by side, one per core
-(`stages.threads.fold_lanes`), when each trains on one torch thread.
+heads train a fold's grid at once (stages.train.train_lambda_stack: one loop, the batches and
+R_S targets shared), and the folds train side by side, one per core (`stages.threads.
+fold_lanes`), when each trains on one torch thread.
 """
 
 from __future__ import annotations
@@ -180,6 +180,16 @@ def fold_score(
 
 
 # -- the search ---------------------------------------------------------------------------------
+def search_units(folds: int, grid: tuple[float, ...]) -> list[tuple[int, tuple[float, ...]]]:
+    """The units of a stacked search: (fold, the λ it trains at once). A fold's whole grid (the
+    more copies in one loop, the less each costs), except that with an odd number of folds the
+    last one is trained in two halves of its grid: two lanes then finish together."""
+    units = [(k, grid) for k in range(folds)]
+    if folds % 2 and len(grid) > 1:
+        units[-1:] = [(folds - 1, grid[0::2]), (folds - 1, grid[1::2])]
+    return units
+
+
 def fold_scores(
     train: MemoryPairs,
     val: MemoryPairs,
@@ -199,13 +209,11 @@ def fold_scores(
     """{criterion: {λ: score of each fold}}: for every fold k and λ, one run of `fit` on the
     pairs outside fold k (settings with λ), scored on fold k under every criterion (the runs
     are shared by the criteria). `fit_grid(train, val, settings, lambdas)`: a trainer of
-    several λ at once (train_lambda_stack), used instead of `fit` when given, on each half of
-    the grid (two units of work a fold, so that two lanes share five folds evenly); `lanes`:
-    units trained at the same time, in threads. The units are the same whatever the lanes, and
-    so are the scores."""
+    several λ at once (train_lambda_stack), used instead of `fit` when given: the units of work
+    are then `search_units`; `lanes`: units trained at the same time, in threads. The units are
+    the same whatever the lanes, and so are the scores."""
     folds = int(fold.max()) + 1
-    parts = [grid[0::2], grid[1::2]] if fit_grid is not None and len(grid) > 1 else [grid]
-    units = [(k, part) for k in range(folds) for part in parts]
+    units = search_units(folds, grid) if fit_grid is not None else [(k, grid) for k in range(folds)]
     bar = progress_bar(total=len(grid) * folds, desc="lambda cv", unit="run", enabled=progress)
 
     def unit_run(unit: tuple[int, tuple[float, ...]]) -> dict[str, dict[float, float]]:
@@ -277,7 +285,8 @@ def search_lambda(
     fold = image_folds(groups, search.folds, settings.seed)
     lanes = 1
     if fit_grid is not None:
-        lanes = fold_lanes(2 * search.folds, training_draws_random(settings, train.dims))
+        units = len(search_units(search.folds, grid))
+        lanes = fold_lanes(units, training_draws_random(settings, train.dims))
     scores = fold_scores(
         train, val, groups, fold, settings, grid, fit, (search.criterion,),
         zeroshot=zeroshot, train_labels=train_labels, progress=progress,

@@ -49,7 +49,8 @@ def threads_for(flops: float) -> Iterator[int]:
 
 
 def fold_lanes(units: int, draws_random: bool) -> int:
-    """How many units of `align --lambda auto`'s search (a fold's half grid each) train at once,
+    """How many units of `align --lambda auto`'s search (folds, stages.lambda_cv.search_units)
+    train at once,
     each in its own thread: one per core the process may use (at most `units`) when torch runs
     on one thread; else 1 (torch's
     own threads already use the cores), and 1 when a training step draws from torch's global

@@ -479,9 +479,8 @@ def train_lambda_stack(
                     "lr": lr_t,
                 }
             )
-            if step < first_candidate[g]:
-                continue
-            # without a validation set the last weights are kept
+            if step < first_candidate[g] or (not len(val_source) and epoch < epochs):
+                continue  # without a validation set the last weights are kept: copied once
             score = val_objective[g] if math.isfinite(val_objective[g]) else -epoch
             if stopping[g].update(epoch, step, float(score), states(g)):
                 stopped_at[g] = step

@@ -24,6 +24,7 @@ from stages.lambda_cv import (
     image_folds,
     parse_grid,
     search_lambda,
+    search_units,
 )
 from stages.pairs import MemoryPairs
 from stages.threads import threads_for
@@ -118,7 +119,9 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
             train, empty, groups, SMALL, search, train_heads, progress=False,
             fit_grid=train_lambda_stack,
         )  # fmt: skip
-    assert record["lanes"] == min(6, len(os.sched_getaffinity(0)))  # 3 folds x 2 half grids
+    units = search_units(3, (0.0, 2.0))  # folds 0 and 1 whole, fold 2 in two halves
+    assert units == [(0, (0.0, 2.0)), (1, (0.0, 2.0)), (2, (0.0,)), (2, (2.0,))]
+    assert record["lanes"] == min(4, len(os.sched_getaffinity(0)))  # linear heads: no draws
     fold = image_folds(groups, 3, SMALL.seed)
     for lam in (0.0, 2.0):
         for k in range(3):
