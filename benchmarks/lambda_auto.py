@@ -12,7 +12,8 @@ fold's grid stacked in one loop, the folds side by side (stages.threads.fold_lan
 --lambda auto`'s final run is the fixed run at the chosen λ (same seed, same weights:
 tests/test_lambda.py), so its test metrics are that run's. Prints, per configuration, the chosen λ,
 its test metrics, those of the best fixed λ and of λ = 0, and the cost: (search + final run) / one
-run at the default λ, all timed in this process."""
+run at the default λ, all timed in this process. With --cost-only: whole `align` runs, `--lambda
+auto` against `--lambda 10`, alternated, and the ratio of the medians."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/ (select.py shadows)
 
 import argparse  # noqa: E402
+import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -36,6 +38,7 @@ from stages.head_stack import training_draws_random  # noqa: E402
 from stages.lambda_cv import (  # noqa: E402
     CRITERIA,
     DEFAULT_GRID,
+    LambdaSearch,
     choose_lambda,
     fold_scores,
     image_folds,
@@ -59,11 +62,18 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--params", default="params.yaml", help="its align section: settings")
     parser.add_argument("--out", default="lambda_auto.csv")
+    parser.add_argument(
+        "--cost-only", action="store_true", help="time `align --lambda auto` against `align"
+        " --lambda 10` (whole runs, alternated --repeats times), nothing else",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text())
     base = settings_from(default_map(params), "align", AlignSettings)
     grid = tuple(float(v) for v in args.grid.split(","))
     spec = PairSpec(args.store, args.dataset, "train", args.image_model, args.text_model)
+    if args.cost_only:
+        return cost(args, spec, base, grid)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="lambda_auto_"))
     for layers in args.layers:
@@ -118,6 +128,36 @@ def main() -> None:
                 print(pd.DataFrame([row]).round(2).to_string(index=False), flush=True)
                 pd.DataFrame(rows).to_csv(args.out, index=False)
     print(report(pd.DataFrame(rows), grid))
+
+
+def cost(args, spec: PairSpec, base: AlignSettings, grid: tuple[float, ...]) -> None:
+    """Seconds of whole `align` runs as a user runs them (pairs loaded, search, final run,
+    run directory written), `--lambda auto` (retrieval) against `--lambda 10`, alternated; the
+    ratio of the medians."""
+    work = Path(tempfile.mkdtemp(prefix="lambda_cost_"))
+    search = LambdaSearch(grid=grid, folds=args.folds)
+    for layers in args.layers:
+        chosen = tuple(layers.split(","))
+        for n in map(int, args.n_pairs.split(",")):
+            for seed in map(int, args.seeds.split(",")):
+                settings = replace(base, n_pairs=n, seed=seed, lam=10.0)
+                times: dict[str, list[float]] = {"fixed": [], "auto": []}
+                for _ in range(args.repeats):
+                    for kind in ("fixed", "auto"):
+                        started = time.perf_counter()
+                        run_align(
+                            spec, chosen, settings, work / kind, progress=False,
+                            lambda_search=search if kind == "auto" else None,
+                        )  # fmt: skip
+                        times[kind].append(time.perf_counter() - started)
+                fixed, auto = (statistics.median(times[k]) for k in ("fixed", "auto"))
+                print(
+                    f"{layers} {n} pairs seed {seed}: align --lambda 10 {fixed:.1f} s, "
+                    f"--lambda auto {auto:.1f} s: {auto / fixed:.1f}x "
+                    f"(runs {', '.join(f'{t:.1f}' for t in times['fixed'])} / "
+                    f"{', '.join(f'{t:.1f}' for t in times['auto'])})",
+                    flush=True,
+                )
 
 
 def report(rows: pd.DataFrame, grid: tuple[float, ...]) -> str:

@@ -112,7 +112,7 @@ def head_help() -> str:
 
 def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """G linear maps (weight (G, out, in), bias (G, out)) of one batch x (B, in), as one matmul
-    x @ [W_1 .. W_G]^T: (G, B, out). Much faster than G small ones (or vmap's batched ones)."""
+    x @ [W_1 .. W_G]^T: (G, B, out), where vmap would run G small ones."""
     copies, out, _ = weight.shape
     z = torch.addmm(bias.reshape(-1), x, weight.reshape(copies * out, -1).T)
     return z.view(len(x), copies, out).transpose(0, 1).contiguous()  # (G, B, out) rows dense
