@@ -7,19 +7,23 @@ registered head kind stacks), and the losses of stages.losses take the (G, B, d)
 elementwise, so one optimiser over the stacked tensors is G independent optimisers; gradient
 clipping is per copy (`clip_grad_norms`). A head class may give its own `stacked_forward(params,
 x)` (the linear and MLP heads do): on a batch shared by the copies, their first layers are then one
-wide matmul, several times faster than vmap's G small ones. A stack of one runs the head itself,
+wide matmul instead of vmap's G small ones. A stack of one runs the head itself,
 unbatched, and gives (B, d) batches: the arithmetic of one run, bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from stages.heads import build_head
+
+if TYPE_CHECKING:  # stages.train imports this module
+    from stages.train import AlignSettings
 
 
 class HeadStack:
@@ -90,7 +94,7 @@ def clip_grad_norms(params: list[torch.Tensor], max_norm: float) -> None:
         g.mul_(scale.view(-1, *[1] * (g.ndim - 1)))
 
 
-def training_draws_random(settings, dims: tuple[int, int]) -> bool:
+def training_draws_random(settings: AlignSettings, dims: tuple[int, int]) -> bool:
     """Whether a training forward of `settings.head` (dropout, say) draws from torch's global
     random generator: copies trained in parallel threads would then interleave their draws.
     Probed on a head built for the purpose; the generator is left as it was."""

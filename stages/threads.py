@@ -4,10 +4,11 @@ Small heads do too little work per step to share among threads: each matmul wait
 slowest thread, and on a machine whose cores are busy with other work that wait is a time
 slice. Measured on 2 shared cores (benchmarks/threads.py; docs/training.md, "Threads on a busy
 machine"): 1,000 full-batch pairs of 384-d features at d 512 ran 3x slower on 2 threads than
-on 1, and a 100-pair run with R_S up to 17x slower. So a step
-under SMALL_STEP_FLOPS runs on one thread, chosen from the work alone (never from the load of
-the moment: the same run must give the same weights), and the caller's setting is restored
-after; no environment variable is needed.
+on 1, and a 100-pair run with R_S up to 17x slower. So a step under SMALL_STEP_FLOPS runs on
+one thread, chosen from the work alone (never from the load of the moment: the same run must
+give the same weights), and the caller's setting is restored after; no environment variable is
+needed. The cores are then used by running independent trainings side by side, one thread each
+(`fold_lanes`: the folds of `align --lambda auto`).
 """
 
 from __future__ import annotations
@@ -49,14 +50,13 @@ def threads_for(flops: float) -> Iterator[int]:
 
 
 def fold_lanes(units: int, draws_random: bool) -> int:
-    """How many units of `align --lambda auto`'s search (folds, stages.lambda_cv.search_units)
-    train at once,
-    each in its own thread: one per core the process may use (at most `units`) when torch runs
-    on one thread; else 1 (torch's
-    own threads already use the cores), and 1 when a training step draws from torch's global
-    random generator (threads would interleave the draws: results would depend on timing).
-    Threads on one torch thread each never wait on each other, unlike torch's threads inside
-    one matmul: measured 1.7x on 2 cores where torch's 2 threads gave 1.3x."""
+    """How many units of `align --lambda auto`'s search (stages.lambda_cv.search_units) train
+    at once, each in its own thread: one per core the process may use (at most `units`) when
+    torch runs on one thread; else 1 (torch's own threads already use the cores), and 1 when a
+    training step draws from torch's global random generator (threads would interleave the
+    draws: results would depend on timing). Threads on one torch thread each never wait on each
+    other, unlike torch's threads inside one matmul: measured 1.7x on 2 cores where torch's 2
+    threads gave 1.3x."""
     if draws_random or torch.get_num_threads() > 1:
         return 1
     return max(1, min(units, len(os.sched_getaffinity(0))))
