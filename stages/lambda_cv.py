@@ -21,6 +21,7 @@ fold_lanes`), when each trains on one torch thread.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -224,7 +225,7 @@ def fold_scores(
         held = MemoryPairs(train.image[held_idx], train.text[held_idx])
         held_labels = None if train_labels is None else train_labels[held_idx]
         if fit_grid is not None:
-            results = fit_grid(fit_pairs, val, settings, lambdas, progress=False)
+            results = fit_grid(fit_pairs, val, settings, lambdas, progress=False, stop=stop)
         else:
             results = [
                 fit(fit_pairs, val, replace(settings, lam=lam), progress=False) for lam in lambdas
@@ -240,11 +241,18 @@ def fold_scores(
             for c in criteria
         }
 
+    stop = threading.Event()  # ends the other lanes at their next step
     if lanes <= 1:
         done = [unit_run(u) for u in units]
     else:
-        with ThreadPoolExecutor(max_workers=lanes) as pool:
+        pool = ThreadPoolExecutor(max_workers=lanes)
+        try:
             done = list(pool.map(unit_run, units))  # in unit order
+        except BaseException:  # Ctrl-C, or a unit that failed: the others end now, not later
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     scores: dict[str, dict[float, list[float]]] = {c: {lam: [] for lam in grid} for c in criteria}
     for result in done:  # units in fold order: each λ's list is in fold order

@@ -61,6 +61,12 @@ from store import UserError
 
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
+
+
+class TrainingStopped(Exception):
+    """A training ended from outside (train_lambda_stack's `stop`): its caller stops too."""
+
+
 SEEDING = threading.Lock()  # torch's global generator: one seeding and initialisation at a time
 HISTORY_COLUMNS = [
     "epoch",
@@ -376,11 +382,13 @@ def train_lambda_stack(
     lambdas: Sequence[float],
     progress: bool = True,
     unpaired: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+    stop: threading.Event | None = None,
 ) -> list[TrainResult]:
     """train_heads at every λ of `lambdas` (settings.lam ignored), in one loop: the result of
     each as a separate run would give it (the same seed, batches and schedule; equal up to
     float rounding, since the copies run as one batched computation). Each copy stops early,
-    and keeps its best weights, on its own validation objective."""
+    and keeps its best weights, on its own validation objective. `stop`: set from another
+    thread, it ends the loop at the next step with TrainingStopped."""
     s = settings
     for lam in lambdas:
         replace(s, lam=lam)  # checks each λ as AlignSettings does
@@ -440,6 +448,8 @@ def train_lambda_stack(
         batches = epoch_batches(n, steps_per_epoch, batch, shuffle)
         batches = batches[: total_steps - step]  # --max-steps is exact: a partial last epoch
         for bi, bt in source.take(batches):
+            if stop is not None and stop.is_set():
+                raise TrainingStopped(f"stopped at step {step}")
             lam_t = [lambda_at(step, lam, s.warmup_steps) for lam in lambdas]
             lr_t = lr_at(step, total_steps, s.lr)
             for group in optimizer.param_groups:

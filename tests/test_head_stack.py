@@ -4,6 +4,7 @@ stacked runs against one run per λ, early stopping and dropout included."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ from stages.head_stack import HeadStack, clip_grad_norms, training_draws_random
 from stages.heads import build_head
 from stages.losses import clip_loss, structure_regularizer, structure_targets
 from stages.pairs import MemoryPairs
-from stages.train import AlignSettings, train_heads, train_lambda_stack
+from stages.train import AlignSettings, TrainingStopped, train_heads, train_lambda_stack
 
 
 @pytest.mark.parametrize("levels", [1, 2])
@@ -114,3 +115,12 @@ def test_a_stack_of_one_is_the_head_itself():
     x = torch.randn(5, 6)
     assert torch.equal(stack(x), head(x))
     assert HeadStack(head, 3)(x).shape == (3, 5, 4)
+
+
+def test_a_stack_stops_when_told_from_another_thread():
+    """The λ search's lanes end at their next step once one fails or Ctrl-C arrives."""
+    stop = threading.Event()
+    stop.set()
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    with pytest.raises(TrainingStopped, match="step 0"):
+        train_lambda_stack((x, x), None, AlignSettings(out_dim=2), (0.0, 1.0), False, stop=stop)
