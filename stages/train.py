@@ -390,6 +390,8 @@ def train_lambda_stack(
     and keeps its best weights, on its own validation objective. `stop`: set from another
     thread, it ends the loop at the next step with TrainingStopped."""
     s = settings
+    if not lambdas:
+        raise ValueError("train_lambda_stack needs at least one lambda")
     for lam in lambdas:
         replace(s, lam=lam)  # checks each λ as AlignSettings does
     lams = torch.tensor(lambdas, dtype=torch.float32)
