@@ -6,14 +6,16 @@ forward runs all of them in one batched call (`torch.func.vmap` over `functional
 registered head kind stacks), and the losses of stages.losses take the (G, B, d) stack. AdamW is
 elementwise, so one optimiser over the stacked tensors is G independent optimisers; gradient
 clipping is per copy (`clip_grad_norms`). A head class may give its own `stacked_forward(params,
-x)` (the linear and MLP heads do): on a batch shared by the copies, their first layers are then one
-wide matmul instead of vmap's G small ones. A stack of one runs the head itself,
-unbatched, and gives (B, d) batches: the arithmetic of one run, bit for bit.
+x[, generator])` (the built-in heads do): on a batch shared by the copies, their first layers are
+then one wide matmul instead of vmap's G small ones, and dropout draws from the stack's generator.
+A stack of one runs the head itself, unbatched, and gives (B, d) batches: the arithmetic of one
+run, bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,11 +29,14 @@ if TYPE_CHECKING:  # stages.train imports this module
 
 
 class HeadStack:
-    """`size` copies of `head` (its weights as they are now), stacked."""
+    """`size` copies of `head` (its weights as they are now), stacked. `generator`: where a
+    `stacked_forward` that takes one draws its random numbers (dropout) instead of torch's
+    global generator, so that stacks in parallel threads do not interleave their draws."""
 
-    def __init__(self, head: nn.Module, size: int):
+    def __init__(self, head: nn.Module, size: int, generator: torch.Generator | None = None):
         self.template = copy.deepcopy(head)
         self.size = size
+        self.generator = generator
         params, buffers = stack_module_state([copy.deepcopy(head) for _ in range(size)])
         self.params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
         self.buffers = buffers
@@ -61,7 +66,12 @@ class HeadStack:
             return self._call(params, buffers, x)
         stacked = getattr(self.template, "stacked_forward", None)
         if stacked is not None and not self.buffers:
-            return stacked(self.params, x)
+            takes_generator = "generator" in inspect.signature(stacked).parameters
+            return (
+                stacked(self.params, x, self.generator)
+                if takes_generator
+                else stacked(self.params, x)
+            )
         # randomness "same": every copy draws the dropout mask a separate run would draw
         batched = vmap(self._call, in_dims=(0, 0, None), randomness="same")
         return batched(self.params, self.buffers, x)
@@ -95,14 +105,17 @@ def clip_grad_norms(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 def training_draws_random(settings: AlignSettings, dims: tuple[int, int]) -> bool:
-    """Whether a training forward of `settings.head` (dropout, say) draws from torch's global
-    random generator: copies trained in parallel threads would then interleave their draws.
-    Probed on a head built for the purpose; the generator is left as it was."""
+    """Whether a stacked training forward of `settings.head` draws from torch's global random
+    generator (dropout through vmap, say): stacks trained in parallel threads would then
+    interleave their draws. A `stacked_forward` that takes a generator draws from its own (the
+    low-rank head's). Probed on a stack built for the purpose; the generator is left as it
+    was."""
     with torch.random.fork_rng(devices=[]):
         for in_dim in dims:
             head = build_head(settings.head, in_dim, settings.out_dim, settings.hidden_dim)
+            stack = HeadStack(head, 2, torch.Generator()).train()
             before = torch.get_rng_state()
-            head.train()(torch.zeros(2, in_dim))
+            stack(torch.zeros(2, in_dim))
             if not torch.equal(before, torch.get_rng_state()):
                 return True
     return False

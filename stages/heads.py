@@ -110,11 +110,12 @@ def head_help() -> str:
     )
 
 
-def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def wide_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """G linear maps (weight (G, out, in), bias (G, out)) of one batch x (B, in), as one matmul
     x @ [W_1 .. W_G]^T: (G, B, out), where vmap would run G small ones."""
     copies, out, _ = weight.shape
-    z = torch.addmm(bias.reshape(-1), x, weight.reshape(copies * out, -1).T)
+    wide = weight.reshape(copies * out, -1).T
+    z = x @ wide if bias is None else torch.addmm(bias.reshape(-1), x, wide)
     return z.view(len(x), copies, out).transpose(0, 1).contiguous()  # (G, B, out) rows dense
 
 
@@ -200,6 +201,26 @@ class LowRankHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.up(self.dropout(self.act(self.down(x))))
         return self.proj(x) + self.gate * residual
+
+    def stacked_forward(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """G copies (stacked parameters, stages.head_stack) on one batch x: (G, B, out). One
+        dropout mask for all copies, drawn from `generator` exactly as nn.Dropout draws one
+        copy's mask on the CPU (bernoulli_, then / (1 - p)): from the same generator state, the
+        same mask as that copy's own run."""
+        rank = params["down.weight"].shape[1]
+        hidden = F.gelu(wide_linear(x, params["down.weight"], None))
+        p = self.dropout.p
+        if self.training and p > 0:
+            keep = x.new_empty(len(x), rank).bernoulli_(1 - p, generator=generator).div_(1 - p)
+            hidden = hidden * keep
+        residual = torch.bmm(hidden, params["up.weight"].mT)
+        gate = torch.sigmoid(params["gate_logit"]).view(-1, 1, 1)
+        return wide_linear(x, params["proj.weight"], None) + gate * residual
 
 
 def build_head(kind: str, in_dim: int, out_dim: int, hidden_dim: int = 1024) -> nn.Module:

@@ -407,7 +407,9 @@ def train_lambda_stack(
         torch.manual_seed(s.seed)
         image_head = build_head(s.head, source.dims[0], s.out_dim, s.hidden_dim)
         text_head = build_head(s.head, source.dims[1], s.out_dim, s.hidden_dim)
-    heads = (HeadStack(image_head, size), HeadStack(text_head, size))
+        # a stack's own draws (dropout masks) go on where one run's would: from this state
+        draws = torch.Generator().set_state(torch.get_rng_state()) if size > 1 else None
+    heads = (HeadStack(image_head, size, draws), HeadStack(text_head, size, draws))
     params = [p for stack in heads for p in stack.parameters()]
     optimizer = _optimizer(list(heads), s.lr, s.weight_decay)
     shuffle = torch.Generator().manual_seed(s.seed)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages.head_stack import HeadStack, clip_grad_norms, training_draws_random
-from stages.heads import build_head
+from stages.heads import LowRankHead, build_head
 from stages.losses import clip_loss, structure_regularizer, structure_targets
 from stages.pairs import MemoryPairs
 from stages.train import AlignSettings, TrainingStopped, train_heads, train_lambda_stack
@@ -97,14 +97,18 @@ def test_a_stacked_run_is_one_run_per_lambda(head):
         assert steps[0] < steps[1]  # copies stop on their own
 
 
-def test_which_heads_draw_random_numbers_in_training():
-    """Dropout draws from torch's global generator (its folds cannot train in parallel
-    threads); the linear head does not; the probe leaves the generator as it was."""
+def test_which_heads_draw_random_numbers_in_training(monkeypatch):
+    """A stacked low-rank head draws its dropout masks from the stack's own generator (its
+    folds can train in parallel threads); without its stacked_forward, vmap's dropout draws
+    from torch's global generator (they cannot). The probe leaves the generator as it was."""
     torch.manual_seed(5)
     before = torch.get_rng_state()
     settings = AlignSettings(out_dim=8, hidden_dim=16)
-    assert training_draws_random(replace(settings, head="lowrank"), (6, 5))
+    lowrank = replace(settings, head="lowrank")
     assert not training_draws_random(settings, (6, 5))
+    assert not training_draws_random(lowrank, (6, 5))
+    monkeypatch.delattr(LowRankHead, "stacked_forward")
+    assert training_draws_random(lowrank, (6, 5))
     assert torch.equal(before, torch.get_rng_state())
 
 

@@ -139,15 +139,17 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
     assert record["fold_sizes"] == np.bincount(fold).tolist()
 
 
-def test_lanes_change_nothing_and_the_stack_equals_one_run_per_lambda():
+@pytest.mark.parametrize("head", ["linear", "lowrank"])
+def test_lanes_change_nothing_and_the_stack_equals_one_run_per_lambda(head):
     """The folds trained side by side in threads give the scores of the folds one after the
-    other, exactly; and the stacked grid, those of one run per λ (up to float rounding)."""
+    other, exactly (the low-rank head's dropout too: each stack draws from its own generator);
+    and the stacked grid, those of one run per λ (up to float rounding)."""
     rng = np.random.default_rng(1)
     x, y = planted(60, rng, dx=10, dy=8, k=4)
     groups, fold = np.arange(60), np.arange(60) % 3
     train, empty = MemoryPairs(x, y), MemoryPairs(np.zeros((0, 10)), np.zeros((0, 8)))
     grid, criteria = (0.0, 1.0, 4.0), ("retrieval", "clip")
-    args = (train, empty, groups, fold, SMALL, grid, train_heads, criteria)
+    args = (train, empty, groups, fold, replace(SMALL, head=head), grid, train_heads, criteria)
     one = fold_scores(*args, progress=False, fit_grid=train_lambda_stack, lanes=1)
     assert fold_scores(*args, progress=False, fit_grid=train_lambda_stack, lanes=3) == one
     alone = fold_scores(*args, progress=False)
