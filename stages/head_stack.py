@@ -6,7 +6,7 @@ forward runs all of them in one batched call (`torch.func.vmap` over `functional
 registered head kind stacks), and the losses of stages.losses take the (G, B, d) stack. AdamW is
 elementwise, so one optimiser over the stacked tensors is G independent optimisers; gradient
 clipping is per copy (`clip_grad_norms`). A head class may give its own `stacked_forward(params,
-x[, generator])` (the built-in heads do): on a batch shared by the copies, their first layers are
+x, generator)` (the built-in heads do): on a batch shared by the copies, their first layers are
 then one wide matmul instead of vmap's G small ones, and dropout draws from the stack's generator.
 A stack of one runs the head itself, unbatched, and gives (B, d) batches: the arithmetic of one
 run, bit for bit.
@@ -15,7 +15,6 @@ run, bit for bit.
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,12 +65,7 @@ class HeadStack:
             return self._call(params, buffers, x)
         stacked = getattr(self.template, "stacked_forward", None)
         if stacked is not None and not self.buffers:
-            takes_generator = "generator" in inspect.signature(stacked).parameters
-            return (
-                stacked(self.params, x, self.generator)
-                if takes_generator
-                else stacked(self.params, x)
-            )
+            return stacked(self.params, x, self.generator)
         # randomness "same": every copy draws the dropout mask a separate run would draw
         batched = vmap(self._call, in_dims=(0, 0, None), randomness="same")
         return batched(self.params, self.buffers, x)

@@ -8,7 +8,7 @@ kind is registered once, with `register_head`, on an `nn.Module` class whose con
     class MyHead(nn.Module):
         def __init__(self, in_dim, out_dim, hidden_dim): ...
 
-(optionally with a static `stacked_forward(params, x)`: G copies of stacked parameters on one
+(optionally with a `stacked_forward(params, x, generator)`: G copies of stacked parameters on one
 batch at once, for `--lambda auto`'s stacked grid, stages.head_stack; without it, vmap) and is
 then trained by `align` (gradient training of stages.train unless `trainer=` names
 another, as CSA's does), offered by `sweep` and `table`, and loaded by `evaluate`, the model and
@@ -132,8 +132,11 @@ class LinearHead(nn.Module):
         return self.proj(x)
 
     @staticmethod
-    def stacked_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """G copies (stacked parameters, stages.head_stack) on one batch x: (G, B, out)."""
+    def stacked_forward(
+        params: dict[str, torch.Tensor], x: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """G copies (stacked parameters, stages.head_stack) on one batch x: (G, B, out); no
+        random draws."""
         return wide_linear(x, params["proj.weight"], params["proj.bias"])
 
 
@@ -151,8 +154,11 @@ class MLPHead(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
     @staticmethod
-    def stacked_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """G copies (stacked parameters, stages.head_stack) on one batch x: (G, B, out)."""
+    def stacked_forward(
+        params: dict[str, torch.Tensor], x: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """G copies (stacked parameters, stages.head_stack) on one batch x: (G, B, out); no
+        random draws."""
         hidden = F.gelu(wide_linear(x, params["fc1.weight"], params["fc1.bias"]))
         return torch.baddbmm(params["fc2.bias"].unsqueeze(1), hidden, params["fc2.weight"].mT)
 
