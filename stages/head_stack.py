@@ -41,14 +41,12 @@ class HeadStack:
         self.buffers = buffers
         # AdamW decays the matrices of the head, not its biases: by the unstacked shape
         self.decayed = {k: p.ndim >= 2 for k, p in head.named_parameters()}
-        self.training = True
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.params.values())
 
     def train(self, mode: bool = True) -> HeadStack:
-        self.template.train(mode)
-        self.training = mode
+        self.template.train(mode)  # what functional_call and stacked_forward see
         return self
 
     def eval(self) -> HeadStack:

@@ -306,9 +306,11 @@ def batch_losses(
     s = settings
     z = [head(x) for head, x in zip(heads, pair, strict=True)]
     clip = clip_loss(z[0], z[1], s.temperature)
-    on = s.lam > 0 if rs is None else rs
-    some = on.nonzero().squeeze(1) if isinstance(on, torch.Tensor) and not on.all() else None
-    if not bool(on.any() if isinstance(on, torch.Tensor) else on):
+    on, some = (s.lam > 0 if rs is None else rs), None
+    if isinstance(on, torch.Tensor):  # stacked copies: those with λ > 0, unless all are
+        some = None if on.all() else on.nonzero().squeeze(1)
+        on = bool(on.any())
+    if not on:
         return clip, torch.zeros(clip.shape), torch.zeros(clip.shape)
     rs_values = []
     for head, x, zx, extra, target in zip(heads, pair, z, unpaired, targets, strict=True):
