@@ -10,7 +10,7 @@ from PIL import Image
 
 from stages.encoders import load_encoder, save_encoder
 from stages.encoders.base import Encoder, spatial_mean, stack_pixels
-from stages.encoders.fold import OneDNNLinear, fuse_for_inference
+from stages.encoders.fold import ConvActivation, OneDNNLinear, fuse_for_inference
 from stages.encoders.precision import AUTO_ENV, place_encoder, resolve_precision
 from stages.extract import ExtractOptions, extract
 from stages.model import AlignedModel
@@ -162,6 +162,41 @@ def test_fused_linears_give_the_loaded_features_and_are_put_back_on_save(tmp_pat
         assert not any(isinstance(m, OneDNNLinear) for m in encoder.model.modules())
         saved = encoder.model.state_dict()
         assert all(torch.equal(saved[k], state[k]) for k in state)
+
+
+def test_bf16_without_onednn_kernels_runs_unfused(monkeypatch, tmp_path):
+    """A CPU without AVX-512 has no oneDNN bf16 linear or convolution ('could not create a
+    primitive descriptor'): a bf16 encoder is then the loaded model cast to bf16, unfused,
+    and gives exactly its features (a ViT's linears and a CNN's convolutions)."""
+    mkldnn = torch.ops.mkldnn
+
+    def float32_only(kernel):
+        def call(x, *args):
+            if x.dtype != torch.float32:
+                raise RuntimeError("could not create a primitive descriptor (simulated)")
+            return kernel(x, *args)
+
+        return call
+
+    weights = tmp_path / "lite0.safetensors"  # BatchNormAct2d: convolutions fused with ReLU6
+    save_random_timm("efficientnet_lite0", weights)
+    cases = (("tiny-random-vit", {}), ("timm:efficientnet_lite0", {"weights": str(weights)}))
+    for name in ("_linear_pointwise", "_convolution_pointwise"):
+        monkeypatch.setattr(mkldnn, name, float32_only(getattr(mkldnn, name)))
+    for spec, extra in cases:
+        placed, plain = load_encoder(spec, **extra), load_encoder(spec, **extra)
+        for encoder in (placed, plain):
+            shuffle_norm_statistics(encoder.model)
+        place_encoder(placed, CPU, "bf16")
+        plain.model.to(dtype=torch.bfloat16)
+        if spec.startswith("timm:"):
+            plain.model.to(memory_format=torch.channels_last)
+        assert not placed.unfolded, spec
+        fused = (OneDNNLinear, ConvActivation)
+        assert not any(isinstance(m, fused) for m in placed.model.modules()), spec
+        assert all(p.dtype == torch.bfloat16 for p in placed.model.parameters())
+        for a, b in zip(pooled(placed, images(2, 64)), pooled(plain, images(2, 64)), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 class SkipsPastTheNorm(torch.nn.Module):

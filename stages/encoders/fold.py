@@ -230,6 +230,19 @@ def fuse_for_inference(encoder: Encoder) -> int:
     return len(norms) + len(linears) + len(acts)
 
 
+def runs_on_probe(encoder: Encoder) -> bool:
+    """Whether the model, as placed, runs the probe batch: oneDNN's fused linears and
+    convolutions have no bf16 kernels on a CPU without AVX-512 ('could not create a primitive
+    descriptor')."""
+    device = next(encoder.model.parameters()).device
+    try:
+        with torch.inference_mode():
+            encoder.embed(probe_batch(encoder, device))
+    except RuntimeError:
+        return False
+    return True
+
+
 def unfuse(encoder: Encoder) -> None:
     """Put back the modules as loaded (before saving the weights)."""
     for name, module in encoder.unfolded.items():

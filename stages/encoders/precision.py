@@ -17,7 +17,7 @@ import os
 import torch
 
 from stages.encoders.base import Encoder
-from stages.encoders.fold import fuse_for_inference
+from stages.encoders.fold import fuse_for_inference, runs_on_probe, unfuse
 from store.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -60,9 +60,19 @@ def place_encoder(encoder: Encoder, device: torch.device, precision: str) -> Non
     """Ready the encoder's model for inference on `device`: batch norms folded and oneDNN's
     fused kernels on the CPU (stages.encoders.fold, in float32), the floating-point weights
     cast to `precision` (fp32 or bf16, resolved) and, for a CNN, channels-last. Take the
-    fingerprint before: it hashes the weights as loaded (`save_encoder` puts them back)."""
+    fingerprint before: it hashes the weights as loaded (`save_encoder` puts them back).
+    The fusions are checked in float32; where oneDNN then has no fused kernel in `precision`
+    (bf16 on a CPU without AVX-512), the model is put back as loaded, in `precision`."""
     encoder.model.to(device=device)
-    fuse_for_inference(encoder)
+    fused = fuse_for_inference(encoder)
+    cast(encoder, precision)
+    if fused and not runs_on_probe(encoder):
+        unfuse(encoder)
+        cast(encoder, precision)
+
+
+def cast(encoder: Encoder, precision: str) -> None:
+    """The floating-point weights in `precision`; a CNN's in channels-last."""
     encoder.model.to(dtype=DTYPES[precision])
     if uses_channels_last(encoder):
         encoder.model.to(memory_format=torch.channels_last)
