@@ -138,7 +138,8 @@ def run_extract(checkout: Path, model: str, pairs: Path, store: Path, args, extr
         "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers),
         "--device", args.device, "--no-progress", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    path = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}  # the checkout's code first, the user's path kept
     done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     found = re.search(r"\(([\d.]+) rows/s", done.stdout)
     if done.returncode or not found:

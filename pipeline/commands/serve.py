@@ -9,7 +9,6 @@ import typer
 
 from pipeline.app import app, precision_option
 from pipeline.commands.export import RUN_HELP
-from stages.serve import Service, serve
 
 
 @app.command("serve")
@@ -27,5 +26,7 @@ def serve_command(
 ) -> None:
     """A search page at / and a JSON API under /api (search, classify, embed, info); the run and
     the index are checked and loaded once, before the server listens."""
+    from stages.serve import Service, serve  # FastAPI and uvicorn: 0.3 s no other command pays
+
     service = Service(run, index, device, precision=precision)
     serve(service, host, port, echo=lambda line: typer.echo(line, err=line.startswith("warn")))
