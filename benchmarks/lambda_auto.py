@@ -8,7 +8,9 @@
 Per (layers, n_pairs, seed): one run per λ of the grid (the training settings of params.yaml's
 `align` section, evaluated on the test split), and the K-fold search on the training pairs alone
 under both criteria (retrieval and zeroshot score the same fold runs), as align runs it: each
-fold's grid stacked in one loop, the folds side by side (stages.threads.fold_lanes). `align
+fold's grid stacked in one loop, the folds side by side (stages.threads.fold_lanes), on as many
+K-fold splits as align draws (--cv-repeats, auto by default); the λ the first split alone would
+choose is reported beside. `align
 --lambda auto`'s final run is the fixed run at the chosen λ (same seed, same weights:
 tests/test_lambda.py), so its test metrics are that run's. Prints, per configuration, the chosen λ,
 its test metrics, those of the best fixed λ and of λ = 0, and the cost: (search + final run) / one
@@ -40,8 +42,10 @@ from stages.lambda_cv import (  # noqa: E402
     DEFAULT_GRID,
     LambdaSearch,
     choose_lambda,
+    cv_repeats,
     fold_scores,
     image_folds,
+    parse_repeats,
     search_units,
 )
 from stages.pairs import PairSpec, batch_plan, open_pairs, pair_sources, split_pairs  # noqa: E402
@@ -60,6 +64,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--grid", default=",".join(f"{v:g}" for v in DEFAULT_GRID))
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--cv-repeats", default="auto",
+        help="K-fold splits, as align's (columns auto_*; split1_*: the first split alone)",
+    )  # fmt: skip
     parser.add_argument("--params", default="params.yaml", help="its align section: settings")
     parser.add_argument("--out", default="lambda_auto.csv")
     parser.add_argument(
@@ -111,16 +119,28 @@ def main() -> None:
                         len(search_units(args.folds, grid)),
                         training_draws_random(settings, pairs.dims),
                     )
-                    scores = fold_scores(
-                        train_source, val_source, groups,
-                        image_folds(groups, args.folds, seed), settings, grid, train_heads,
-                        tuple(CRITERIA)[:2], zeroshot=zeroshot, train_labels=labels,
-                        progress=False, fit_grid=train_lambda_stack, lanes=lanes,
-                    )  # fmt: skip
+                    repeats = cv_repeats(parse_repeats(args.cv_repeats), len(set(groups)))
+                    splits = []
+                    for r in range(repeats):
+                        splits.append(fold_scores(
+                            train_source, val_source, groups,
+                            image_folds(groups, args.folds, seed, r), settings, grid,
+                            train_heads, tuple(CRITERIA)[:2], zeroshot=zeroshot,
+                            train_labels=labels, progress=False, fit_grid=train_lambda_stack,
+                            lanes=lanes,
+                        ))  # fmt: skip
+                        if r == 0:
+                            row["sec_split1"] = time.perf_counter() - started
                 row["sec_search"] = time.perf_counter() - started
+                row["repeats"] = repeats
                 for criterion in ("retrieval", "zeroshot"):
-                    chosen = choose_lambda(scores[criterion], CRITERIA[criterion][1])
+                    higher = CRITERIA[criterion][1]
+                    pooled = {
+                        lam: [v for split in splits for v in split[criterion][lam]] for lam in grid
+                    }
+                    chosen = choose_lambda(pooled, higher)
                     row[f"auto_{criterion}"] = chosen
+                    row[f"split1_{criterion}"] = choose_lambda(splits[0][criterion], higher)
                     row[f"cost_{criterion}"] = (row["sec_search"] + row[f"sec_{chosen:g}"]) / row[
                         "sec_10"
                     ]
@@ -162,24 +182,31 @@ def cost(args, spec: PairSpec, base: AlignSettings, grid: tuple[float, ...]) -> 
 
 def report(rows: pd.DataFrame, grid: tuple[float, ...]) -> str:
     """Per (layers, n_pairs), mean ± std over seeds of: auto (each criterion) on its own
-    metric, the best fixed λ of the grid (best mean on the test split), λ = 0, and the cost."""
+    metric, as align chooses (every split) and by the first split alone, the best fixed λ of
+    the grid (best mean on the test split), λ = 0, and the cost."""
     lines = [
-        "| layers | pairs | metric | auto | chosen λ | best fixed λ | λ = 0 "
-        "| auto cost (x one run) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layers | pairs | metric | auto | chosen λ | first split alone (λ) | best fixed λ "
+        "| λ = 0 | splits | auto cost (x one run) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def at(group: pd.DataFrame, metric: str, column: str) -> str:
+        values = pd.Series([r[f"{metric}_{r[column]:g}"] for _, r in group.iterrows()])
+        return f"{values.mean():.1f} ± {values.std():.1f}"
+
     for (layers, n), group in rows.groupby(["layers", "n_pairs"], sort=False):
         for criterion, metric in (("retrieval", "r1"), ("zeroshot", "zs")):
-            auto = [r[f"{metric}_{r[f'auto_{criterion}']:g}"] for _, r in group.iterrows()]
             means = {lam: group[f"{metric}_{lam:g}"].mean() for lam in grid}
             best = max(means, key=means.get)
+            first = f"split1_{criterion}"
             lines.append(
                 f"| {layers} | {n} | {'R@1' if metric == 'r1' else 'zero-shot'} | "
-                f"{pd.Series(auto).mean():.1f} ± {pd.Series(auto).std():.1f} | "
+                f"{at(group, metric, f'auto_{criterion}')} | "
                 f"{', '.join(f'{v:g}' for v in group[f'auto_{criterion}'])} | "
+                f"{at(group, metric, first)} ({', '.join(f'{v:g}' for v in group[first])}) | "
                 f"{means[best]:.1f} ± {group[f'{metric}_{best:g}'].std():.1f} (λ {best:g}) | "
                 f"{means[0.0]:.1f} ± {group[f'{metric}_0'].std():.1f} | "
-                f"{group[f'cost_{criterion}'].mean():.1f} |"
+                f"{group['repeats'].iloc[0]} | {group[f'cost_{criterion}'].mean():.1f} |"
             )
     return "\n".join(lines)
 

@@ -11,11 +11,14 @@ stopping) and is scored on the held-out fold under a criterion:
   prompts split (higher is better);
 - clip: held-out-fold CLIP loss (lower is better).
 
-The chosen λ has the best mean over folds (ties: the smaller λ, less regularisation). The
-folds share one process and one data load; only the heads are trained again. Gradient-trained
-heads train a fold's grid at once (stages.train.train_lambda_stack: one loop, the batches and
-R_S targets shared), and the folds train side by side, one per core (`stages.threads.
-fold_lanes`), when each trains on one torch thread.
+With few training images a fold is a handful of images (at 100 pairs and 5 folds, 20: one
+image moves top-1 by 5 points), so the split is drawn again with other folds (`--cv-repeats`;
+auto: about 300 held-out images scored per λ, 3 splits at 100 images, 1 from 300 up) and every
+split's folds count. The chosen λ has the best mean over folds (ties: the smaller λ, less
+regularisation). The folds share one process and one data load; only the heads are trained
+again. Gradient-trained heads train a fold's grid at once (stages.train.train_lambda_stack: one
+loop, the batches and R_S targets shared), and the folds train side by side, one per core
+(`stages.threads.fold_lanes`), when each trains on one torch thread.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ CRITERIA = {
     "zeroshot": ("held-out-fold zero-shot top-1 over the training labels (%)", True),
     "clip": ("held-out-fold CLIP loss", False),
 }
+# `--cv-repeats auto`: the K-fold split is drawn again (other folds) until about this many
+# held-out images are scored per λ: at 100 pairs a fold's score is 20 images, one image 5 points
+AUTO_REPEATS_IMAGES = 300
+MAX_AUTO_REPEATS = 5
 DEFAULT_GRID = (0.0, 1.0, 3.0, 10.0, 30.0)  # gradient-trained heads (the paper's λ is 10)
 CSA_GRID = (0.0, 0.1, 0.3, 1.0, 3.0)  # CSA's R_S refinement works at smaller λ (default 0.3)
 AUTO = "auto"
@@ -75,6 +82,28 @@ def parse_lambda(text: str | float) -> float | None:
     return value  # range and finiteness: AlignSettings
 
 
+def parse_repeats(text: str | int) -> int:
+    """`--cv-repeats`: a count >= 1, or `auto` (0: by the number of training images)."""
+    if str(text).strip().lower() == AUTO:
+        return 0
+    try:
+        value = int(str(text).strip())
+    except ValueError as err:
+        raise UserError(f"--cv-repeats must be a whole number >= 1 or auto, got {text!r}") from err
+    if value < 1:
+        raise UserError(f"--cv-repeats must be >= 1 or auto, got {text!r}")
+    return value
+
+
+def cv_repeats(repeats: int, images: int) -> int:
+    """How many K-fold splits to score: `repeats`, or for auto (0) enough that about
+    AUTO_REPEATS_IMAGES held-out images are scored (each split scores every image once), at
+    most MAX_AUTO_REPEATS: one split from 300 training images up."""
+    if repeats:
+        return repeats
+    return max(1, min(MAX_AUTO_REPEATS, math.ceil(AUTO_REPEATS_IMAGES / images)))
+
+
 @dataclass(frozen=True)
 class LambdaSearch:
     """How `--lambda auto` chooses: the grid, the folds, the criterion. An empty grid means the
@@ -83,9 +112,11 @@ class LambdaSearch:
     grid: tuple[float, ...] = ()
     folds: int = 5
     criterion: str = "retrieval"
+    repeats: int | str = AUTO  # K-fold splits scored, or auto (stored as 0: cv_repeats)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "criterion", self.criterion.strip().lower())
+        object.__setattr__(self, "repeats", parse_repeats(self.repeats))
         if self.grid:
             object.__setattr__(self, "grid", parse_grid(self.grid))
             if len(self.grid) < 2:
@@ -111,9 +142,10 @@ class ZeroShotData:
 
 
 # -- pure pieces ------------------------------------------------------------------------------
-def image_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+def image_folds(groups: np.ndarray, folds: int, seed: int, repeat: int = 0) -> np.ndarray:
     """The fold (0..folds-1) of every pair: whole images (equal `groups`) at a time, in a seeded
-    order, each to the fold with the fewest pairs so far (folds of near-equal size)."""
+    order, each to the fold with the fewest pairs so far (folds of near-equal size). Repeat r > 0
+    of a repeated K-fold shuffles by (seed, r)."""
     groups = np.asarray(groups)
     images = np.unique(groups)
     if len(images) < folds:
@@ -123,7 +155,8 @@ def image_folds(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
         )
     sizes = dict(zip(*np.unique(groups, return_counts=True), strict=True))
     fold_of_image, load = {}, np.zeros(folds, dtype=np.int64)
-    for image in np.random.default_rng(seed).permutation(images):
+    rng = np.random.default_rng(seed if repeat == 0 else (seed, repeat))
+    for image in rng.permutation(images):
         f = int(np.argmin(load))  # the first of the least loaded folds
         fold_of_image[image] = f
         load[f] += sizes[image]
@@ -290,16 +323,21 @@ def search_lambda(
             "prompts split; use retrieval or clip"
         )
     started = time.perf_counter()
-    fold = image_folds(groups, search.folds, settings.seed)
+    repeats = cv_repeats(search.repeats, len(np.unique(groups)))
+    splits = [image_folds(groups, search.folds, settings.seed, r) for r in range(repeats)]
     lanes = 1
     if fit_grid is not None:
         units = len(search_units(search.folds, grid))
         lanes = fold_lanes(units, training_draws_random(settings, train.dims))
-    scores = fold_scores(
-        train, val, groups, fold, settings, grid, fit, (search.criterion,),
-        zeroshot=zeroshot, train_labels=train_labels, progress=progress,
-        fit_grid=fit_grid, lanes=lanes,
-    )[search.criterion]  # fmt: skip
+    scores: dict[float, list[float]] = {lam: [] for lam in grid}
+    for fold in splits:  # each λ's list: the folds of split 0, then of split 1, ...
+        split_scores = fold_scores(
+            train, val, groups, fold, settings, grid, fit, (search.criterion,),
+            zeroshot=zeroshot, train_labels=train_labels, progress=progress,
+            fit_grid=fit_grid, lanes=lanes,
+        )[search.criterion]  # fmt: skip
+        for lam in grid:
+            scores[lam] += split_scores[lam]
     chosen = choose_lambda(scores, higher)
     record = {
         "criterion": search.criterion,
@@ -307,7 +345,8 @@ def search_lambda(
         "higher_is_better": higher,
         "grid": list(grid),
         "folds": search.folds,
-        "fold_sizes": np.bincount(fold, minlength=search.folds).tolist(),
+        "repeats": repeats,
+        "fold_sizes": [np.bincount(f, minlength=search.folds).tolist() for f in splits],
         "fold_scores": {str(lam): v for lam, v in scores.items()},
         "summary": summary_rows(scores),
         "chosen": chosen,
@@ -321,8 +360,10 @@ def search_lambda(
 
 def search_table(record: dict[str, Any]) -> str:
     """The table `align` prints: mean ± std over folds per λ, the chosen one marked."""
+    splits = record["repeats"]
+    repeated = f", {splits} splits" if splits > 1 else ""
     lines = [
-        f"lambda by {record['folds']}-fold cross-validation on the training pairs, "
+        f"lambda by {record['folds']}-fold cross-validation{repeated} on the training pairs, "
         f"{record['criterion']}: {record['criterion_means']}",
         f"{'lambda':>8}  {'mean':>8}  {'std':>7}",
     ]

@@ -132,6 +132,7 @@ class SweepSettings:
     lambda_grid: tuple[float, ...] = ()
     csa_lambda_grid: tuple[float, ...] = ()
     cv_folds: int = 5
+    cv_repeats: str = "auto"  # K-fold splits, or auto (stages.lambda_cv.cv_repeats)
     lambda_criterion: str = "retrieval"
     csa_dim: int = 32
     eval_split: str = "test"
@@ -171,7 +172,7 @@ class SweepSettings:
     def search(self, head: str) -> LambdaSearch:
         """The λ search of the `-rs-auto` methods of `head`."""
         grid = self.csa_lambda_grid if head == "csa" else self.lambda_grid
-        return LambdaSearch(tuple(grid), self.cv_folds, self.lambda_criterion)
+        return LambdaSearch(tuple(grid), self.cv_folds, self.lambda_criterion, self.cv_repeats)
 
     def rs_lambdas(self, method: str) -> tuple[float | None, ...]:
         """The λ of each run of `method` at one (n_pairs, seed): (None,) for the methods with

@@ -20,9 +20,11 @@ from stages.lambda_cv import (
     CSA_GRID,
     LambdaSearch,
     choose_lambda,
+    cv_repeats,
     fold_scores,
     image_folds,
     parse_grid,
+    parse_repeats,
     search_lambda,
     search_units,
 )
@@ -77,9 +79,26 @@ def test_folds_keep_images_whole_near_equal_and_seeded():
     sizes = np.bincount(fold, minlength=4)
     assert sizes.sum() == len(groups) and sizes.max() - sizes.min() <= 3  # within one image
     assert np.array_equal(fold, image_folds(groups, 4, seed=5))
+    assert np.array_equal(fold, image_folds(groups, 4, seed=5, repeat=0))  # split 0: the seed's
     assert not np.array_equal(fold, image_folds(groups, 4, seed=6))
+    again = image_folds(groups, 4, seed=5, repeat=1)  # another split, as whole and as even
+    assert not np.array_equal(fold, again)
+    assert all(len(set(again[groups == g])) == 1 for g in np.unique(groups))
+    assert np.ptp(np.bincount(again, minlength=4)) <= 3
+    assert np.array_equal(again, image_folds(groups, 4, seed=5, repeat=1))
     with pytest.raises(UserError, match="--cv-folds 30 needs at least 30 training images"):
         image_folds(groups, 30, seed=0)
+
+
+def test_auto_repeats_score_about_300_held_out_images():
+    assert [cv_repeats(0, n) for n in (20, 60, 61, 100, 150, 299, 300, 5000)] == [
+        5, 5, 5, 3, 2, 2, 1, 1,
+    ]  # fmt: skip
+    assert cv_repeats(2, 100) == 2 and cv_repeats(7, 5000) == 7  # as given
+    assert parse_repeats("auto") == 0 and parse_repeats(" 4 ") == 4
+    for bad in ("0", "-1", "two", "1.5", ""):
+        with pytest.raises(UserError, match="--cv-repeats"):
+            parse_repeats(bad)
 
 
 def test_choice_rule_best_mean_then_smaller_lambda():
@@ -113,7 +132,7 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
     x = x[groups * 2]  # the two captions of an image share its image features
     train = MemoryPairs(x, y)
     empty = MemoryPairs(np.zeros((0, 10)), np.zeros((0, 8)))
-    search = LambdaSearch(grid=(0.0, 2.0), folds=3)
+    search = LambdaSearch(grid=(0.0, 2.0), folds=3, repeats=2)
     with threads_for(0.0):  # one torch thread, as align trains small heads: folds in lanes
         record = search_lambda(
             train, empty, groups, SMALL, search, train_heads, progress=False,
@@ -122,9 +141,10 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
     units = search_units(3, (0.0, 2.0))  # folds 0 and 1 whole, fold 2 in two halves
     assert units == [(0, (0.0, 2.0)), (1, (0.0, 2.0)), (2, (0.0,)), (2, (2.0,))]
     assert record["lanes"] == min(4, len(os.sched_getaffinity(0)))  # linear heads: no draws
-    fold = image_folds(groups, 3, SMALL.seed)
+    splits = [image_folds(groups, 3, SMALL.seed, r) for r in range(2)]
     for lam in (0.0, 2.0):
-        for k in range(3):
+        assert len(record["fold_scores"][str(lam)]) == 6  # split 0's three folds, then split 1's
+        for i, (fold, k) in enumerate((f, k) for f in splits for k in range(3)):
             fit = fold != k
             result = train_heads((x[fit], y[fit]), None, replace(SMALL, lam=lam), progress=False)
             with torch.no_grad():
@@ -133,10 +153,11 @@ def test_fold_scores_equal_an_independent_retraining_and_recomputation():
             held_groups = groups[~fit]
             images, first, owner = np.unique(held_groups, return_index=True, return_inverse=True)
             expected = r_at_1(zi.numpy()[first], zt.numpy(), owner)
-            assert record["fold_scores"][str(lam)][k] == pytest.approx(expected, abs=1e-6)
+            assert record["fold_scores"][str(lam)][i] == pytest.approx(expected, abs=1e-6)
     means = {lam: np.mean(record["fold_scores"][str(lam)]) for lam in (0.0, 2.0)}
     assert record["chosen"] == max(means, key=lambda lam: (means[lam], -lam))
-    assert record["fold_sizes"] == np.bincount(fold).tolist()
+    assert record["repeats"] == 2
+    assert record["fold_sizes"] == [np.bincount(f).tolist() for f in splits]
 
 
 @pytest.mark.parametrize("head", ["linear", "lowrank"])
@@ -184,8 +205,9 @@ def test_align_auto_records_the_search_and_equals_the_chosen_fixed_run(
     config = json.loads((auto / "config.json").read_text())
     search = config["lambda_search"]
     assert search["criterion"] == criterion and search["grid"] == [0.0, 1.0, 5.0]
-    assert all(len(v) == 3 for v in search["fold_scores"].values())
-    assert sum(search["fold_sizes"]) == 120  # every training pair, in folds of whole images
+    assert search["repeats"] == 5  # auto: 60 training images, at most five splits
+    assert all(len(v) == 3 * 5 for v in search["fold_scores"].values())
+    assert [sum(sizes) for sizes in search["fold_sizes"]] == [120] * 5  # 2 captions per image
     means = {float(k): np.mean(v) for k, v in search["fold_scores"].items()}
     sign = 1 if criterion == "zeroshot" else -1
     assert config["lambda"] == max(means, key=lambda lam: (sign * means[lam], -lam))
@@ -202,6 +224,7 @@ def test_align_auto_records_the_search_and_equals_the_chosen_fixed_run(
     [
         (["--lambda", "ten"], "--lambda must be a number >= 0 or auto"),
         (["--lambda", "auto", "--cv-folds", "1"], "--cv-folds must be >= 2"),
+        (["--lambda", "auto", "--cv-repeats", "0"], "--cv-repeats must be >= 1 or auto"),
         (["--lambda", "auto", "--lambda-criterion", "acc"], "--lambda-criterion must be one of"),
         (["--lambda", "auto", "--lambda-grid", "3"], "--lambda-grid needs two or more"),
         (["--lambda", "2", "--lambda-grid", "0,3"], "--lambda-grid goes with --lambda auto"),
@@ -268,10 +291,12 @@ def test_sweep_lambdas_and_the_auto_variant(store, tmp_path, capsys):
          "--select-dir", tmp_path / "select",
          "--methods", "linear-similar-rs,linear-similar-rs-auto",
          "--lambdas", "2,0", "--n-pairs", "40,0", "--seeds", "0,1", "--lambda-grid", "0,2",
-         "--cv-folds", "2", "--workers", "1", "--no-progress"],
+         "--cv-folds", "2", "--cv-repeats", "2", "--workers", "1", "--no-progress"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
+    searches = [json.loads(p.read_text()).get("lambda_search") for p in out.rglob("config.json")]
+    assert [s["repeats"] for s in searches if s] == [2] * 4  # 2 sizes x 2 seeds
     rows = pd.read_csv(out / "sweep.csv")
     assert len(rows) == 2 * 2 * 3 and (out / "lambda.png").stat().st_size > 0
     fixed = rows[rows["method"] == "linear-similar-rs"]

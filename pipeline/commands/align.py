@@ -54,6 +54,11 @@ def align(
     cv_folds: int = typer.Option(
         LambdaSearch.folds, help="--lambda auto: folds of the training pairs (by image, seeded)."
     ),
+    cv_repeats: str = typer.Option(
+        LambdaSearch.repeats,
+        help="--lambda auto: K-fold splits scored, each with other folds (auto: about 300 "
+        "held-out images, e.g. 3 splits at 100 training images, 1 from 300 up).",
+    ),
     lambda_criterion: str = typer.Option(
         LambdaSearch.criterion,
         help="--lambda auto: what the held-out fold scores: retrieval (R@1, both directions), "
@@ -143,6 +148,7 @@ def align(
             grid=parse_grid(lambda_grid) if lambda_grid.strip() else (),
             folds=cv_folds,
             criterion=lambda_criterion,
+            repeats=cv_repeats,
         )
     elif lambda_grid.strip():
         raise UserError("--lambda-grid goes with --lambda auto")

@@ -69,6 +69,9 @@ def sweep(
     ),
     csa_lambda_grid: str = typer.Option("", help="The same for csa-similar-rs-auto."),
     cv_folds: int = typer.Option(D.cv_folds, help="The `-rs-auto` methods: folds."),
+    cv_repeats: str = typer.Option(
+        D.cv_repeats, help="The `-rs-auto` methods: K-fold splits (align --cv-repeats)."
+    ),
     lambda_criterion: str = typer.Option(
         D.lambda_criterion, help="The `-rs-auto` methods: retrieval, zeroshot or clip."
     ),
@@ -115,6 +118,7 @@ def sweep(
         if csa_lambda_grid.strip()
         else (),
         cv_folds=cv_folds,
+        cv_repeats=cv_repeats,
         lambda_criterion=lambda_criterion,
         eval_split=eval_split,
         prompts_split=prompts_split,
