@@ -239,6 +239,7 @@ def fold_scores(
     progress: bool = True,
     fit_grid: Callable[..., list[TrainResult]] | None = None,
     lanes: int = 1,
+    desc: str = "lambda cv",
 ) -> dict[str, dict[float, list[float]]]:
     """{criterion: {λ: score of each fold}}: for every fold k and λ, one run of `fit` on the
     pairs outside fold k (settings with λ), scored on fold k under every criterion (the runs
@@ -248,7 +249,7 @@ def fold_scores(
     the same whatever the lanes, and so are the scores."""
     folds = int(fold.max()) + 1
     units = search_units(folds, grid) if fit_grid is not None else [(k, grid) for k in range(folds)]
-    bar = progress_bar(total=len(grid) * folds, desc="lambda cv", unit="run", enabled=progress)
+    bar = progress_bar(total=len(grid) * folds, desc=desc, unit="run", enabled=progress)
 
     def unit_run(unit: tuple[int, tuple[float, ...]]) -> dict[str, dict[float, float]]:
         """{criterion: {λ: score}} of the λ of `unit` on its fold."""
@@ -330,11 +331,12 @@ def search_lambda(
         units = len(search_units(search.folds, grid))
         lanes = fold_lanes(units, training_draws_random(settings, train.dims))
     scores: dict[float, list[float]] = {lam: [] for lam in grid}
-    for fold in splits:  # each λ's list: the folds of split 0, then of split 1, ...
+    for r, fold in enumerate(splits):  # each λ's list: split 0's folds, then split 1's, ...
         split_scores = fold_scores(
             train, val, groups, fold, settings, grid, fit, (search.criterion,),
             zeroshot=zeroshot, train_labels=train_labels, progress=progress,
             fit_grid=fit_grid, lanes=lanes,
+            desc=f"lambda cv {r + 1}/{repeats}" if repeats > 1 else "lambda cv",
         )[search.criterion]  # fmt: skip
         for lam in grid:
             scores[lam] += split_scores[lam]
