@@ -363,9 +363,9 @@ def search_lambda(
 def search_table(record: dict[str, Any]) -> str:
     """The table `align` prints: mean ± std over folds per λ, the chosen one marked."""
     splits = record["repeats"]
-    repeated = f", {splits} splits" if splits > 1 else ""
+    repeated = f" ({splits} splits)" if splits > 1 else ""
     lines = [
-        f"lambda by {record['folds']}-fold cross-validation{repeated} on the training pairs, "
+        f"lambda by {record['folds']}-fold cross-validation on the training pairs{repeated}, "
         f"{record['criterion']}: {record['criterion_means']}",
         f"{'lambda':>8}  {'mean':>8}  {'std':>7}",
     ]
