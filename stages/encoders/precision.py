@@ -66,7 +66,7 @@ def place_encoder(encoder: Encoder, device: torch.device, precision: str) -> Non
     encoder.model.to(device=device)
     fused = fuse_for_inference(encoder)
     cast(encoder, precision)
-    if fused and not runs_on_probe(encoder):
+    if fused and precision != "fp32" and not runs_on_probe(encoder):  # fp32: checked in it
         unfuse(encoder)
         cast(encoder, precision)
 
