@@ -36,20 +36,17 @@ import yaml  # noqa: E402
 from pipeline.config import default_map, settings_from  # noqa: E402
 from stages.align import run_align, zeroshot_data  # noqa: E402
 from stages.evaluate import evaluate_run  # noqa: E402
-from stages.head_stack import training_draws_random  # noqa: E402
 from stages.lambda_cv import (  # noqa: E402
     CRITERIA,
     DEFAULT_GRID,
     LambdaSearch,
     choose_lambda,
     cv_repeats,
-    fold_scores,
-    image_folds,
     parse_repeats,
-    search_units,
+    repeated_fold_scores,
 )
 from stages.pairs import PairSpec, batch_plan, open_pairs, pair_sources, split_pairs  # noqa: E402
-from stages.threads import fold_lanes, step_flops, threads_for  # noqa: E402
+from stages.threads import step_flops, threads_for  # noqa: E402
 from stages.train import AlignSettings, train_heads, train_lambda_stack  # noqa: E402
 
 
@@ -114,33 +111,21 @@ def main() -> None:
                 groups = pairs.image_rows[train]
                 batch = batch_plan(len(train_source), settings.batch_size)[1]
                 flops = step_flops(batch, pairs.dims, settings.out_dim, settings.hidden_dim, True)
+                repeats = cv_repeats(parse_repeats(args.cv_repeats), len(set(groups)))
                 with threads_for(flops):
-                    lanes = fold_lanes(
-                        len(search_units(args.folds, grid)),
-                        training_draws_random(settings, pairs.dims),
-                    )
-                    repeats = cv_repeats(parse_repeats(args.cv_repeats), len(set(groups)))
-                    splits = []
-                    for r in range(repeats):
-                        splits.append(fold_scores(
-                            train_source, val_source, groups,
-                            image_folds(groups, args.folds, seed, r), settings, grid,
-                            train_heads, tuple(CRITERIA)[:2], zeroshot=zeroshot,
-                            train_labels=labels, progress=False, fit_grid=train_lambda_stack,
-                            lanes=lanes,
-                        ))  # fmt: skip
-                        if r == 0:
-                            row["sec_split1"] = time.perf_counter() - started
+                    _, scores, _ = repeated_fold_scores(
+                        train_source, val_source, groups, settings, grid, train_heads,
+                        ("retrieval", "zeroshot"), args.folds, repeats, zeroshot=zeroshot,
+                        train_labels=labels, progress=False, fit_grid=train_lambda_stack,
+                    )  # fmt: skip
                 row["sec_search"] = time.perf_counter() - started
                 row["repeats"] = repeats
                 for criterion in ("retrieval", "zeroshot"):
                     higher = CRITERIA[criterion][1]
-                    pooled = {
-                        lam: [v for split in splits for v in split[criterion][lam]] for lam in grid
-                    }
-                    chosen = choose_lambda(pooled, higher)
+                    chosen = choose_lambda(scores[criterion], higher)
                     row[f"auto_{criterion}"] = chosen
-                    row[f"split1_{criterion}"] = choose_lambda(splits[0][criterion], higher)
+                    first = {lam: v[: args.folds] for lam, v in scores[criterion].items()}
+                    row[f"split1_{criterion}"] = choose_lambda(first, higher)
                     row[f"cost_{criterion}"] = (row["sec_search"] + row[f"sec_{chosen:g}"]) / row[
                         "sec_10"
                     ]

@@ -296,6 +296,44 @@ def fold_scores(
     return scores
 
 
+def repeated_fold_scores(
+    train: MemoryPairs,
+    val: MemoryPairs,
+    groups: np.ndarray,
+    settings: AlignSettings,
+    grid: tuple[float, ...],
+    fit: Callable[..., TrainResult],
+    criteria: tuple[str, ...],
+    folds: int,
+    repeats: int,
+    *,
+    zeroshot: ZeroShotData | None = None,
+    train_labels: np.ndarray | None = None,
+    progress: bool = True,
+    fit_grid: Callable[..., list[TrainResult]] | None = None,
+) -> tuple[list[np.ndarray], dict[str, dict[float, list[float]]], int]:
+    """fold_scores on `repeats` K-fold splits of the images (split r: image_folds(..., seed,
+    r)), their folds side by side where fold_lanes allows. Returns (each split's fold of every
+    pair, {criterion: {λ: the scores of split 0's folds, then split 1's, ...}}, lanes)."""
+    splits = [image_folds(groups, folds, settings.seed, r) for r in range(repeats)]
+    lanes = 1
+    if fit_grid is not None:
+        units = len(search_units(folds, grid))
+        lanes = fold_lanes(units, training_draws_random(settings, train.dims))
+    scores: dict[str, dict[float, list[float]]] = {c: {lam: [] for lam in grid} for c in criteria}
+    for r, fold in enumerate(splits):
+        split_scores = fold_scores(
+            train, val, groups, fold, settings, grid, fit, criteria,
+            zeroshot=zeroshot, train_labels=train_labels, progress=progress,
+            fit_grid=fit_grid, lanes=lanes,
+            desc=f"lambda cv {r + 1}/{repeats}" if repeats > 1 else "lambda cv",
+        )  # fmt: skip
+        for c in criteria:
+            for lam in grid:
+                scores[c][lam] += split_scores[c][lam]
+    return splits, scores, lanes
+
+
 def search_lambda(
     train: MemoryPairs,
     val: MemoryPairs,
@@ -325,21 +363,11 @@ def search_lambda(
         )
     started = time.perf_counter()
     repeats = cv_repeats(search.repeats, len(np.unique(groups)))
-    splits = [image_folds(groups, search.folds, settings.seed, r) for r in range(repeats)]
-    lanes = 1
-    if fit_grid is not None:
-        units = len(search_units(search.folds, grid))
-        lanes = fold_lanes(units, training_draws_random(settings, train.dims))
-    scores: dict[float, list[float]] = {lam: [] for lam in grid}
-    for r, fold in enumerate(splits):  # each λ's list: split 0's folds, then split 1's, ...
-        split_scores = fold_scores(
-            train, val, groups, fold, settings, grid, fit, (search.criterion,),
-            zeroshot=zeroshot, train_labels=train_labels, progress=progress,
-            fit_grid=fit_grid, lanes=lanes,
-            desc=f"lambda cv {r + 1}/{repeats}" if repeats > 1 else "lambda cv",
-        )[search.criterion]  # fmt: skip
-        for lam in grid:
-            scores[lam] += split_scores[lam]
+    splits, all_scores, lanes = repeated_fold_scores(
+        train, val, groups, settings, grid, fit, (search.criterion,), search.folds, repeats,
+        zeroshot=zeroshot, train_labels=train_labels, progress=progress, fit_grid=fit_grid,
+    )  # fmt: skip
+    scores = all_scores[search.criterion]
     chosen = choose_lambda(scores, higher)
     record = {
         "criterion": search.criterion,
